@@ -1,0 +1,148 @@
+// Memory-efficient attention: exact against a float64 composite, what it keeps, and
+// that chunking bounds the transient.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <limits>
+
+#include "memory_meter.h"
+#include "ops.h"
+#include "test_util.h"
+
+namespace {
+
+// softmax(q k^T * scale + mask) v, written out with stock ops; q [B,S,H,D], k/v [B,Sk,Hk,D].
+at::Tensor reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                     const at::Tensor& kpm) {
+  const int64_t H = q.size(2), Hk = k.size(2), S = q.size(1), Sk = k.size(1);
+  const at::Tensor kk = k.repeat_interleave(H / Hk, 2), vv = v.repeat_interleave(H / Hk, 2);
+  at::Tensor s = at::matmul(q.transpose(1, 2), kk.transpose(1, 2).transpose(2, 3)) /
+                 std::sqrt(static_cast<double>(q.size(3)));
+  at::Tensor hidden = at::zeros({S, Sk}, at::kBool);
+  if (causal) hidden = at::ones({S, Sk}, at::kBool).triu(Sk - S + 1);
+  at::Tensor h4 = hidden.view({1, 1, S, Sk});
+  if (kpm.defined()) h4 = h4.logical_or(kpm.logical_not().view({q.size(0), 1, 1, Sk}));
+  s = s.masked_fill(h4, -std::numeric_limits<double>::infinity());
+  const at::Tensor p = at::softmax(s, -1);
+  return at::matmul(p, vv.transpose(1, 2)).transpose(1, 2);
+}
+
+struct Case {
+  int64_t B, S, Sk, H, Hk, D;
+  bool causal;
+  bool padding;
+  int64_t chunk_bytes;
+};
+
+class AttentionTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(AttentionTest, ForwardAndGradientsMatchFloat64Composite) {
+  const Case c = GetParam();
+  at::manual_seed(21);
+  const at::Tensor q0 = at::randn({c.B, c.S, c.H, c.D}), k0 = at::randn({c.B, c.Sk, c.Hk, c.D});
+  const at::Tensor v0 = at::randn({c.B, c.Sk, c.Hk, c.D}), dy = at::randn({c.B, c.S, c.H, c.D});
+  at::Tensor kpm;
+  if (c.padding) {
+    kpm = at::ones({c.B, c.Sk}, at::kBool);
+    kpm[0].narrow(0, c.Sk - 3, 3).fill_(false);
+  }
+  const at::Tensor q = q0.clone().requires_grad_(true), k = k0.clone().requires_grad_(true),
+                   v = v0.clone().requires_grad_(true);
+  memfit::ops::AttentionOptions o;
+  o.causal = c.causal;
+  o.key_padding_mask = kpm;
+  o.chunk_bytes = c.chunk_bytes;
+  const at::Tensor y = memfit::ops::attention(q, k, v, o);
+  ASSERT_TRUE(y.is_contiguous());
+  const at::Tensor qr = q0.to(at::kDouble).requires_grad_(true), kr = k0.to(at::kDouble).requires_grad_(true),
+                   vr = v0.to(at::kDouble).requires_grad_(true);
+  const at::Tensor yr = reference(qr, kr, vr, c.causal, kpm);
+  EXPECT_TRUE(memfit::test::close(y, yr, 1e-4, 1e-5));
+  y.backward(dy);
+  yr.backward(dy.to(at::kDouble));
+  EXPECT_TRUE(memfit::test::close(q.grad(), qr.grad(), 1e-4, 1e-5));
+  EXPECT_TRUE(memfit::test::close(k.grad(), kr.grad(), 1e-4, 1e-5));
+  EXPECT_TRUE(memfit::test::close(v.grad(), vr.grad(), 1e-4, 1e-5));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, AttentionTest,
+    ::testing::Values(Case{2, 17, 17, 4, 4, 8, false, false, 16 << 20},
+                      Case{2, 33, 33, 4, 4, 16, true, false, 16 << 20},
+                      Case{1, 40, 40, 8, 2, 8, true, false, 4096},      // GQA, many chunks
+                      Case{3, 12, 20, 2, 1, 8, false, true, 16 << 20},  // S != Sk, padding
+                      Case{2, 9, 9, 3, 3, 4, true, true, 1},           // one row per chunk
+                      Case{1, 25, 30, 4, 2, 8, true, false, 700}));
+
+TEST(Attention, RowsThatSeeNoKeyOutputZero) {
+  const at::Tensor q = at::randn({1, 4, 2, 8}).requires_grad_(true);
+  const at::Tensor k = at::randn({1, 5, 2, 8}).requires_grad_(true), v = at::randn({1, 5, 2, 8}).requires_grad_(true);
+  memfit::ops::AttentionOptions o;
+  o.key_padding_mask = at::zeros({1, 5}, at::kBool);
+  const at::Tensor y = memfit::ops::attention(q, k, v, o);
+  EXPECT_EQ(y.abs().sum().item<float>(), 0.0f);
+  y.sum().backward();
+  EXPECT_EQ(q.grad().abs().sum().item<float>(), 0.0f);
+  EXPECT_FALSE(k.grad().isnan().any().item<bool>());
+}
+
+TEST(Attention, KeepsQkvOutputAndOneLogsumexpPerRow) {
+  const int64_t B = 2, S = 64, H = 4, D = 16;
+  const at::Tensor ql = at::randn({B, S, H, D}).requires_grad_(true);
+  const at::Tensor kl = at::randn({B, S, H, D}).requires_grad_(true);
+  const at::Tensor vl = at::randn({B, S, H, D}).requires_grad_(true);
+  const int64_t t = static_cast<int64_t>(ql.nbytes());
+  const int64_t before = memfit::test::current_bytes();
+  at::Tensor out;
+  {
+    const at::Tensor q = ql.clone(), k = kl.clone(), v = vl.clone();
+    out = memfit::ops::attention(q, k, v);
+  }
+  // q, k, v + lse [B, H, S] fp32; the output is returned (and kept) but not counted here.
+  EXPECT_EQ(memfit::test::current_bytes() - before - static_cast<int64_t>(out.nbytes()), 3 * t + B * H * S * 4);
+}
+
+TEST(Attention, ChunkingBoundsTheTransientPeak) {
+  const int64_t B = 1, S = 512, H = 4, D = 16;
+  const at::Tensor q = at::randn({B, S, H, D}).requires_grad_(true);
+  const at::Tensor k = at::randn({B, S, H, D}).requires_grad_(true);
+  const at::Tensor v = at::randn({B, S, H, D}).requires_grad_(true);
+  const int64_t full_scores = H * S * S * 4;  // 4 MiB
+  auto peak_of = [&](int64_t chunk_bytes) {
+    memfit::ops::AttentionOptions o;
+    o.chunk_bytes = chunk_bytes;
+    const int64_t before = memfit::test::current_bytes();
+    memfit::ops::MemoryMeter::reset_peak();
+    const at::Tensor y = memfit::ops::attention(q, k, v, o);
+    y.backward(at::ones_like(y));
+    return memfit::ops::MemoryMeter::stats().peak_bytes - before;
+  };
+  const int64_t small = peak_of(full_scores / 16);
+  const int64_t big = peak_of(full_scores);
+  // Backward holds about two score blocks; with 1/16 of the rows per chunk the peak
+  // drops by most of the two full blocks.
+  EXPECT_LT(small, big - full_scores);
+  EXPECT_LT(small, 4 * static_cast<int64_t>(q.nbytes()) * 4 + full_scores / 2);
+}
+
+TEST(Attention, Bf16CloseToFloat) {
+  at::manual_seed(22);
+  const at::Tensor q = at::randn({1, 16, 2, 8}), k = at::randn({1, 16, 2, 8}), v = at::randn({1, 16, 2, 8});
+  memfit::ops::AttentionOptions o;
+  o.causal = true;
+  const at::Tensor y = memfit::ops::attention(q.to(at::kBFloat16), k.to(at::kBFloat16), v.to(at::kBFloat16), o);
+  EXPECT_EQ(y.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(memfit::test::close(y, memfit::ops::attention(q, k, v, o), 3e-2, 3e-2));
+}
+
+TEST(Attention, BadInputNamesTheProblem) {
+  const at::Tensor q = at::randn({1, 4, 4, 8}), k = at::randn({1, 4, 3, 8});
+  memfit::test::expect_error([&] { memfit::ops::attention(q, k, k); }, {"memfit::ops::attention", "multiple"});
+  memfit::test::expect_error([&] { memfit::ops::attention(q.view({4, 4, 8}), q, q); }, {"memfit::ops::attention", "q must be"});
+  memfit::test::expect_error([&] { memfit::ops::attention(q, q, q.to(at::kBFloat16)); }, {"memfit::ops::attention", "dtype"});
+  memfit::ops::AttentionOptions o;
+  o.key_padding_mask = at::ones({1, 3}, at::kBool);
+  memfit::test::expect_error([&] { memfit::ops::attention(q, q, q, o); }, {"key_padding_mask", "[1, 4]"});
+}
+
+}  // namespace

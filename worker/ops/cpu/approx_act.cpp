@@ -1,0 +1,92 @@
+// CPU bodies of ReGELU2 / ReSiLU2 (kernels/approx_act.h).
+#include "kernels/approx_act.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "cpu/common.h"
+
+namespace memfit::kernels {
+namespace {
+
+template <typename T, bool kGelu>
+void forward_impl(const T* x, T* y, uint8_t* flags, int64_t n, const StepLevels& lv) {
+  // Parallel over flag bytes, so that no two threads write the same byte.
+  const int64_t nbytes = packed2_bytes(n);
+  at::parallel_for(0, nbytes, cpu::kGrain / 4, [&](int64_t b0, int64_t b1) {
+    float xf[cpu::kBlock];
+    float yf[cpu::kBlock];
+    uint8_t f[cpu::kBlock];
+    for (int64_t i0 = b0 * 4; i0 < std::min(b1 * 4, n); i0 += cpu::kBlock) {
+      const int64_t len = std::min<int64_t>(cpu::kBlock, std::min(b1 * 4, n) - i0);
+      for (int64_t j = 0; j < len; ++j) xf[j] = cpu::to_f32(x[i0 + j]);
+      for (int64_t j = 0; j < len; ++j) {
+        const float v = xf[j];
+        yf[j] = kGelu ? cpu::gelu_f32(v) : cpu::silu_f32(v);
+        f[j] = static_cast<uint8_t>((v > lv.c[0]) + (v > lv.c[1]) + (v > lv.c[2]));
+      }
+      for (int64_t j = 0; j < len; ++j) y[i0 + j] = cpu::from_f32<T>(yf[j]);
+      // i0 is a multiple of 4 (blocks are multiples of 4), so bytes start aligned.
+      const int64_t full = len / 4;
+      uint8_t* out = flags + i0 / 4;
+      for (int64_t k = 0; k < full; ++k) {
+        out[k] = static_cast<uint8_t>(f[4 * k] | (f[4 * k + 1] << 2) | (f[4 * k + 2] << 4) |
+                                      (f[4 * k + 3] << 6));
+      }
+      if (len % 4 != 0) {
+        uint8_t byte = 0;
+        for (int64_t j = full * 4; j < len; ++j) byte |= static_cast<uint8_t>(f[j] << (2 * (j & 3)));
+        out[full] = byte;
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const T* dy, const uint8_t* flags, T* dx, int64_t n, const StepLevels& lv) {
+  const int64_t nbytes = packed2_bytes(n);
+  const float s0 = lv.s[0], s1 = lv.s[1], s2 = lv.s[2], s3 = lv.s[3];
+  at::parallel_for(0, nbytes, cpu::kGrain / 4, [&](int64_t b0, int64_t b1) {
+    float g[cpu::kBlock];
+    for (int64_t i0 = b0 * 4; i0 < std::min(b1 * 4, n); i0 += cpu::kBlock) {
+      const int64_t len = std::min<int64_t>(cpu::kBlock, std::min(b1 * 4, n) - i0);
+      const uint8_t* fb = flags + i0 / 4;
+      for (int64_t j = 0; j < len; ++j) {
+        const int code = (fb[j >> 2] >> (2 * (j & 3))) & 3;
+        // A select chain rather than a table load: vectorizes without gathers.
+        const float s = code == 0 ? s0 : (code == 1 ? s1 : (code == 2 ? s2 : s3));
+        g[j] = cpu::to_f32(dy[i0 + j]) * s;
+      }
+      for (int64_t j = 0; j < len; ++j) dx[i0 + j] = cpu::from_f32<T>(g[j]);
+    }
+  });
+}
+
+}  // namespace
+
+void approx_act_forward_cpu(ApproxAct act, DType dt, const void* x, void* y, uint8_t* flags,
+                            int64_t n) {
+  if (n <= 0) return;
+  const StepLevels lv = step_levels(act);
+  cpu::dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    if (act == ApproxAct::kReGELU2) {
+      forward_impl<T, true>(static_cast<const T*>(x), static_cast<T*>(y), flags, n, lv);
+    } else {
+      forward_impl<T, false>(static_cast<const T*>(x), static_cast<T*>(y), flags, n, lv);
+    }
+  });
+}
+
+void approx_act_backward_cpu(ApproxAct act, DType dt, const void* dy, const uint8_t* flags,
+                             void* dx, int64_t n) {
+  if (n <= 0) return;
+  const StepLevels lv = step_levels(act);
+  cpu::dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    backward_impl<T>(static_cast<const T*>(dy), flags, static_cast<T*>(dx), n, lv);
+  });
+}
+
+}  // namespace memfit::kernels

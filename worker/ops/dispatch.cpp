@@ -1,0 +1,150 @@
+#include "dispatch.h"
+
+#include <c10/util/Exception.h>
+
+#include "kernels/dropout_bits.h"
+
+#if MEMFIT_WITH_CUDA
+#include "dispatch_cuda.h"
+#endif
+
+namespace memfit::ops::detail {
+namespace k = memfit::kernels;
+
+kernels::DType kernel_dtype(const at::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return k::DType::kFloat32;
+    case at::kBFloat16: return k::DType::kBFloat16;
+    case at::kHalf: return k::DType::kFloat16;
+    default:
+      TORCH_CHECK(false, op, ": expected a float32, bfloat16 or float16 tensor, got ",
+                  t.scalar_type());
+  }
+}
+
+void check_device(const at::Tensor& t, const char* op) {
+  if (t.device().is_cpu()) return;
+#if MEMFIT_WITH_CUDA
+  if (t.device().is_cuda()) return;
+#else
+  TORCH_CHECK(!t.device().is_cuda(), op, ": got a tensor on ", t.device(),
+              " but this memfit build has no CUDA kernels (configure with -DMEMFIT_CUDA=ON "
+              "against a CUDA LibTorch)");
+#endif
+  TORCH_CHECK(false, op, ": tensors on ", t.device(), " are not supported (CPU or CUDA only)");
+}
+
+void check_same(const char* op, std::initializer_list<std::reference_wrapper<const at::Tensor>> ts,
+                std::initializer_list<const char*> names) {
+  const at::Tensor& first = ts.begin()->get();
+  auto name = names.begin();
+  const char* first_name = *name;
+  for (const at::Tensor& t : ts) {
+    TORCH_CHECK(t.device() == first.device(), op, ": ", *name, " is on ", t.device(), " but ",
+                first_name, " is on ", first.device());
+    TORCH_CHECK(t.scalar_type() == first.scalar_type(), op, ": ", *name, " has dtype ",
+                t.scalar_type(), " but ", first_name, " has dtype ", first.scalar_type());
+    ++name;
+  }
+}
+
+namespace {
+// Runs the CUDA launcher in a CUDA build when t is on a GPU, else the CPU body.
+template <typename CpuFn, typename CudaFn>
+void run(const at::Tensor& t, CpuFn&& cpu, [[maybe_unused]] CudaFn&& cuda) {
+  if (t.device().is_cpu()) {
+    cpu();
+    return;
+  }
+#if MEMFIT_WITH_CUDA
+  run_on_cuda(t, cuda);
+#else
+  TORCH_INTERNAL_ASSERT(false, "CUDA tensor reached a CPU-only build's dispatch");
+#endif
+}
+template <typename T>
+T* ptr(const at::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
+}  // namespace
+
+void approx_act_forward(k::ApproxAct act, const at::Tensor& x, const at::Tensor& y,
+                        const at::Tensor& flags) {
+  const auto dt = kernel_dtype(x, "memfit approx activation");
+  const int64_t n = x.numel();
+  run(x, [&] { k::approx_act_forward_cpu(act, dt, x.data_ptr(), y.data_ptr(), ptr<uint8_t>(flags), n); },
+      [&](void* s) { k::approx_act_forward_cuda(act, dt, x.data_ptr(), y.data_ptr(), ptr<uint8_t>(flags), n, s); });
+}
+
+void approx_act_backward(k::ApproxAct act, const at::Tensor& dy, const at::Tensor& flags,
+                         const at::Tensor& dx) {
+  const auto dt = kernel_dtype(dy, "memfit approx activation backward");
+  const int64_t n = dy.numel();
+  run(dy, [&] { k::approx_act_backward_cpu(act, dt, dy.data_ptr(), ptr<uint8_t>(flags), dx.data_ptr(), n); },
+      [&](void* s) { k::approx_act_backward_cuda(act, dt, dy.data_ptr(), ptr<uint8_t>(flags), dx.data_ptr(), n, s); });
+}
+
+void ms_norm_forward(k::NormKind kind, const at::Tensor& x, const at::Tensor& y,
+                     const at::Tensor& rstd, double eps) {
+  const auto dt = kernel_dtype(x, "memfit ms_norm");
+  const int64_t cols = x.dim() == 0 ? 1 : x.size(-1);
+  const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
+  const float e = static_cast<float>(eps);
+  run(x, [&] { k::ms_norm_forward_cpu(kind, dt, x.data_ptr(), y.data_ptr(), ptr<float>(rstd), rows, cols, e); },
+      [&](void* s) { k::ms_norm_forward_cuda(kind, dt, x.data_ptr(), y.data_ptr(), ptr<float>(rstd), rows, cols, e, s); });
+}
+
+void ms_norm_backward(k::NormKind kind, const at::Tensor& dy, const at::Tensor& y,
+                      const at::Tensor& rstd, const at::Tensor& dx) {
+  const auto dt = kernel_dtype(dy, "memfit ms_norm backward");
+  const int64_t cols = dy.dim() == 0 ? 1 : dy.size(-1);
+  const int64_t rows = cols == 0 ? 0 : dy.numel() / cols;
+  run(dy, [&] { k::ms_norm_backward_cpu(kind, dt, dy.data_ptr(), y.data_ptr(), ptr<float>(rstd), dx.data_ptr(), rows, cols); },
+      [&](void* s) { k::ms_norm_backward_cuda(kind, dt, dy.data_ptr(), y.data_ptr(), ptr<float>(rstd), dx.data_ptr(), rows, cols, s); });
+}
+
+void dropout_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mask, double p,
+                     uint64_t seed) {
+  const auto dt = kernel_dtype(x, "memfit dropout");
+  const int64_t n = x.numel();
+  const float pf = static_cast<float>(p);
+  run(x, [&] { k::dropout_forward_cpu(dt, x.data_ptr(), y.data_ptr(), ptr<uint8_t>(mask), n, pf, seed); },
+      [&](void* s) { k::dropout_forward_cuda(dt, x.data_ptr(), y.data_ptr(), ptr<uint8_t>(mask), n, pf, seed, s); });
+}
+
+void dropout_apply(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& y, double scale) {
+  const auto dt = kernel_dtype(x, "memfit dropout apply");
+  const int64_t n = x.numel();
+  const float sc = static_cast<float>(scale);
+  run(x, [&] { k::dropout_apply_cpu(dt, x.data_ptr(), ptr<uint8_t>(mask), y.data_ptr(), n, sc); },
+      [&](void* s) { k::dropout_apply_cuda(dt, x.data_ptr(), ptr<uint8_t>(mask), y.data_ptr(), n, sc, s); });
+}
+
+void act_forward(k::Act act, const at::Tensor& x, const at::Tensor& h) {
+  const auto dt = kernel_dtype(x, "memfit activation");
+  const int64_t n = x.numel();
+  run(x, [&] { k::act_forward_cpu(act, dt, x.data_ptr(), h.data_ptr(), n); },
+      [&](void* s) { k::act_forward_cuda(act, dt, x.data_ptr(), h.data_ptr(), n, s); });
+}
+
+void act_backward(k::Act act, const at::Tensor& x, const at::Tensor& dh, const at::Tensor& dx) {
+  const auto dt = kernel_dtype(x, "memfit activation backward");
+  const int64_t n = x.numel();
+  run(x, [&] { k::act_backward_cpu(act, dt, x.data_ptr(), dh.data_ptr(), dx.data_ptr(), n); },
+      [&](void* s) { k::act_backward_cuda(act, dt, x.data_ptr(), dh.data_ptr(), dx.data_ptr(), n, s); });
+}
+
+void swiglu_forward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& h) {
+  const auto dt = kernel_dtype(g, "memfit swiglu");
+  const int64_t n = g.numel();
+  run(g, [&] { k::swiglu_forward_cpu(dt, g.data_ptr(), u.data_ptr(), h.data_ptr(), n); },
+      [&](void* s) { k::swiglu_forward_cuda(dt, g.data_ptr(), u.data_ptr(), h.data_ptr(), n, s); });
+}
+
+void swiglu_backward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& dh,
+                     const at::Tensor& dg, const at::Tensor& du) {
+  const auto dt = kernel_dtype(g, "memfit swiglu backward");
+  const int64_t n = g.numel();
+  run(g, [&] { k::swiglu_backward_cpu(dt, g.data_ptr(), u.data_ptr(), dh.data_ptr(), dg.data_ptr(), du.data_ptr(), n); },
+      [&](void* s) { k::swiglu_backward_cuda(dt, g.data_ptr(), u.data_ptr(), dh.data_ptr(), dg.data_ptr(), du.data_ptr(), n, s); });
+}
+
+}  // namespace memfit::ops::detail

@@ -1,0 +1,54 @@
+// Forward and backward arithmetic of a linear layer with an optional LoRA branch,
+// shared by the linear op and the fused MLP tails (which recompute the layer's input
+// in backward). Plain ATen, no autograd: callers decide what is kept.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "ops.h"
+
+namespace memfit::ops::detail {
+
+// Validates w against an input with `in_features` features; `op` names the caller.
+void check_linear_weights(const char* op, const at::Tensor& x, const LinearWeights& w);
+
+bool has_lora(const LinearWeights& w);
+// Whether backward needs the layer's input (W or a LoRA factor needs a gradient).
+bool needs_input_for_backward(const LinearWeights& w);
+// Whether LoRA dropout is active for this call.
+bool lora_dropout_active(const LinearWeights& w, bool training);
+
+// y = x W^T + b + scale * drop(x') A^T B^T. If LoRA dropout is active, *mask receives the
+// 1-bit mask (kernels/dropout_bits.h layout) drawn for drop().
+at::Tensor linear_forward(const at::Tensor& x, const LinearWeights& w, bool training,
+                          at::Tensor* mask);
+
+struct LinearGrads {
+  at::Tensor dx, dweight, dbias, dlora_a, dlora_b;
+};
+struct LinearNeeds {
+  bool dx = true, dweight = false, dbias = false, dlora_a = false, dlora_b = false;
+};
+// Which weight gradients a custom autograd Function must produce. `weight_edge` is the
+// autograd input index of `weight`; optional inputs that are undefined take no index,
+// so bias and the LoRA factors follow it only when present. needs_input_grad is asked
+// by edge index, not by argument position.
+template <typename Ctx>
+LinearNeeds weight_needs(Ctx* ctx, const LinearWeights& w, size_t weight_edge) {
+  LinearNeeds needs;
+  size_t e = weight_edge;
+  needs.dweight = ctx->needs_input_grad(e++);
+  if (w.bias.defined()) needs.dbias = ctx->needs_input_grad(e++);
+  if (w.lora_a.defined()) {
+    needs.dlora_a = ctx->needs_input_grad(e++);
+    needs.dlora_b = ctx->needs_input_grad(e++);
+  }
+  return needs;
+}
+
+// x may be undefined when needs asks for no weight or LoRA gradient. mask is the one
+// forward produced (undefined without dropout).
+LinearGrads linear_backward(const at::Tensor& x, const at::Tensor& dy, const LinearWeights& w,
+                            const at::Tensor& mask, const LinearNeeds& needs);
+
+}  // namespace memfit::ops::detail
