@@ -62,24 +62,29 @@ void run(const at::Tensor& t, CpuFn&& cpu, [[maybe_unused]] CudaFn&& cuda) {
   TORCH_INTERNAL_ASSERT(false, "CUDA tensor reached a CPU-only build's dispatch");
 #endif
 }
+// Kernels index raw buffers densely: every tensor handed to one must be contiguous.
 template <typename T>
-T* ptr(const at::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
+T* ptr(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.is_contiguous(), "memfit kernel given a non-contiguous buffer");
+  return static_cast<T*>(t.data_ptr());
+}
+void* raw(const at::Tensor& t) { return ptr<void>(t); }
 }  // namespace
 
 void approx_act_forward(k::ApproxAct act, const at::Tensor& x, const at::Tensor& y,
                         const at::Tensor& flags) {
   const auto dt = kernel_dtype(x, "memfit approx activation");
   const int64_t n = x.numel();
-  run(x, [&] { k::approx_act_forward_cpu(act, dt, x.data_ptr(), y.data_ptr(), ptr<uint8_t>(flags), n); },
-      [&](void* s) { k::approx_act_forward_cuda(act, dt, x.data_ptr(), y.data_ptr(), ptr<uint8_t>(flags), n, s); });
+  run(x, [&] { k::approx_act_forward_cpu(act, dt, raw(x), raw(y), ptr<uint8_t>(flags), n); },
+      [&](void* s) { k::approx_act_forward_cuda(act, dt, raw(x), raw(y), ptr<uint8_t>(flags), n, s); });
 }
 
 void approx_act_backward(k::ApproxAct act, const at::Tensor& dy, const at::Tensor& flags,
                          const at::Tensor& dx) {
   const auto dt = kernel_dtype(dy, "memfit approx activation backward");
   const int64_t n = dy.numel();
-  run(dy, [&] { k::approx_act_backward_cpu(act, dt, dy.data_ptr(), ptr<uint8_t>(flags), dx.data_ptr(), n); },
-      [&](void* s) { k::approx_act_backward_cuda(act, dt, dy.data_ptr(), ptr<uint8_t>(flags), dx.data_ptr(), n, s); });
+  run(dy, [&] { k::approx_act_backward_cpu(act, dt, raw(dy), ptr<uint8_t>(flags), raw(dx), n); },
+      [&](void* s) { k::approx_act_backward_cuda(act, dt, raw(dy), ptr<uint8_t>(flags), raw(dx), n, s); });
 }
 
 void ms_norm_forward(k::NormKind kind, const at::Tensor& x, const at::Tensor& y,
@@ -88,8 +93,8 @@ void ms_norm_forward(k::NormKind kind, const at::Tensor& x, const at::Tensor& y,
   const int64_t cols = x.dim() == 0 ? 1 : x.size(-1);
   const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
   const float e = static_cast<float>(eps);
-  run(x, [&] { k::ms_norm_forward_cpu(kind, dt, x.data_ptr(), y.data_ptr(), ptr<float>(rstd), rows, cols, e); },
-      [&](void* s) { k::ms_norm_forward_cuda(kind, dt, x.data_ptr(), y.data_ptr(), ptr<float>(rstd), rows, cols, e, s); });
+  run(x, [&] { k::ms_norm_forward_cpu(kind, dt, raw(x), raw(y), ptr<float>(rstd), rows, cols, e); },
+      [&](void* s) { k::ms_norm_forward_cuda(kind, dt, raw(x), raw(y), ptr<float>(rstd), rows, cols, e, s); });
 }
 
 void ms_norm_backward(k::NormKind kind, const at::Tensor& dy, const at::Tensor& y,
@@ -97,8 +102,8 @@ void ms_norm_backward(k::NormKind kind, const at::Tensor& dy, const at::Tensor& 
   const auto dt = kernel_dtype(dy, "memfit ms_norm backward");
   const int64_t cols = dy.dim() == 0 ? 1 : dy.size(-1);
   const int64_t rows = cols == 0 ? 0 : dy.numel() / cols;
-  run(dy, [&] { k::ms_norm_backward_cpu(kind, dt, dy.data_ptr(), y.data_ptr(), ptr<float>(rstd), dx.data_ptr(), rows, cols); },
-      [&](void* s) { k::ms_norm_backward_cuda(kind, dt, dy.data_ptr(), y.data_ptr(), ptr<float>(rstd), dx.data_ptr(), rows, cols, s); });
+  run(dy, [&] { k::ms_norm_backward_cpu(kind, dt, raw(dy), raw(y), ptr<float>(rstd), raw(dx), rows, cols); },
+      [&](void* s) { k::ms_norm_backward_cuda(kind, dt, raw(dy), raw(y), ptr<float>(rstd), raw(dx), rows, cols, s); });
 }
 
 void dropout_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mask, double p,
@@ -106,45 +111,73 @@ void dropout_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
   const auto dt = kernel_dtype(x, "memfit dropout");
   const int64_t n = x.numel();
   const float pf = static_cast<float>(p);
-  run(x, [&] { k::dropout_forward_cpu(dt, x.data_ptr(), y.data_ptr(), ptr<uint8_t>(mask), n, pf, seed); },
-      [&](void* s) { k::dropout_forward_cuda(dt, x.data_ptr(), y.data_ptr(), ptr<uint8_t>(mask), n, pf, seed, s); });
+  run(x, [&] { k::dropout_forward_cpu(dt, raw(x), raw(y), ptr<uint8_t>(mask), n, pf, seed); },
+      [&](void* s) { k::dropout_forward_cuda(dt, raw(x), raw(y), ptr<uint8_t>(mask), n, pf, seed, s); });
 }
 
 void dropout_apply(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& y, double scale) {
   const auto dt = kernel_dtype(x, "memfit dropout apply");
   const int64_t n = x.numel();
   const float sc = static_cast<float>(scale);
-  run(x, [&] { k::dropout_apply_cpu(dt, x.data_ptr(), ptr<uint8_t>(mask), y.data_ptr(), n, sc); },
-      [&](void* s) { k::dropout_apply_cuda(dt, x.data_ptr(), ptr<uint8_t>(mask), y.data_ptr(), n, sc, s); });
+  run(x, [&] { k::dropout_apply_cpu(dt, raw(x), ptr<uint8_t>(mask), raw(y), n, sc); },
+      [&](void* s) { k::dropout_apply_cuda(dt, raw(x), ptr<uint8_t>(mask), raw(y), n, sc, s); });
 }
 
 void act_forward(k::Act act, const at::Tensor& x, const at::Tensor& h) {
   const auto dt = kernel_dtype(x, "memfit activation");
   const int64_t n = x.numel();
-  run(x, [&] { k::act_forward_cpu(act, dt, x.data_ptr(), h.data_ptr(), n); },
-      [&](void* s) { k::act_forward_cuda(act, dt, x.data_ptr(), h.data_ptr(), n, s); });
+  run(x, [&] { k::act_forward_cpu(act, dt, raw(x), raw(h), n); },
+      [&](void* s) { k::act_forward_cuda(act, dt, raw(x), raw(h), n, s); });
 }
 
 void act_backward(k::Act act, const at::Tensor& x, const at::Tensor& dh, const at::Tensor& dx) {
   const auto dt = kernel_dtype(x, "memfit activation backward");
   const int64_t n = x.numel();
-  run(x, [&] { k::act_backward_cpu(act, dt, x.data_ptr(), dh.data_ptr(), dx.data_ptr(), n); },
-      [&](void* s) { k::act_backward_cuda(act, dt, x.data_ptr(), dh.data_ptr(), dx.data_ptr(), n, s); });
+  run(x, [&] { k::act_backward_cpu(act, dt, raw(x), raw(dh), raw(dx), n); },
+      [&](void* s) { k::act_backward_cuda(act, dt, raw(x), raw(dh), raw(dx), n, s); });
 }
 
 void swiglu_forward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& h) {
   const auto dt = kernel_dtype(g, "memfit swiglu");
   const int64_t n = g.numel();
-  run(g, [&] { k::swiglu_forward_cpu(dt, g.data_ptr(), u.data_ptr(), h.data_ptr(), n); },
-      [&](void* s) { k::swiglu_forward_cuda(dt, g.data_ptr(), u.data_ptr(), h.data_ptr(), n, s); });
+  run(g, [&] { k::swiglu_forward_cpu(dt, raw(g), raw(u), raw(h), n); },
+      [&](void* s) { k::swiglu_forward_cuda(dt, raw(g), raw(u), raw(h), n, s); });
 }
 
 void swiglu_backward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& dh,
                      const at::Tensor& dg, const at::Tensor& du) {
   const auto dt = kernel_dtype(g, "memfit swiglu backward");
   const int64_t n = g.numel();
-  run(g, [&] { k::swiglu_backward_cpu(dt, g.data_ptr(), u.data_ptr(), dh.data_ptr(), dg.data_ptr(), du.data_ptr(), n); },
-      [&](void* s) { k::swiglu_backward_cuda(dt, g.data_ptr(), u.data_ptr(), dh.data_ptr(), dg.data_ptr(), du.data_ptr(), n, s); });
+  run(g, [&] { k::swiglu_backward_cpu(dt, raw(g), raw(u), raw(dh), raw(dg), raw(du), n); },
+      [&](void* s) { k::swiglu_backward_cuda(dt, raw(g), raw(u), raw(dh), raw(dg), raw(du), n, s); });
+}
+
+void attention_softmax_forward(const k::AttentionRows& g, const at::Tensor& s, const at::Tensor& lse) {
+  run(s, [&] { k::attention_softmax_forward_cpu(g, ptr<float>(s), ptr<float>(lse)); },
+      [&](void* st) { k::attention_softmax_forward_cuda(g, ptr<float>(s), ptr<float>(lse), st); });
+}
+
+void attention_probs(const k::AttentionRows& g, const at::Tensor& s, const at::Tensor& lse) {
+  run(s, [&] { k::attention_probs_cpu(g, ptr<float>(s), ptr<float>(lse)); },
+      [&](void* st) { k::attention_probs_cuda(g, ptr<float>(s), ptr<float>(lse), st); });
+}
+
+void attention_dscores(const k::AttentionRows& g, const at::Tensor& dp, const at::Tensor& p,
+                       const at::Tensor& delta) {
+  run(dp, [&] { k::attention_dscores_cpu(g, ptr<float>(dp), ptr<float>(p), ptr<float>(delta)); },
+      [&](void* st) { k::attention_dscores_cuda(g, ptr<float>(dp), ptr<float>(p), ptr<float>(delta), st); });
+}
+
+void attention_gather(const at::Tensor& t, const k::HeadsLayout& l, double scale,
+                      const at::Tensor& out) {
+  TORCH_INTERNAL_ASSERT(t.device().is_cpu() && t.stride(3) == 1);
+  k::attention_gather_cpu(kernel_dtype(t, "memfit attention"), t.data_ptr(), l,
+                          static_cast<float>(scale), ptr<float>(out));
+}
+
+void attention_scatter(const at::Tensor& block, const k::HeadsLayout& l, const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.device().is_cpu() && t.stride(3) == 1);
+  k::attention_scatter_cpu(kernel_dtype(t, "memfit attention"), ptr<float>(block), l, t.data_ptr());
 }
 
 }  // namespace memfit::ops::detail

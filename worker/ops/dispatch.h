@@ -8,6 +8,7 @@
 
 #include "kernels/act.h"
 #include "kernels/approx_act.h"
+#include "kernels/attention_rows.h"
 #include "kernels/dtype.h"
 #include "kernels/ms_norm.h"
 
@@ -44,5 +45,18 @@ void act_backward(kernels::Act act, const at::Tensor& x, const at::Tensor& dh, c
 void swiglu_forward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& h);
 void swiglu_backward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& dh,
                      const at::Tensor& dg, const at::Tensor& du);
+
+// Attention row kernels; s, lse, dp, p, delta are fp32 on one device.
+void attention_softmax_forward(const kernels::AttentionRows& g, const at::Tensor& s,
+                               const at::Tensor& lse);
+void attention_probs(const kernels::AttentionRows& g, const at::Tensor& s, const at::Tensor& lse);
+void attention_dscores(const kernels::AttentionRows& g, const at::Tensor& dp, const at::Tensor& p,
+                       const at::Tensor& delta);
+
+// CPU only: regrouping between [B, S, H, D] (t, any strides with D contiguous) and
+// heads-major fp32 blocks (kernels/attention_rows.h).
+void attention_gather(const at::Tensor& t, const kernels::HeadsLayout& l, double scale,
+                      const at::Tensor& out);
+void attention_scatter(const at::Tensor& block, const kernels::HeadsLayout& l, const at::Tensor& t);
 
 }  // namespace memfit::ops::detail

@@ -11,70 +11,53 @@
 namespace memfit::kernels {
 namespace {
 
-// Runs body(i0, len, fx...) over blocks of kBlock elements in parallel.
+// Elementwise loops write straight through (no fp32 staging buffer: measured slower).
 template <typename Body>
-void for_blocks(int64_t n, Body&& body) {
-  at::parallel_for(0, n, cpu::kGrain, [&](int64_t a, int64_t b) {
-    for (int64_t i0 = a; i0 < b; i0 += cpu::kBlock) body(i0, std::min(cpu::kBlock, b - i0));
-  });
+void for_range(int64_t n, Body&& body) {
+  at::parallel_for(0, n, cpu::kGrain, [&](int64_t a, int64_t b) { body(a, b); });
 }
 
 template <typename T, bool kGelu>
 void act_forward_impl(const T* x, T* h, int64_t n) {
-  for_blocks(n, [&](int64_t i0, int64_t len) {
-    float v[cpu::kBlock];
-    for (int64_t j = 0; j < len; ++j) v[j] = cpu::to_f32(x[i0 + j]);
-    for (int64_t j = 0; j < len; ++j) v[j] = kGelu ? cpu::gelu_f32(v[j]) : cpu::silu_f32(v[j]);
-    for (int64_t j = 0; j < len; ++j) h[i0 + j] = cpu::from_f32<T>(v[j]);
+  for_range(n, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const float v = cpu::to_f32(x[i]);
+      h[i] = cpu::from_f32<T>(kGelu ? cpu::gelu_f32(v) : cpu::silu_f32(v));
+    }
   });
 }
 
 template <typename T, bool kGelu>
 void act_backward_impl(const T* x, const T* dh, T* dx, int64_t n) {
-  for_blocks(n, [&](int64_t i0, int64_t len) {
-    float v[cpu::kBlock];
-    float g[cpu::kBlock];
-    for (int64_t j = 0; j < len; ++j) {
-      v[j] = cpu::to_f32(x[i0 + j]);
-      g[j] = cpu::to_f32(dh[i0 + j]);
+  for_range(n, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const float v = cpu::to_f32(x[i]);
+      const float d = kGelu ? cpu::gelu_grad_f32(v) : cpu::silu_grad_f32(v);
+      dx[i] = cpu::from_f32<T>(cpu::to_f32(dh[i]) * d);
     }
-    for (int64_t j = 0; j < len; ++j) {
-      g[j] *= kGelu ? cpu::gelu_grad_f32(v[j]) : cpu::silu_grad_f32(v[j]);
-    }
-    for (int64_t j = 0; j < len; ++j) dx[i0 + j] = cpu::from_f32<T>(g[j]);
   });
 }
 
 template <typename T>
 void swiglu_forward_impl(const T* g, const T* u, T* h, int64_t n) {
-  for_blocks(n, [&](int64_t i0, int64_t len) {
-    float v[cpu::kBlock];
-    for (int64_t j = 0; j < len; ++j) v[j] = cpu::to_f32(g[i0 + j]);
-    for (int64_t j = 0; j < len; ++j) v[j] = cpu::silu_f32(v[j]) * cpu::to_f32(u[i0 + j]);
-    for (int64_t j = 0; j < len; ++j) h[i0 + j] = cpu::from_f32<T>(v[j]);
+  for_range(n, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      h[i] = cpu::from_f32<T>(cpu::silu_f32(cpu::to_f32(g[i])) * cpu::to_f32(u[i]));
+    }
   });
 }
 
 template <typename T>
 void swiglu_backward_impl(const T* g, const T* u, const T* dh, T* dg, T* du, int64_t n) {
-  for_blocks(n, [&](int64_t i0, int64_t len) {
-    float gv[cpu::kBlock], uv[cpu::kBlock], hv[cpu::kBlock];
-    for (int64_t j = 0; j < len; ++j) {
-      gv[j] = cpu::to_f32(g[i0 + j]);
-      uv[j] = cpu::to_f32(u[i0 + j]);
-      hv[j] = cpu::to_f32(dh[i0 + j]);
-    }
-    for (int64_t j = 0; j < len; ++j) {
-      const float x = gv[j];
+  for_range(n, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const float x = cpu::to_f32(g[i]);
+      const float d = cpu::to_f32(dh[i]);
       const float s = cpu::sigmoid_f32(x);
       const float silu = x < -120.0f ? -0.0f : x * s;
       const float dsilu = x > 120.0f ? 1.0f : (x < -120.0f ? 0.0f : s * (1.0f + x * (1.0f - s)));
-      gv[j] = hv[j] * uv[j] * dsilu;  // dg
-      uv[j] = hv[j] * silu;           // du
-    }
-    for (int64_t j = 0; j < len; ++j) {
-      dg[i0 + j] = cpu::from_f32<T>(gv[j]);
-      du[i0 + j] = cpu::from_f32<T>(uv[j]);
+      dg[i] = cpu::from_f32<T>(d * cpu::to_f32(u[i]) * dsilu);
+      du[i] = cpu::from_f32<T>(d * silu);
     }
   });
 }

@@ -14,10 +14,12 @@ namespace {
 // boundary of the element index, so the index's high word is constant in a block.
 template <typename T>
 void forward_impl(const T* x, T* y, uint8_t* mask, int64_t n, float p, uint64_t seed) {
-  const uint32_t threshold = dropout_threshold(p);
-  const float scale = 1.0f / (1.0f - p);
   const int64_t nbytes = packed1_bytes(n);
   at::parallel_for(0, nbytes, cpu::kGrain / 8, [&](int64_t b0, int64_t b1) {
+    // Scalars as locals (not captured references), so that the loops vectorize.
+    const uint32_t threshold = dropout_threshold(p);
+    const float scale = 1.0f / (1.0f - p);
+    const uint64_t s = seed;
     uint8_t keep[cpu::kBlock];
     const int64_t end = std::min(b1 * 8, n);
     for (int64_t i0 = b0 * 8, len = 0; i0 < end; i0 += len) {
@@ -26,7 +28,7 @@ void forward_impl(const T* x, T* y, uint8_t* mask, int64_t n, float p, uint64_t 
       // Stop at the next 2^32 boundary so that the high word stays constant.
       len = std::min<int64_t>({cpu::kBlock, end - i0, (int64_t{1} << 32) - lo0});
       for (int64_t j = 0; j < len; ++j) {
-        const uint32_t h = dropout_mix32(seed, lo0 + static_cast<uint32_t>(j), hi);
+        const uint32_t h = dropout_mix32(s, lo0 + static_cast<uint32_t>(j), hi);
         keep[j] = h >= threshold ? 1 : 0;
       }
       for (int64_t j = 0; j < len; ++j) {
@@ -49,11 +51,21 @@ void forward_impl(const T* x, T* y, uint8_t* mask, int64_t n, float p, uint64_t 
 }
 
 template <typename T>
-void apply_impl(const T* x, const uint8_t* mask, T* y, int64_t n, float scale) {
-  at::parallel_for(0, n, cpu::kGrain, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const bool keep = (mask[i >> 3] >> (i & 7)) & 1;
-      y[i] = cpu::from_f32<T>(keep ? cpu::to_f32(x[i]) * scale : 0.0f);
+void apply_impl(const T* x, const uint8_t* mask, T* y, int64_t n, float scale_arg) {
+  const int64_t nbytes = packed1_bytes(n);
+  at::parallel_for(0, nbytes, cpu::kGrain / 8, [&](int64_t b0, int64_t b1) {
+    const float scale = scale_arg;
+    uint8_t keep[cpu::kBlock];
+    const int64_t end = std::min(b1 * 8, n);
+    for (int64_t i0 = b0 * 8; i0 < end; i0 += cpu::kBlock) {
+      const int64_t len = std::min<int64_t>(cpu::kBlock, end - i0);
+      const uint8_t* mb = mask + i0 / 8;
+      for (int64_t k = 0; k < (len + 7) / 8; ++k) {
+        for (int b = 0; b < 8; ++b) keep[8 * k + b] = (mb[k] >> b) & 1;
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        y[i0 + j] = cpu::from_f32<T>(keep[j] ? cpu::to_f32(x[i0 + j]) * scale : 0.0f);
+      }
     }
   });
 }

@@ -1,11 +1,13 @@
 // memfit::ops::attention: attention that keeps q, k, v, the output and one logsumexp
-// per (batch, head, query), and recomputes the probabilities in backward in query
-// chunks (the idea of FlashAttention, written with ATen matrix products).
+// per (batch, head, query), and recomputes the probabilities in backward, chunk by chunk
+// of queries (FlashAttention's idea, with ATen matrix products between memfit's row
+// kernels, kernels/attention_rows.h).
 //
 // Layouts: q [B, S, H, D]; k, v [B, Sk, Hk, D]; G = H / Hk query heads share a kv head.
-// Inside, a query chunk of c rows of batch element b is regrouped as [Hk, G * c, D]
-// (row index = g * c + i) so that one bmm against k[b] viewed as [Hk, Sk, D] covers
-// all heads. Scores and probabilities are fp32 whatever the input dtype.
+// A chunk of c query positions is regrouped as [B * Hk, G * c, D] (row = g * c + i), so
+// that one batched product against k in heads-major layout [B * Hk, Sk, D] covers every
+// head of every sequence. Scores and probabilities are fp32 whatever the input dtype.
+// The 1/sqrt(D) scale is folded into the regrouped queries.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -14,6 +16,7 @@
 #include <limits>
 
 #include "dispatch.h"
+#include "kernels/attention_rows.h"
 #include "ops.h"
 
 namespace memfit::ops {
@@ -27,7 +30,7 @@ struct Geometry {
   int64_t B, S, H, D, Sk, Hk, G;
   double scale;
   bool causal;
-  int64_t chunk;  // query rows per chunk
+  int64_t chunk;  // query positions per chunk
 };
 
 Geometry geometry(const at::Tensor& q, const at::Tensor& k, double scale, bool causal,
@@ -37,54 +40,88 @@ Geometry geometry(const at::Tensor& q, const at::Tensor& k, double scale, bool c
   g.Sk = k.size(1); g.Hk = k.size(2); g.G = g.H / std::max<int64_t>(g.Hk, 1);
   g.scale = scale > 0.0 ? scale : 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(g.D, 1)));
   g.causal = causal;
-  // One chunk's score block is H * c * Sk fp32 values; backward holds two such blocks.
-  const int64_t row_bytes = std::max<int64_t>(1, g.H * g.Sk * 4);
+  // A chunk's score block is B * H * c * Sk fp32 values; backward holds two such blocks.
+  const int64_t row_bytes = std::max<int64_t>(1, g.B * g.H * g.Sk * 4);
   g.chunk = std::clamp<int64_t>(chunk_bytes / row_bytes, 1, std::max<int64_t>(g.S, 1));
   return g;
 }
 
-// [c, H, D] slice of a [B, S, H, D] tensor -> [Hk, G * c, D] fp32 contiguous.
-at::Tensor group_rows(const at::Tensor& t_bc, const Geometry& g) {
-  const int64_t c = t_bc.size(0);
-  return t_bc.to(at::kFloat)
-      .view({c, g.Hk, g.G, g.D})
-      .permute({1, 2, 0, 3})
-      .reshape({g.Hk, g.G * c, g.D});
+kernels::HeadsLayout layout_of(const at::Tensor& t, int64_t s0, int64_t c, int64_t heads_kv,
+                               int64_t group) {
+  kernels::HeadsLayout l;
+  l.B = t.size(0);
+  l.c = c;
+  l.Hk = heads_kv;
+  l.G = group;
+  l.D = t.size(3);
+  l.s0 = s0;
+  l.stride_b = t.stride(0);
+  l.stride_s = t.stride(1);
+  l.stride_h = t.stride(2);
+  return l;
 }
 
-// Inverse of group_rows, written into dst ([c, H, D] slice, any dtype).
-void ungroup_rows_into(const at::Tensor& grouped, const at::Tensor& dst, const Geometry& g) {
-  const int64_t c = dst.size(0);
-  dst.view({c, g.Hk, g.G, g.D}).copy_(grouped.view({g.Hk, g.G, c, g.D}).permute({2, 0, 1, 3}));
-}
-
-// Additive mask for one chunk: [1, G * c, Sk] (or [1, 1, Sk] without causality), or
-// undefined when nothing is masked.
-at::Tensor chunk_mask(const Geometry& g, int64_t b, int64_t s0, int64_t c,
-                      const at::Tensor& key_padding) {
-  at::Tensor masked;  // bool, true = hidden
-  const auto opts = at::TensorOptions().device(key_padding.defined() ? key_padding.device()
-                                                                     : at::Device(at::kCPU));
-  if (g.causal) {
-    const at::Tensor qi = at::arange(s0, s0 + c, opts.dtype(at::kLong)).view({c, 1});
-    const at::Tensor kj = at::arange(0, g.Sk, opts.dtype(at::kLong)).view({1, g.Sk});
-    masked = kj.gt(qi + (g.Sk - g.S));                                  // [c, Sk]
-    masked = masked.unsqueeze(0).expand({g.G, c, g.Sk}).reshape({1, g.G * c, g.Sk});
+// Positions [s0, s0 + c) of a [B, S, heads_kv * group, D] tensor -> [B * heads_kv,
+// group * c, D] fp32, times mul. On CPU a memfit kernel (ATen's permute copies of this
+// shape are ~10x slower than the products they feed); elsewhere ATen.
+at::Tensor gather_rows(const at::Tensor& t, int64_t s0, int64_t c, int64_t heads_kv, int64_t group,
+                       double mul) {
+  const int64_t B = t.size(0), D = t.size(3);
+  if (t.device().is_cpu() && t.stride(3) == 1) {
+    at::Tensor out = at::empty({B * heads_kv, group * c, D}, t.options().dtype(at::kFloat));
+    detail::attention_gather(t, layout_of(t, s0, c, heads_kv, group), mul, out);
+    return out;
   }
-  if (key_padding.defined()) {
-    const at::Tensor pad = key_padding[b].logical_not().view({1, 1, g.Sk});
-    masked = masked.defined() ? masked.logical_or(pad) : pad;
-  }
-  return masked;
+  at::Tensor r = t.narrow(1, s0, c)
+                     .to(at::kFloat)
+                     .view({B, c, heads_kv, group, D})
+                     .permute({0, 2, 3, 1, 4})
+                     .reshape({B * heads_kv, group * c, D});
+  return mul != 1.0 ? r.mul(mul) : r.clone(at::MemoryFormat::Contiguous);
 }
 
-// Scores of one chunk: [Hk, G * c, Sk] fp32, masked entries -inf.
-at::Tensor chunk_scores(const at::Tensor& qg, const at::Tensor& kb, const Geometry& g,
-                        const at::Tensor& masked) {
-  at::Tensor s = at::bmm(qg, kb.transpose(1, 2));
-  s.mul_(g.scale);
-  if (masked.defined()) s.masked_fill_(masked.to(s.device()), -std::numeric_limits<float>::infinity());
-  return s;
+// Inverse of gather_rows: writes the block into positions [s0, s0 + c) of dst.
+void scatter_rows(const at::Tensor& grouped, const at::Tensor& dst, int64_t s0, int64_t heads_kv,
+                  int64_t group) {
+  const int64_t B = dst.size(0), D = dst.size(3), c = grouped.size(1) / std::max<int64_t>(group, 1);
+  if (dst.device().is_cpu() && dst.stride(3) == 1) {
+    detail::attention_scatter(grouped, layout_of(dst, s0, c, heads_kv, group), dst);
+    return;
+  }
+  dst.narrow(1, s0, c)
+      .view({B, c, heads_kv, group, D})
+      .copy_(grouped.view({B, heads_kv, group, c, D}).permute({0, 3, 1, 2, 4}));
+}
+
+// [B, Sk, Hk, D] -> heads-major fp32 [B * Hk, Sk, D] (a transient copy).
+at::Tensor heads_major(const at::Tensor& t, const Geometry& g) {
+  return gather_rows(t, 0, g.Sk, g.Hk, 1, 1.0);
+}
+
+// Keys the chunk [s0, s0 + c) can see at all: with causality, none past s0 + c - 1 + off.
+int64_t key_limit(const Geometry& g, int64_t s0, int64_t c) {
+  if (!g.causal) return g.Sk;
+  return std::clamp<int64_t>(s0 + c + (g.Sk - g.S), 0, g.Sk);
+}
+
+kernels::AttentionRows rows_of(const Geometry& g, int64_t s0, int64_t c, int64_t len,
+                               const at::Tensor& key_mask) {
+  kernels::AttentionRows r;
+  r.rows = g.B * g.H * c;
+  r.len = len;
+  r.ld = len;
+  r.chunk = c;
+  r.rows_per_batch = g.H * c;
+  r.causal_base = g.causal ? s0 + (g.Sk - g.S) + 1 : -1;
+  if (key_mask.defined()) {
+    r.key_mask = key_mask.data_ptr<uint8_t>();
+    r.key_mask_ld = key_mask.size(1);
+  }
+  return r;
+}
+
+at::Tensor key_mask_bytes(const at::Tensor& key_padding) {
+  return key_padding.defined() ? key_padding.to(at::kByte).contiguous() : at::Tensor();
 }
 
 struct AttentionFn : public torch::autograd::Function<AttentionFn> {
@@ -96,24 +133,22 @@ struct AttentionFn : public torch::autograd::Function<AttentionFn> {
     const at::Tensor kpm = key_padding.has_value() ? *key_padding : at::Tensor();
     at::Tensor out = at::empty({g.B, g.S, g.H, g.D}, q.options());
     at::Tensor lse = at::empty({g.B, g.H, g.S}, q.options().dtype(at::kFloat));
-    const float inf = std::numeric_limits<float>::infinity();
-    for (int64_t b = 0; b < g.B; ++b) {
-      const at::Tensor kb = k[b].to(at::kFloat).transpose(0, 1);  // [Hk, Sk, D]
-      const at::Tensor vb = v[b].to(at::kFloat).transpose(0, 1);  // [Hk, Sk, D]
+    if (out.numel() > 0 && g.Sk > 0) {
+      const at::Tensor mask = key_mask_bytes(kpm);
+      const at::Tensor kh = heads_major(k, g), vh = heads_major(v, g);
+      const at::Tensor lse4 = lse.view({g.B, g.Hk, g.G, g.S});
       for (int64_t s0 = 0; s0 < g.S; s0 += g.chunk) {
-        const int64_t c = std::min(g.chunk, g.S - s0);
-        const at::Tensor qg = group_rows(q[b].narrow(0, s0, c), g);
-        at::Tensor p = chunk_scores(qg, kb, g, chunk_mask(g, b, s0, c, kpm));
-        at::Tensor m = std::get<0>(p.max(-1, /*keepdim=*/true));  // [Hk, G*c, 1]
-        m.masked_fill_(m.eq(-inf), 0.0);  // fully masked rows: p = exp(-inf) = 0
-        p.sub_(m).exp_();
-        const at::Tensor l = p.sum(-1, /*keepdim=*/true);
-        at::Tensor o = at::bmm(p, vb).div_(l.clamp_min(std::numeric_limits<float>::min()));
-        o.masked_fill_(l.eq(0.0), 0.0);  // a row that sees no key outputs 0
-        ungroup_rows_into(o, out[b].narrow(0, s0, c), g);
-        const at::Tensor row_lse = (m + l.log()).view({g.Hk * g.G, c});  // -inf if no key
-        lse[b].narrow(1, s0, c).copy_(row_lse);
+        const int64_t c = std::min(g.chunk, g.S - s0), len = key_limit(g, s0, c);
+        const at::Tensor qg = gather_rows(q, s0, c, g.Hk, g.G, g.scale);
+        at::Tensor p = at::bmm(qg, kh.narrow(1, 0, len).transpose(1, 2));  // [B*Hk, G*c, len]
+        at::Tensor row_lse = at::empty({g.B * g.Hk, g.G * c}, lse.options());
+        detail::attention_softmax_forward(rows_of(g, s0, c, len, mask), p, row_lse);
+        scatter_rows(at::bmm(p, vh.narrow(1, 0, len)), out, s0, g.Hk, g.G);
+        lse4.narrow(3, s0, c).copy_(row_lse.view({g.B, g.Hk, g.G, c}));
       }
+    } else if (lse.numel() > 0) {
+      out.zero_();
+      lse.fill_(-std::numeric_limits<float>::infinity());
     }
     ctx->save_for_backward({q, k, v, out, lse, kpm});
     ctx->saved_data["scale"] = g.scale;
@@ -128,39 +163,46 @@ struct AttentionFn : public torch::autograd::Function<AttentionFn> {
     const Geometry g = geometry(q, k, ctx->saved_data["scale"].toDouble(),
                                 ctx->saved_data["causal"].toBool(),
                                 ctx->saved_data["chunk_bytes"].toInt());
-    const at::Tensor dout = grads[0];
-    at::Tensor dq = at::empty(q.sizes(), q.options());
-    at::Tensor dk = at::empty(k.sizes(), k.options());
-    at::Tensor dv = at::empty(v.sizes(), v.options());
-    for (int64_t b = 0; b < g.B; ++b) {
-      const at::Tensor kb = k[b].to(at::kFloat).transpose(0, 1);  // [Hk, Sk, D]
-      const at::Tensor vb = v[b].to(at::kFloat).transpose(0, 1);
-      at::Tensor dkb = at::zeros({g.Hk, g.Sk, g.D}, q.options().dtype(at::kFloat));
-      at::Tensor dvb = at::zeros({g.Hk, g.Sk, g.D}, q.options().dtype(at::kFloat));
-      for (int64_t s0 = 0; s0 < g.S; s0 += g.chunk) {
-        const int64_t c = std::min(g.chunk, g.S - s0);
-        const at::Tensor qg = group_rows(q[b].narrow(0, s0, c), g);
-        const at::Tensor dog = group_rows(dout[b].narrow(0, s0, c), g);
-        const at::Tensor og = group_rows(out[b].narrow(0, s0, c), g);
-        const at::Tensor delta = (dog * og).sum(-1, /*keepdim=*/true);  // [Hk, G*c, 1]
-        at::Tensor row_lse = lse[b].narrow(1, s0, c).reshape({g.Hk, g.G * c, 1});
-        // Rows that saw no key have lse = -inf and probability 0 everywhere.
-        row_lse = row_lse.masked_fill(row_lse.eq(-std::numeric_limits<float>::infinity()),
-                                      std::numeric_limits<float>::infinity());
-        at::Tensor p = chunk_scores(qg, kb, g, chunk_mask(g, b, s0, c, kpm));
-        p.sub_(row_lse).exp_();
-        dvb.add_(at::bmm(p.transpose(1, 2), dog));
-        at::Tensor ds = at::bmm(dog, vb.transpose(1, 2));  // dP
-        ds.sub_(delta).mul_(p);                            // dS = P * (dP - delta)
-        p.reset();
-        ds.mul_(g.scale);
-        ungroup_rows_into(at::bmm(ds, kb), dq[b].narrow(0, s0, c), g);
-        dkb.add_(at::bmm(ds.transpose(1, 2), qg));
-      }
-      dk[b].copy_(dkb.transpose(0, 1));
-      dv[b].copy_(dvb.transpose(0, 1));
+    const at::Tensor& dout = grads[0];
+    at::Tensor dq = at::zeros(q.sizes(), q.options());
+    if (q.numel() == 0 || g.Sk == 0) {
+      return {dq, at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options()),
+              at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
-    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor mask = key_mask_bytes(kpm);
+    const at::Tensor kh = heads_major(k, g), vh = heads_major(v, g);
+    at::Tensor dkh = at::zeros({g.B * g.Hk, g.Sk, g.D}, kh.options());
+    at::Tensor dvh = at::zeros({g.B * g.Hk, g.Sk, g.D}, kh.options());
+    // delta = rowsum(dO * O), per (batch, head, query): [B, H, S] like lse.
+    const at::Tensor delta =
+        (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).permute({0, 2, 1}).contiguous();
+    const at::Tensor lse4 = lse.view({g.B, g.Hk, g.G, g.S});
+    const at::Tensor delta4 = delta.view({g.B, g.Hk, g.G, g.S});
+    for (int64_t s0 = 0; s0 < g.S; s0 += g.chunk) {
+      const int64_t c = std::min(g.chunk, g.S - s0), len = key_limit(g, s0, c);
+      const kernels::AttentionRows rows = rows_of(g, s0, c, len, mask);
+      const at::Tensor qg = gather_rows(q, s0, c, g.Hk, g.G, g.scale);
+      const at::Tensor dog = gather_rows(dout, s0, c, g.Hk, g.G, 1.0);
+      const at::Tensor kc = kh.narrow(1, 0, len), vc = vh.narrow(1, 0, len);
+      const at::Tensor row_lse = lse4.narrow(3, s0, c).reshape({g.B * g.Hk, g.G * c}).contiguous();
+      const at::Tensor row_delta = delta4.narrow(3, s0, c).reshape({g.B * g.Hk, g.G * c}).contiguous();
+      at::Tensor p = at::bmm(qg, kc.transpose(1, 2));
+      detail::attention_probs(rows, p, row_lse);
+      // add_ of a product, not baddbmm_: LibTorch 1.13's CPU baddbmm_ into a narrowed
+      // (non-contiguous) view gives wrong sums (caught by the causal multi-chunk tests).
+      dvh.narrow(1, 0, len).add_(at::bmm(p.transpose(1, 2), dog));
+      at::Tensor ds = at::bmm(dog, vc.transpose(1, 2));  // dP
+      detail::attention_dscores(rows, ds, p, row_delta);  // dS = P * (dP - delta)
+      p.reset();
+      scatter_rows(at::bmm(ds, kc).mul_(g.scale), dq, s0, g.Hk, g.G);
+      dkh.narrow(1, 0, len).add_(at::bmm(ds.transpose(1, 2), qg));  // qg carries the scale
+    }
+    const auto back = [&](const at::Tensor& h, const at::Tensor& like) {
+      at::Tensor out = at::empty(like.sizes(), like.options());
+      scatter_rows(h, out, 0, g.Hk, 1);
+      return out;
+    };
+    return {dq, back(dkh, k), back(dvh, v), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -182,7 +224,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   detail::check_device(q, op);
   detail::kernel_dtype(q, op);
   detail::check_same(op, {q, k, v}, {"q", "k", "v"});
-  TORCH_CHECK(o.scale >= 0.0 && std::isfinite(o.scale), op, ": scale must be >= 0 (0 = 1/sqrt(D)), got ", o.scale);
+  TORCH_CHECK(o.scale >= 0.0 && std::isfinite(o.scale), op,
+              ": scale must be >= 0 (0 = 1/sqrt(D)), got ", o.scale);
   TORCH_CHECK(o.chunk_bytes > 0, op, ": chunk_bytes must be > 0, got ", o.chunk_bytes);
   if (o.key_padding_mask.defined()) {
     const at::Tensor& m = o.key_padding_mask;
