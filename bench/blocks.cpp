@@ -78,7 +78,9 @@ KeptBytes expected_kept_bytes(const BlockShape& s, Mode m) {
   if (!memfit_norms) k.add("LoRA x A^T intermediates", n_lora * T * r * f);
   // Attention.
   if (m == Mode::kExactStockAttention) {
-    k.add("attention q, k, v (bmm copies)", T * (d + 2 * dkv) * f);
+    // The composite repeats k and v to all H heads first (grouped-query attention), so
+    // the copies its products keep are full width.
+    k.add("attention q, k, v (bmm copies)", T * 3 * d * f);
     k.add("attention probabilities", s.batch * s.heads * s.seq * s.seq * f);
     k.add("attention output (o_proj input copy)", T * d * f);
     if (s.arch == Arch::kLlama) k.add("causal mask (bool)", s.seq * s.seq);
@@ -125,7 +127,7 @@ KeptBytes expected_kept_bytes(const BlockShape& s, Mode m) {
   return k;
 }
 
-Block::Block(const BlockShape& shape, uint64_t seed) : shape_(shape) {
+Block::Block(const BlockShape& shape, uint64_t seed, at::Device device) : shape_(shape) {
   at::manual_seed(static_cast<int64_t>(seed));
   scale_ = shape.lora_alpha / static_cast<double>(shape.rank);
   const int64_t d = shape.d, I = shape.inter, dkv = shape.kv_heads * shape.head_dim();
@@ -150,6 +152,23 @@ Block::Block(const BlockShape& shape, uint64_t seed) : shape_(shape) {
     const at::Tensor full = at::cat({ang, ang}, -1);
     cos_ = full.cos().to(at::kFloat).view({shape.seq, 1, hd});
     sin_ = full.sin().to(at::kFloat).view({shape.seq, 1, hd});
+  }
+  if (!device.is_cpu()) {
+    auto move = [&](at::Tensor& t) {
+      if (!t.defined()) return;
+      const bool leaf = t.requires_grad();
+      t = t.detach().to(device);
+      if (leaf) t.requires_grad_(true);
+    };
+    for (Norm* n : {&n1_, &n2_}) {
+      move(n->gamma);
+      move(n->beta);
+    }
+    for (Linear* l : {&q_, &k_, &v_, &o_, &up_, &gate_, &down_}) {
+      for (at::Tensor* t : {&l->w, &l->b, &l->wm, &l->bm, &l->a, &l->bb, &l->in_scale, &l->in_shift}) move(*t);
+    }
+    move(cos_);
+    move(sin_);
   }
 }
 
@@ -234,7 +253,7 @@ at::Tensor stock_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   const at::Tensor vt = (H == Hk ? v : v.repeat_interleave(H / Hk, 2)).transpose(1, 2);
   at::Tensor s = at::matmul(qt, kt.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(hd)));
   if (causal) {
-    const at::Tensor hidden = at::ones({S, k.size(1)}, at::kBool).triu(1);
+    const at::Tensor hidden = at::ones({S, k.size(1)}, q.options().dtype(at::kBool)).triu(1);
     s = s.masked_fill(hidden, -std::numeric_limits<double>::infinity());
   }
   const at::Tensor p = at::softmax(s, -1);

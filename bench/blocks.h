@@ -54,7 +54,8 @@ at::Tensor stock_attention(const at::Tensor& q, const at::Tensor& k, const at::T
 
 class Block {
  public:
-  Block(const BlockShape& shape, uint64_t seed);
+  // Weights are drawn on CPU from `seed` (the same on every device), then moved.
+  Block(const BlockShape& shape, uint64_t seed, at::Device device = at::Device(at::kCPU));
   const BlockShape& shape() const { return shape_; }
   // x: [batch, seq, d] fp32. Returns [batch, seq, d].
   at::Tensor forward(const at::Tensor& x, Mode mode) const;

@@ -3,6 +3,10 @@
 // JSON object. See docs/PERFORMANCE.md for the command lines and recorded results.
 //
 //   memfit-bench-ops [--json] [--reps N] [--threads N] [--quick] [--only ops|blocks]
+//                    [--device cpu|cuda]
+//
+// Builds with LibTorch alone (no JSON library), so it also runs on GPU machines that
+// have nothing but a CUDA PyTorch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -12,9 +16,8 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
-#include <iostream>
-#include <nlohmann/json.hpp>
 #include <string>
+#include <torch/cuda.h>
 #include <vector>
 
 #include "blocks.h"
@@ -29,18 +32,23 @@ using memfit::bench::BlockShape;
 using memfit::bench::Mode;
 using memfit::ops::LinearWeights;
 using memfit::ops::MemoryMeter;
-using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
 struct Options {
   bool json = false;
+  at::Device device = at::Device(at::kCPU);
   bool quick = false;
   int reps = 7;
   int threads = 2;
   std::string only;
 };
 
-int64_t current() { return MemoryMeter::stats().current_bytes; }
+at::Device g_device = at::Device(at::kCPU);
+
+int64_t current() { return MemoryMeter::stats(g_device).current_bytes; }
+void sync() {
+  if (g_device.is_cuda()) torch::cuda::synchronize();
+}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -57,11 +65,27 @@ struct Measurement {
   std::vector<double> ms;  // forward + backward wall time per repetition
 };
 
+struct OpRow {
+  std::string op, stock_op;
+  std::vector<std::string> shapes;
+  double stock_ms = 0, memfit_ms = 0;
+  int64_t stock_kept = 0, memfit_kept = 0, stock_peak = 0, memfit_peak = 0;
+};
+
+struct BlockRow {
+  BlockShape shape;
+  Mode mode = Mode::kExact;
+  int64_t kept = 0, peak = 0, exact_kept = 1;
+  memfit::bench::KeptBytes expected;
+  double step_ms = 0, exact_ms = 1;
+};
+
 // One forward + backward; records kept and peak bytes and returns the time in ms.
 double run_once(const std::vector<at::Tensor>& leaves, const OpFn& fn, const at::Tensor& dy,
                 Measurement* m) {
+  sync();
   const int64_t before = current();
-  MemoryMeter::reset_peak();
+  MemoryMeter::reset_peak(g_device);
   const auto t0 = Clock::now();
   at::Tensor out;
   {
@@ -72,8 +96,9 @@ double run_once(const std::vector<at::Tensor>& leaves, const OpFn& fn, const at:
   m->kept = current() - before - static_cast<int64_t>(out.nbytes());
   out.backward(dy);
   out.reset();
+  sync();
   const auto t1 = Clock::now();
-  m->peak = MemoryMeter::stats().peak_bytes - before;
+  m->peak = MemoryMeter::stats(g_device).peak_bytes - before;
   return std::chrono::duration<double, std::milli>(t1 - t0).count();
 }
 
@@ -92,7 +117,7 @@ std::pair<Measurement, Measurement> compare(const std::vector<at::Tensor>& leave
   {
     at::NoGradGuard ng;
     std::vector<at::Tensor> xs(leaves.begin(), leaves.end());
-    dy = at::randn(a(xs).sizes());
+    dy = at::randn(a(xs).sizes(), at::TensorOptions().device(g_device));
   }
   for (int r = -1; r < reps; ++r) {  // r = -1: warm-up
     for (int side = 0; side < 2; ++side) {
@@ -124,17 +149,18 @@ std::string shape_str(at::IntArrayRef s) {
   return out;
 }
 
-json op_rows(const Options& o) {
+std::vector<OpRow> op_rows(const Options& o) {
   const int64_t T = o.quick ? 64 : 8 * 197;     // ViT-B/16 tokens, batch 8
   const int64_t Tl = o.quick ? 32 : 256;        // LLaMA tokens, batch 1 x 256
   const int64_t d = o.quick ? 64 : 768, I = o.quick ? 256 : 3072;
   const int64_t dl = o.quick ? 64 : 4096, Il = o.quick ? 172 : 11008;
   const double scale = 2.0;
-  auto leaf = [](std::vector<int64_t> s, double mul = 1.0) { return (at::randn(s) * mul).requires_grad_(true); };
+  const auto dev = at::TensorOptions().device(o.device);
+  auto leaf = [&](std::vector<int64_t> s, double mul = 1.0) { return (at::randn(s, dev) * mul).requires_grad_(true); };
   auto lora = [&](int64_t in, int64_t out) {
-    return LinearWeights::lora(at::randn({out, in}) / std::sqrt(double(in)), at::Tensor(),
-                               (at::randn({8, in}) * 0.05).requires_grad_(true),
-                               (at::randn({out, 8}) * 0.05).requires_grad_(true), scale);
+    return LinearWeights::lora(at::randn({out, in}, dev) / std::sqrt(double(in)), at::Tensor(),
+                               (at::randn({8, in}, dev) * 0.05).requires_grad_(true),
+                               (at::randn({out, 8}, dev) * 0.05).requires_grad_(true), scale);
   };
   auto stock_lora = [scale](const at::Tensor& x, const LinearWeights& w) {
     return at::linear(x, w.weight, w.bias) + scale * at::linear(at::linear(x, w.lora_a), w.lora_b);
@@ -200,21 +226,25 @@ json op_rows(const Options& o) {
                    }});
   }
 
-  json rows = json::array();
+  std::vector<OpRow> rows;
   for (const Op& op : ops) {
     auto [stock, mine] = compare(op.leaves, op.params, op.stock, op.memfit, o.reps);
-    const double ts = median(stock.ms), tm = median(mine.ms);
-    json shapes = json::array();
-    for (const auto& l : op.leaves) shapes.push_back(shape_str(l.sizes()));
-    rows.push_back({{"op", op.name}, {"stock_op", op.stock_name}, {"shapes", shapes},
-                    {"stock_ms", ts}, {"memfit_ms", tm}, {"time_ratio", tm / ts},
-                    {"stock_kept_bytes", stock.kept}, {"memfit_kept_bytes", mine.kept},
-                    {"stock_peak_bytes", stock.peak}, {"memfit_peak_bytes", mine.peak}});
+    OpRow r;
+    r.op = op.name;
+    r.stock_op = op.stock_name;
+    for (const auto& l : op.leaves) r.shapes.push_back(shape_str(l.sizes()));
+    r.stock_ms = median(stock.ms);
+    r.memfit_ms = median(mine.ms);
+    r.stock_kept = stock.kept;
+    r.memfit_kept = mine.kept;
+    r.stock_peak = stock.peak;
+    r.memfit_peak = mine.peak;
+    rows.push_back(r);
   }
   return rows;
 }
 
-json block_rows(const Options& o) {
+std::vector<BlockRow> block_rows(const Options& o) {
   std::vector<BlockShape> shapes;
   if (o.quick) {
     BlockShape v = memfit::bench::vit_b16_block(2);
@@ -226,11 +256,12 @@ json block_rows(const Options& o) {
     shapes = {memfit::bench::vit_b16_block(8), memfit::bench::llama7b_block(1, 256)};
   }
   const Mode modes[] = {Mode::kExactStockAttention, Mode::kExact, Mode::kPaper, Mode::kBest};
-  json rows = json::array();
+  const auto dev = at::TensorOptions().device(o.device);
+  std::vector<BlockRow> rows;
   for (const BlockShape& s : shapes) {
-    const Block block(s, 42);
-    const at::Tensor x = at::randn({s.batch, s.seq, s.d}).requires_grad_(true);
-    const at::Tensor dy = at::randn({s.batch, s.seq, s.d});
+    const Block block(s, 42, o.device);
+    const at::Tensor x = at::randn({s.batch, s.seq, s.d}, dev).requires_grad_(true);
+    const at::Tensor dy = at::randn({s.batch, s.seq, s.d}, dev);
     std::vector<Measurement> ms(4);
     for (int r = -1; r < o.reps; ++r) {
       for (int i = 0; i < 4; ++i) {
@@ -244,63 +275,110 @@ json block_rows(const Options& o) {
     }
     block.zero_grad();
     clear_grads({x});
-    const double unit = 4.0 * static_cast<double>(s.d) * static_cast<double>(s.tokens());
-    const int64_t exact_kept = ms[1].kept;
-    const double exact_ms = median(ms[1].ms);
     for (int i = 0; i < 4; ++i) {
-      const auto expected = memfit::bench::expected_kept_bytes(s, modes[i]);
-      json parts = json::array();
-      for (const auto& [what, bytes] : expected.parts) parts.push_back({{"what", what}, {"bytes", bytes}});
-      rows.push_back({{"block", s.arch == Arch::kViT ? "ViT-B/16" : "LLaMA-7B"},
-                      {"batch", s.batch}, {"seq", s.seq}, {"d", s.d}, {"heads", s.heads},
-                      {"inter", s.inter}, {"rank", s.rank},
-                      {"mode", memfit::bench::mode_name(modes[i])},
-                      {"kept_bytes", ms[i].kept},
-                      {"kept_per_token_in_d_floats", static_cast<double>(ms[i].kept) / unit},
-                      {"expected_kept_bytes", expected.total},
-                      {"kept_vs_expected", static_cast<double>(ms[i].kept) / static_cast<double>(expected.total)},
-                      {"kept_vs_exact", static_cast<double>(ms[i].kept) / static_cast<double>(exact_kept)},
-                      {"peak_bytes", ms[i].peak},
-                      {"step_ms", median(ms[i].ms)},
-                      {"step_vs_exact", median(ms[i].ms) / exact_ms},
-                      {"expected_parts", parts}});
+      BlockRow b;
+      b.shape = s;
+      b.mode = modes[i];
+      b.kept = ms[i].kept;
+      b.expected = memfit::bench::expected_kept_bytes(s, modes[i]);
+      b.peak = ms[i].peak;
+      b.step_ms = median(ms[i].ms);
+      b.exact_kept = ms[1].kept;
+      b.exact_ms = median(ms[1].ms);
+      rows.push_back(b);
     }
   }
   return rows;
 }
 
-void print_tables(const json& out) {
-  if (out.contains("ops")) {
-    std::printf("\nPer op, forward+backward, fp32, %d threads, median of %d runs\n",
-                out["threads"].get<int>(), out["reps"].get<int>());
+const char* block_name(const BlockShape& s) { return s.arch == Arch::kViT ? "ViT-B/16" : "LLaMA-7B"; }
+double per_token_d(const BlockRow& b) {
+  return static_cast<double>(b.kept) / (4.0 * static_cast<double>(b.shape.d * b.shape.tokens()));
+}
+
+void print_tables(const Options& o, const std::vector<OpRow>& ops, const std::vector<BlockRow>& blocks) {
+  if (!ops.empty()) {
+    std::printf("\nPer op, forward+backward, fp32, %s, %d threads, median of %d runs\n",
+                o.device.str().c_str(), o.threads, o.reps);
     std::printf("%-28s %-30s %10s %10s %7s %12s %12s\n", "memfit op", "stock op", "stock ms",
                 "memfit ms", "ratio", "stock kept", "memfit kept");
-    for (const auto& r : out["ops"]) {
-      std::printf("%-28s %-30s %10.2f %10.2f %7.3f %12s %12s\n", r["op"].get<std::string>().c_str(),
-                  r["stock_op"].get<std::string>().c_str(), r["stock_ms"].get<double>(),
-                  r["memfit_ms"].get<double>(), r["time_ratio"].get<double>(),
-                  fmt_bytes(r["stock_kept_bytes"]).c_str(), fmt_bytes(r["memfit_kept_bytes"]).c_str());
+    for (const auto& r : ops) {
+      std::printf("%-28s %-30s %10.2f %10.2f %7.3f %12s %12s\n", r.op.c_str(), r.stock_op.c_str(),
+                  r.stock_ms, r.memfit_ms, r.memfit_ms / r.stock_ms, fmt_bytes(r.stock_kept).c_str(),
+                  fmt_bytes(r.memfit_kept).c_str());
     }
   }
-  if (out.contains("blocks")) {
+  if (!blocks.empty()) {
     std::printf("\nTransformer blocks, LoRA r=8 on every linear, forward+backward, median of %d runs\n",
-                out["reps"].get<int>());
+                o.reps);
     std::printf("%-9s %-17s %12s %9s %10s %9s %12s %10s %8s\n", "block", "mode", "kept", "d/token",
                 "vs exact", "vs model", "peak", "step ms", "vs exact");
-    for (const auto& r : out["blocks"]) {
-      std::printf("%-9s %-17s %12s %9.3f %9.1f%% %9.4f %12s %10.1f %8.3f\n",
-                  r["block"].get<std::string>().c_str(), r["mode"].get<std::string>().c_str(),
-                  fmt_bytes(r["kept_bytes"]).c_str(), r["kept_per_token_in_d_floats"].get<double>(),
-                  100.0 * (r["kept_vs_exact"].get<double>() - 1.0), r["kept_vs_expected"].get<double>(),
-                  fmt_bytes(r["peak_bytes"]).c_str(), r["step_ms"].get<double>(),
-                  r["step_vs_exact"].get<double>());
+    for (const auto& b : blocks) {
+      std::printf("%-9s %-17s %12s %9.3f %9.1f%% %9.4f %12s %10.1f %8.3f\n", block_name(b.shape),
+                  memfit::bench::mode_name(b.mode), fmt_bytes(b.kept).c_str(), per_token_d(b),
+                  100.0 * (static_cast<double>(b.kept) / static_cast<double>(b.exact_kept) - 1.0),
+                  static_cast<double>(b.kept) / static_cast<double>(b.expected.total),
+                  fmt_bytes(b.peak).c_str(), b.step_ms, b.step_ms / b.exact_ms);
     }
     std::printf("(d/token: kept bytes / (4 * d * tokens); vs model: measured / docs/ACCOUNTING.md count)\n");
   }
 }
 
+// JSON without a JSON library: the values are numbers and plain ASCII names.
+std::string q(const std::string& v) { return "\"" + v + "\""; }
+
+void print_json(const Options& o, const std::vector<OpRow>& ops, const std::vector<BlockRow>& blocks) {
+  std::printf("{\"device\": %s, \"threads\": %d, \"reps\": %d, \"quick\": %s, \"dtype\": \"float32\"",
+              q(o.device.str()).c_str(), o.threads, o.reps, o.quick ? "true" : "false");
+  if (o.only.empty() || o.only == "ops") {
+    std::printf(", \"ops\": [");
+    for (size_t i = 0; i < ops.size(); ++i) {
+      const OpRow& r = ops[i];
+      std::string shapes;
+      for (size_t k = 0; k < r.shapes.size(); ++k) shapes += (k ? ", " : "") + q(r.shapes[k]);
+      std::printf("%s{\"op\": %s, \"stock_op\": %s, \"shapes\": [%s], \"stock_ms\": %.4f, "
+                  "\"memfit_ms\": %.4f, \"time_ratio\": %.4f, \"stock_kept_bytes\": %lld, "
+                  "\"memfit_kept_bytes\": %lld, \"stock_peak_bytes\": %lld, \"memfit_peak_bytes\": %lld}",
+                  i ? ", " : "", q(r.op).c_str(), q(r.stock_op).c_str(), shapes.c_str(), r.stock_ms,
+                  r.memfit_ms, r.memfit_ms / r.stock_ms, static_cast<long long>(r.stock_kept),
+                  static_cast<long long>(r.memfit_kept), static_cast<long long>(r.stock_peak),
+                  static_cast<long long>(r.memfit_peak));
+    }
+    std::printf("]");
+  }
+  if (o.only.empty() || o.only == "blocks") {
+    std::printf(", \"blocks\": [");
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      const BlockRow& b = blocks[i];
+      std::string parts;
+      for (size_t k = 0; k < b.expected.parts.size(); ++k) {
+        parts += std::string(k ? ", " : "") + "{\"what\": " + q(b.expected.parts[k].first) +
+                 ", \"bytes\": " + std::to_string(b.expected.parts[k].second) + "}";
+      }
+      std::printf("%s{\"block\": %s, \"batch\": %lld, \"seq\": %lld, \"d\": %lld, \"heads\": %lld, "
+                  "\"kv_heads\": %lld, \"inter\": %lld, \"rank\": %lld, \"mode\": %s, \"kept_bytes\": %lld, "
+                  "\"kept_per_token_in_d_floats\": %.4f, \"expected_kept_bytes\": %lld, "
+                  "\"kept_vs_expected\": %.6f, \"kept_vs_exact\": %.6f, \"peak_bytes\": %lld, "
+                  "\"step_ms\": %.3f, \"step_vs_exact\": %.4f, \"expected_parts\": [%s]}",
+                  i ? ", " : "", q(block_name(b.shape)).c_str(), static_cast<long long>(b.shape.batch),
+                  static_cast<long long>(b.shape.seq), static_cast<long long>(b.shape.d),
+                  static_cast<long long>(b.shape.heads), static_cast<long long>(b.shape.kv_heads),
+                  static_cast<long long>(b.shape.inter), static_cast<long long>(b.shape.rank),
+                  q(memfit::bench::mode_name(b.mode)).c_str(), static_cast<long long>(b.kept),
+                  per_token_d(b), static_cast<long long>(b.expected.total),
+                  static_cast<double>(b.kept) / static_cast<double>(b.expected.total),
+                  static_cast<double>(b.kept) / static_cast<double>(b.exact_kept),
+                  static_cast<long long>(b.peak), b.step_ms, b.step_ms / b.exact_ms, parts.c_str());
+    }
+    std::printf("]");
+  }
+  std::printf("}\n");
+}
+
 int usage(const char* prog, const std::string& why) {
-  std::fprintf(stderr, "%s: %s\nusage: %s [--json] [--reps N] [--threads N] [--quick] [--only ops|blocks]\n",
+  std::fprintf(stderr,
+               "%s: %s\nusage: %s [--json] [--reps N] [--threads N] [--quick] [--only ops|blocks] "
+               "[--device cpu|cuda]\n",
                prog, why.c_str(), prog);
   return 2;
 }
@@ -311,23 +389,32 @@ int main(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    auto value = [&](const char* flag) -> const char* {
-      if (i + 1 >= argc) return nullptr;
-      (void)flag;
-      return argv[++i];
-    };
-    if (a == "--json") o.json = true;
-    else if (a == "--quick") o.quick = true;
-    else if (a == "--reps" || a == "--threads") {
-      const char* v = value(a.c_str());
+    const char* v = i + 1 < argc ? argv[i + 1] : nullptr;
+    if (a == "--json") {
+      o.json = true;
+    } else if (a == "--quick") {
+      o.quick = true;
+    } else if (a == "--reps" || a == "--threads") {
       char* end = nullptr;
       const long n = v ? std::strtol(v, &end, 10) : 0;
       if (!v || *end != '\0' || n < 1 || n > 1000) return usage(argv[0], a + " needs an integer in 1..1000");
       (a == "--reps" ? o.reps : o.threads) = static_cast<int>(n);
+      ++i;
     } else if (a == "--only") {
-      const char* v = value("--only");
-      if (!v || (std::strcmp(v, "ops") != 0 && std::strcmp(v, "blocks") != 0)) return usage(argv[0], "--only takes ops or blocks");
+      if (!v || (std::strcmp(v, "ops") != 0 && std::strcmp(v, "blocks") != 0)) {
+        return usage(argv[0], "--only takes ops or blocks");
+      }
       o.only = v;
+      ++i;
+    } else if (a == "--device") {
+      if (!v || (std::strcmp(v, "cpu") != 0 && std::strcmp(v, "cuda") != 0)) {
+        return usage(argv[0], "--device takes cpu or cuda");
+      }
+      if (std::strcmp(v, "cuda") == 0) {
+        if (!torch::cuda::is_available()) return usage(argv[0], "--device cuda: no CUDA device is available");
+        o.device = at::Device(at::kCUDA, 0);
+      }
+      ++i;
     } else if (a == "-h" || a == "--help") {
       usage(argv[0], "benchmark memfit's ops against stock LibTorch");
       return 0;
@@ -335,19 +422,23 @@ int main(int argc, char** argv) {
       return usage(argv[0], "unknown argument '" + a + "'");
     }
   }
+  g_device = o.device;
   MemoryMeter::install();
   at::set_num_threads(o.threads);
   at::manual_seed(0);
-  json out = {{"threads", o.threads}, {"reps", o.reps}, {"quick", o.quick}, {"dtype", "float32"},
-              {"torch_threads", at::get_num_threads()}};
+  std::vector<OpRow> ops;
+  std::vector<BlockRow> blocks;
   try {
-    if (o.only.empty() || o.only == "ops") out["ops"] = op_rows(o);
-    if (o.only.empty() || o.only == "blocks") out["blocks"] = block_rows(o);
+    if (o.only.empty() || o.only == "ops") ops = op_rows(o);
+    if (o.only.empty() || o.only == "blocks") blocks = block_rows(o);
   } catch (const c10::Error& e) {
     std::fprintf(stderr, "memfit-bench-ops: %s\n", e.what_without_backtrace());
     return 1;
   }
-  if (o.json) std::cout << out.dump() << "\n";
-  else print_tables(out);
+  if (o.json) {
+    print_json(o, ops, blocks);
+  } else {
+    print_tables(o, ops, blocks);
+  }
   return 0;
 }

@@ -70,12 +70,12 @@ struct ActLinearFn : public torch::autograd::Function<ActLinearFn> {
     const detail::LinearNeeds needs = detail::weight_needs(ctx, w, 1);
     at::Tensor h;
     if (detail::needs_input_for_backward(w)) h = act_forward(act, z);
-    detail::LinearGrads g = detail::linear_backward(h, grads[0], w, s[7], needs);
-    h.reset();
+    detail::LinearGrads g = detail::linear_backward(std::move(h), grads[0], w, s[7], needs);
     const at::Tensor zc = z.contiguous();
-    const at::Tensor dh = g.dx.contiguous();
-    at::Tensor dz = at::empty(zc.sizes(), zc.options());
-    detail::act_backward(act, zc, dh, dz);
+    // dh is a fresh buffer of linear_backward's: dz overwrites it in place, so backward
+    // holds one [T, I] gradient less at its peak.
+    const at::Tensor dz = g.dx.contiguous();
+    detail::act_backward(act, zc, dz, dz);
     return {dz,           g.dweight,    g.dbias,      g.dlora_a,    g.dlora_b,   at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -110,12 +110,11 @@ struct SwiGLULinearFn : public torch::autograd::Function<SwiGLULinearFn> {
     const at::Tensor gc = s[0].contiguous(), uc = s[1].contiguous();
     at::Tensor h;
     if (detail::needs_input_for_backward(w)) h = swiglu_forward(gc, uc);
-    detail::LinearGrads lg = detail::linear_backward(h, grads[0], w, s[8], needs);
-    h.reset();
-    const at::Tensor dh = lg.dx.contiguous();
-    at::Tensor dg = at::empty(gc.sizes(), gc.options());
+    detail::LinearGrads lg = detail::linear_backward(std::move(h), grads[0], w, s[8], needs);
+    // dg overwrites dh in place (the kernel reads each dh element before writing it).
+    const at::Tensor dg = lg.dx.contiguous();
     at::Tensor du = at::empty(uc.sizes(), uc.options());
-    detail::swiglu_backward(gc, uc, dh, dg, du);
+    detail::swiglu_backward(gc, uc, dg, dg, du);
     return {dg,           du,           lg.dweight,   lg.dbias,     lg.dlora_a,   lg.dlora_b,
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }

@@ -96,38 +96,46 @@ at::Tensor linear_forward(const at::Tensor& x, const LinearWeights& w, bool trai
   return y2.view(sizes);
 }
 
-LinearGrads linear_backward(const at::Tensor& x, const at::Tensor& dy, const LinearWeights& w,
+LinearGrads linear_backward(at::Tensor x, const at::Tensor& dy, const LinearWeights& w,
                             const at::Tensor& mask, const LinearNeeds& needs) {
   const int64_t in = w.weight.size(1), out = w.weight.size(0);
   const at::Tensor dy2 = dy.reshape({-1, out});
   LinearGrads g;
-  at::Tensor x2;
-  if (x.defined()) x2 = x.reshape({-1, in});
-  if (needs.dweight) g.dweight = at::mm(dy2.t(), x2);
-  if (needs.dbias) g.dbias = dy2.sum(0);
-  at::Tensor dx2;
-  if (needs.dx) dx2 = at::mm(dy2, w.weight);
-  if (has_lora(w) && (needs.dx || needs.dlora_a || needs.dlora_b)) {
-    const bool dropped = mask.defined();
-    // dxa = scale * dy B: the gradient at the branch's rank-r bottleneck.
-    const at::Tensor dxa = at::mm(dy2, w.lora_b).mul_(w.lora_scale);
-    if (needs.dlora_a || needs.dlora_b) {
-      at::Tensor z = lora_input(x2, w);
-      if (dropped) z = apply_mask(z, mask, w.lora_dropout);
-      if (needs.dlora_b) g.dlora_b = at::mm(dy2.t(), at::mm(z, w.lora_a.t())).mul_(w.lora_scale);
-      if (needs.dlora_a) g.dlora_a = at::mm(dxa.t(), z);
+  // Weight and LoRA gradients first, so that x (which a fused caller recomputed just for
+  // them) is released before the [T, in] input gradient is allocated.
+  {
+    at::Tensor x2;
+    if (x.defined()) x2 = x.reshape({-1, in});
+    if (needs.dweight) g.dweight = at::mm(dy2.t(), x2);
+    if (needs.dbias) g.dbias = dy2.sum(0);
+    at::Tensor dxa;  // scale * dy B: the gradient at the LoRA branch's rank-r bottleneck
+    if (has_lora(w) && (needs.dx || needs.dlora_a || needs.dlora_b)) {
+      dxa = at::mm(dy2, w.lora_b).mul_(w.lora_scale);
+      if (needs.dlora_a || needs.dlora_b) {
+        at::Tensor z = lora_input(x2, w);
+        if (mask.defined()) z = apply_mask(z, mask, w.lora_dropout);
+        if (needs.dlora_b) g.dlora_b = at::mm(dy2.t(), at::mm(z, w.lora_a.t())).mul_(w.lora_scale);
+        if (needs.dlora_a) g.dlora_a = at::mm(dxa.t(), z);
+      }
     }
+    x2.reset();
+    x.reset();
     if (needs.dx) {
-      at::Tensor dz = at::mm(dxa, w.lora_a);
-      if (dropped) dz = apply_mask(dz, mask, w.lora_dropout);
-      if (w.lora_in_scale.defined()) dz.mul_(w.lora_in_scale);
-      dx2.add_(dz);
+      at::Tensor dx2 = at::mm(dy2, w.weight);
+      if (dxa.defined()) {
+        if (!mask.defined() && !w.lora_in_scale.defined()) {
+          dx2.addmm_(dxa, w.lora_a);  // accumulate in place: no second [T, in] buffer
+        } else {
+          at::Tensor dz = at::mm(dxa, w.lora_a);
+          if (mask.defined()) dz = apply_mask(dz, mask, w.lora_dropout);
+          if (w.lora_in_scale.defined()) dz.mul_(w.lora_in_scale);
+          dx2.add_(dz);
+        }
+      }
+      std::vector<int64_t> sizes = dy.sizes().vec();
+      sizes.back() = in;
+      g.dx = dx2.view(sizes);
     }
-  }
-  if (needs.dx) {
-    std::vector<int64_t> sizes = dy.sizes().vec();
-    sizes.back() = in;
-    g.dx = dx2.view(sizes);
   }
   return g;
 }

@@ -46,9 +46,11 @@ LinearNeeds weight_needs(Ctx* ctx, const LinearWeights& w, size_t weight_edge) {
   return needs;
 }
 
-// x may be undefined when needs asks for no weight or LoRA gradient. mask is the one
-// forward produced (undefined without dropout).
-LinearGrads linear_backward(const at::Tensor& x, const at::Tensor& dy, const LinearWeights& w,
+// x may be undefined when needs asks for no weight or LoRA gradient; it is taken by
+// value and dropped as soon as the weight gradients are done (pass std::move(x) to let
+// a recomputed input go before the input gradient is allocated). mask is the one forward
+// produced (undefined without dropout).
+LinearGrads linear_backward(at::Tensor x, const at::Tensor& dy, const LinearWeights& w,
                             const at::Tensor& mask, const LinearNeeds& needs);
 
 }  // namespace memfit::ops::detail

@@ -20,7 +20,7 @@ void act_forward_cpu(Act act, DType dt, const void* x, void* h, int64_t n);
 void act_backward_cpu(Act act, DType dt, const void* x, const void* dh, void* dx, int64_t n);
 // g, u: [n] -> h: [n].
 void swiglu_forward_cpu(DType dt, const void* g, const void* u, void* h, int64_t n);
-// g, u, dh: [n] -> dg, du: [n].
+// g, u, dh: [n] -> dg, du: [n]. dg may alias dh.
 void swiglu_backward_cpu(DType dt, const void* g, const void* u, const void* dh, void* dg,
                          void* du, int64_t n);
 
