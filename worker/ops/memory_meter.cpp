@@ -99,9 +99,10 @@ MemoryStats MemoryMeter::stats(c10::Device device) {
   }
 #if MEMFIT_WITH_CUDA
   if (device.is_cuda()) {
-    namespace cca = c10::cuda::CUDACachingAllocator;
-    const auto d = cca::getDeviceStats(device.index() < 0 ? 0 : device.index());
-    const size_t agg = static_cast<size_t>(c10::cuda::CUDACachingAllocator::StatType::AGGREGATE);
+    const auto d = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index());
+    // Index 0 is StatType::AGGREGATE; the enum moved namespaces across LibTorch 2.x
+    // releases, the index did not.
+    const size_t agg = 0;
     s.current_bytes = d.allocated_bytes[agg].current;
     s.peak_bytes = d.allocated_bytes[agg].peak;
     s.reserved_bytes = d.reserved_bytes[agg].current;
