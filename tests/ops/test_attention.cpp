@@ -135,6 +135,23 @@ TEST(Attention, Bf16CloseToFloat) {
   EXPECT_TRUE(memfit::test::close(y, memfit::ops::attention(q, k, v, o), 3e-2, 3e-2));
 }
 
+TEST(Attention, NonContiguousInputsAndEmptyBatches) {
+  at::manual_seed(24);
+  // q, k, v as views of one fused qkv projection [B, S, 3, H, D].
+  const at::Tensor qkv = at::randn({2, 7, 3, 4, 8});
+  const at::Tensor q = qkv.select(2, 0), k = qkv.select(2, 1), v = qkv.select(2, 2);
+  ASSERT_FALSE(q.is_contiguous());
+  EXPECT_TRUE(memfit::test::close(memfit::ops::attention(q, k, v),
+                                  memfit::ops::attention(q.contiguous(), k.contiguous(), v.contiguous()), 1e-6, 1e-7));
+  const at::Tensor e = at::randn({0, 5, 2, 4}).requires_grad_(true);
+  const at::Tensor ye = memfit::ops::attention(e, e, e);
+  EXPECT_EQ(ye.sizes(), e.sizes());
+  ye.sum().backward();
+  EXPECT_EQ(e.grad().sizes(), e.sizes());
+  const at::Tensor s0 = at::randn({1, 0, 2, 4}).requires_grad_(true);
+  EXPECT_EQ(memfit::ops::attention(s0, s0, s0).sizes(), s0.sizes());
+}
+
 TEST(Attention, BadInputNamesTheProblem) {
   const at::Tensor q = at::randn({1, 4, 4, 8}), k = at::randn({1, 4, 3, 8});
   memfit::test::expect_error([&] { memfit::ops::attention(q, k, k); }, {"memfit::ops::attention", "multiple"});

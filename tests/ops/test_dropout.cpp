@@ -73,6 +73,25 @@ TEST(Dropout, HashIsStableAcrossTheIndexHighWord) {
   EXPECT_EQ(memfit::kernels::dropout_threshold(0.5f), 0x80000000u);
 }
 
+TEST(Dropout, NonContiguousEmptyAndBf16) {
+  const at::Tensor base = at::rand({40, 30}) + 0.5;
+  const at::Tensor t = base.t();
+  at::manual_seed(3);
+  const at::Tensor a = memfit::ops::dropout(t, 0.4, true);
+  at::manual_seed(3);
+  const at::Tensor b = memfit::ops::dropout(t.contiguous(), 0.4, true);
+  EXPECT_TRUE(at::equal(a, b));  // same mask over the same logical elements
+  const at::Tensor e = at::randn({0, 5}).requires_grad_(true);
+  const at::Tensor ye = memfit::ops::dropout(e, 0.5, true);
+  ye.sum().backward();
+  EXPECT_EQ(e.grad().sizes(), e.sizes());
+  const at::Tensor xb = (at::rand({1000}) + 0.5).to(at::kBFloat16);
+  const at::Tensor yb = memfit::ops::dropout(xb, 0.5, true);
+  EXPECT_EQ(yb.scalar_type(), at::kBFloat16);
+  const at::Tensor kept = yb.ne(0);
+  EXPECT_TRUE(at::equal(yb.masked_select(kept), (xb.to(at::kFloat) * 2.0f).to(at::kBFloat16).masked_select(kept)));
+}
+
 TEST(Dropout, BadInput) {
   memfit::test::expect_error([] { memfit::ops::dropout(at::ones({3}), 1.0, true); },
                              {"memfit::ops::dropout", "p must be in [0, 1)"});

@@ -92,6 +92,34 @@ TEST(FusedMlp, ActLinearKeepsOnlyThePreActivation) {
             }), static_cast<int64_t>(leaf.nbytes()));
 }
 
+TEST(FusedMlp, NonContiguousEmptyAndBf16Inputs) {
+  at::manual_seed(23);
+  const at::Tensor w = at::randn({16, 40}) * 0.1;
+  const LinearWeights down = LinearWeights::lora(w, at::Tensor(), (at::randn({4, 40}) * 0.1).requires_grad_(true),
+                                                 (at::randn({16, 4}) * 0.1).requires_grad_(true), 1.0);
+  // g and u as strided halves of one fused gate_up projection.
+  const at::Tensor gu = at::randn({6, 80});
+  const at::Tensor g = gu.narrow(1, 0, 40), u = gu.narrow(1, 40, 40);
+  ASSERT_FALSE(g.is_contiguous());
+  EXPECT_TRUE(memfit::test::close(memfit::ops::swiglu_linear(g, u, down, true),
+                                  memfit::ops::swiglu_linear(g.contiguous(), u.contiguous(), down, true), 1e-6, 1e-7));
+  const at::Tensor zt = at::randn({40, 6}).t();
+  EXPECT_TRUE(memfit::test::close(memfit::ops::act_linear(MlpAct::kSiLU, zt, down, true),
+                                  memfit::ops::act_linear(MlpAct::kSiLU, zt.contiguous(), down, true), 1e-6, 1e-7));
+  // Empty batch: shapes flow through forward and backward.
+  const at::Tensor ge = at::randn({0, 40}).requires_grad_(true), ue = at::randn({0, 40}).requires_grad_(true);
+  const at::Tensor ye = memfit::ops::swiglu_linear(ge, ue, down, true);
+  EXPECT_EQ(ye.sizes(), at::IntArrayRef({0, 16}));
+  ye.sum().backward();
+  EXPECT_EQ(ge.grad().sizes(), ge.sizes());
+  // bf16 storage, fp32 compute: close to the fp32 result.
+  const LinearWeights down16 = LinearWeights::lora(w.to(at::kBFloat16), at::Tensor(), down.lora_a.detach().to(at::kBFloat16),
+                                                   down.lora_b.detach().to(at::kBFloat16), 1.0);
+  const at::Tensor y16 = memfit::ops::swiglu_linear(g.to(at::kBFloat16), u.to(at::kBFloat16), down16, true);
+  EXPECT_EQ(y16.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(memfit::test::close(y16, memfit::ops::swiglu_linear(g, u, down, true), 3e-2, 3e-2));
+}
+
 TEST(FusedMlp, BadInputNamesOpAndProblem) {
   const at::Tensor w = at::randn({4, 8});
   memfit::test::expect_error(
