@@ -12,18 +12,9 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptTensor = c10::optional<at::Tensor>;
+using detail::opt;
+using detail::OptTensor;
 namespace k = memfit::kernels;
-
-OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
-at::Tensor val(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
-
-LinearWeights restore_weights(AutogradContext* ctx, const variable_list& s, size_t first) {
-  return LinearWeights{s[first],     s[first + 1], s[first + 2],
-                       s[first + 3], ctx->saved_data["lora_scale"].toDouble(),
-                       ctx->saved_data["lora_dropout"].toDouble(),
-                       s[first + 4], s[first + 5]};
-}
 
 at::Tensor act_forward(k::Act act, const at::Tensor& z) {
   const at::Tensor zc = z.contiguous();
@@ -46,18 +37,15 @@ struct ActLinearFn : public torch::autograd::Function<ActLinearFn> {
                             const OptTensor& lora_b, const OptTensor& in_scale,
                             const OptTensor& in_shift, double lora_scale, double lora_dropout,
                             bool training, int64_t act) {
-    LinearWeights w{weight,     val(bias),    val(lora_a),   val(lora_b),
-                    lora_scale, lora_dropout, val(in_scale), val(in_shift)};
+    const LinearWeights w = detail::make_weights(weight, bias, lora_a, lora_b, in_scale, in_shift,
+                                                 lora_scale, lora_dropout);
     at::Tensor mask;
     at::Tensor out;
     {
       const at::Tensor h = act_forward(static_cast<k::Act>(act), z);  // freed on return
       out = detail::linear_forward(h, w, training, &mask);
     }
-    ctx->save_for_backward({z, weight, w.bias, w.lora_a, w.lora_b, w.lora_in_scale,
-                            w.lora_in_shift, mask});
-    ctx->saved_data["lora_scale"] = lora_scale;
-    ctx->saved_data["lora_dropout"] = lora_dropout;
+    detail::save_weights(ctx, {z}, w, mask);
     ctx->saved_data["act"] = act;
     return out;
   }
@@ -66,7 +54,7 @@ struct ActLinearFn : public torch::autograd::Function<ActLinearFn> {
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor& z = s[0];
     const auto act = static_cast<k::Act>(ctx->saved_data["act"].toInt());
-    const LinearWeights w = restore_weights(ctx, s, 1);
+    const LinearWeights w = detail::restore_weights(ctx, s, 1);
     const detail::LinearNeeds needs = detail::weight_needs(ctx, w, 1);
     at::Tensor h;
     if (detail::needs_input_for_backward(w)) h = act_forward(act, z);
@@ -88,24 +76,21 @@ struct SwiGLULinearFn : public torch::autograd::Function<SwiGLULinearFn> {
                             const OptTensor& lora_a, const OptTensor& lora_b,
                             const OptTensor& in_scale, const OptTensor& in_shift,
                             double lora_scale, double lora_dropout, bool training) {
-    LinearWeights w{weight,     val(bias),    val(lora_a),   val(lora_b),
-                    lora_scale, lora_dropout, val(in_scale), val(in_shift)};
+    const LinearWeights w = detail::make_weights(weight, bias, lora_a, lora_b, in_scale, in_shift,
+                                                 lora_scale, lora_dropout);
     at::Tensor mask;
     at::Tensor out;
     {
       const at::Tensor h = swiglu_forward(g, u);
       out = detail::linear_forward(h, w, training, &mask);
     }
-    ctx->save_for_backward({g, u, weight, w.bias, w.lora_a, w.lora_b, w.lora_in_scale,
-                            w.lora_in_shift, mask});
-    ctx->saved_data["lora_scale"] = lora_scale;
-    ctx->saved_data["lora_dropout"] = lora_dropout;
+    detail::save_weights(ctx, {g, u}, w, mask);
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    const LinearWeights w = restore_weights(ctx, s, 2);
+    const LinearWeights w = detail::restore_weights(ctx, s, 2);
     const detail::LinearNeeds needs = detail::weight_needs(ctx, w, 2);
     const at::Tensor gc = s[0].contiguous(), uc = s[1].contiguous();
     at::Tensor h;

@@ -10,10 +10,8 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptTensor = c10::optional<at::Tensor>;
-
-OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
-at::Tensor val(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
+using detail::opt;
+using detail::OptTensor;
 
 struct LinearFn : public torch::autograd::Function<LinearFn> {
   // Keeps: x itself iff W or a LoRA factor needs a gradient; the 1-bit LoRA dropout mask
@@ -23,22 +21,18 @@ struct LinearFn : public torch::autograd::Function<LinearFn> {
                             const OptTensor& lora_b, const OptTensor& in_scale,
                             const OptTensor& in_shift, double lora_scale, double lora_dropout,
                             bool training) {
-    LinearWeights w{weight,     val(bias),    val(lora_a),   val(lora_b),
-                    lora_scale, lora_dropout, val(in_scale), val(in_shift)};
+    const LinearWeights w = detail::make_weights(weight, bias, lora_a, lora_b, in_scale, in_shift,
+                                                 lora_scale, lora_dropout);
     at::Tensor mask;
     at::Tensor y = detail::linear_forward(x, w, training, &mask);
     const at::Tensor kept = detail::needs_input_for_backward(w) ? x : at::Tensor();
-    ctx->save_for_backward({kept, weight, w.bias, w.lora_a, w.lora_b, w.lora_in_scale,
-                            w.lora_in_shift, mask});
-    ctx->saved_data["lora_scale"] = lora_scale;
-    ctx->saved_data["lora_dropout"] = lora_dropout;
+    detail::save_weights(ctx, {kept}, w, mask);
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    LinearWeights w{s[1], s[2], s[3], s[4], ctx->saved_data["lora_scale"].toDouble(),
-                    ctx->saved_data["lora_dropout"].toDouble(), s[5], s[6]};
+    const LinearWeights w = detail::restore_weights(ctx, s, 1);
     detail::LinearNeeds needs = detail::weight_needs(ctx, w, 1);
     needs.dx = ctx->needs_input_grad(0);
     const detail::LinearGrads g = detail::linear_backward(s[0], grads[0], w, s[7], needs);

@@ -4,10 +4,49 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
 
 #include "ops.h"
 
 namespace memfit::ops::detail {
+
+using OptTensor = c10::optional<at::Tensor>;
+inline OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
+inline at::Tensor val(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
+
+// LinearWeights from the (optional) tensors an autograd Function receives.
+inline LinearWeights make_weights(const at::Tensor& weight, const OptTensor& bias,
+                                  const OptTensor& lora_a, const OptTensor& lora_b,
+                                  const OptTensor& in_scale, const OptTensor& in_shift,
+                                  double lora_scale, double lora_dropout) {
+  return LinearWeights{weight,     val(bias),    val(lora_a),   val(lora_b),
+                       lora_scale, lora_dropout, val(in_scale), val(in_shift)};
+}
+
+// Saves `front` (the tensors a Function keeps itself), then w's six tensors and the
+// LoRA dropout mask; restore_weights(ctx, saved, front.size()) gives w back and the mask
+// is saved[front.size() + 6]. The weights are parameters: keeping them costs no memory.
+template <typename Ctx>
+void save_weights(Ctx* ctx, std::vector<at::Tensor> front, const LinearWeights& w,
+                  const at::Tensor& mask) {
+  for (const at::Tensor* t : {&w.weight, &w.bias, &w.lora_a, &w.lora_b, &w.lora_in_scale,
+                              &w.lora_in_shift, &mask}) {
+    front.push_back(*t);
+  }
+  ctx->save_for_backward(front);
+  ctx->saved_data["lora_scale"] = w.lora_scale;
+  ctx->saved_data["lora_dropout"] = w.lora_dropout;
+}
+
+template <typename Ctx>
+LinearWeights restore_weights(Ctx* ctx, const std::vector<at::Tensor>& s, size_t first) {
+  return LinearWeights{s[first],     s[first + 1], s[first + 2],
+                       s[first + 3], ctx->saved_data["lora_scale"].toDouble(),
+                       ctx->saved_data["lora_dropout"].toDouble(),
+                       s[first + 4], s[first + 5]};
+}
 
 // Validates w against an input with `in_features` features; `op` names the caller.
 void check_linear_weights(const char* op, const at::Tensor& x, const LinearWeights& w);
