@@ -34,10 +34,12 @@ struct Case {
   int64_t chunk_bytes;
 };
 
-class AttentionTest : public ::testing::TestWithParam<Case> {};
+using memfit::ops::AttentionImpl;
+
+class AttentionTest : public ::testing::TestWithParam<std::tuple<Case, AttentionImpl>> {};
 
 TEST_P(AttentionTest, ForwardAndGradientsMatchFloat64Composite) {
-  const Case c = GetParam();
+  const Case c = std::get<0>(GetParam());
   at::manual_seed(21);
   const at::Tensor q0 = at::randn({c.B, c.S, c.H, c.D}), k0 = at::randn({c.B, c.Sk, c.Hk, c.D});
   const at::Tensor v0 = at::randn({c.B, c.Sk, c.Hk, c.D}), dy = at::randn({c.B, c.S, c.H, c.D});
@@ -52,6 +54,7 @@ TEST_P(AttentionTest, ForwardAndGradientsMatchFloat64Composite) {
   o.causal = c.causal;
   o.key_padding_mask = kpm;
   o.chunk_bytes = c.chunk_bytes;
+  o.impl = std::get<1>(GetParam());
   const at::Tensor y = memfit::ops::attention(q, k, v, o);
   ASSERT_TRUE(y.is_contiguous());
   const at::Tensor qr = q0.to(at::kDouble).requires_grad_(true), kr = k0.to(at::kDouble).requires_grad_(true),
@@ -67,12 +70,19 @@ TEST_P(AttentionTest, ForwardAndGradientsMatchFloat64Composite) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, AttentionTest,
-    ::testing::Values(Case{2, 17, 17, 4, 4, 8, false, false, 16 << 20},
-                      Case{2, 33, 33, 4, 4, 16, true, false, 16 << 20},
-                      Case{1, 40, 40, 8, 2, 8, true, false, 4096},      // GQA, many chunks
-                      Case{3, 12, 20, 2, 1, 8, false, true, 16 << 20},  // S != Sk, padding
-                      Case{2, 9, 9, 3, 3, 4, true, true, 1},           // one row per chunk
-                      Case{1, 25, 30, 4, 2, 8, true, false, 700}));
+    ::testing::Combine(
+        ::testing::Values(Case{2, 17, 17, 4, 4, 8, false, false, 16 << 20},
+                          Case{2, 33, 33, 4, 4, 16, true, false, 16 << 20},
+                          Case{1, 40, 40, 8, 2, 8, true, false, 4096},      // GQA, many chunks
+                          Case{3, 12, 20, 2, 1, 8, false, true, 16 << 20},  // S != Sk, padding
+                          Case{2, 9, 9, 3, 3, 4, true, true, 1},           // one row per chunk
+                          Case{1, 25, 30, 4, 2, 8, true, false, 700},
+                          Case{1, 300, 300, 2, 1, 8, true, false, 16 << 20}),  // causal chunks
+        ::testing::Values(AttentionImpl::kBatched, AttentionImpl::kPerHead)),
+    [](const auto& info) {
+      return "case" + std::to_string(info.index) +
+             (std::get<1>(info.param) == AttentionImpl::kBatched ? "_batched" : "_per_head");
+    });
 
 TEST(Attention, RowsThatSeeNoKeyOutputZero) {
   const at::Tensor q = at::randn({1, 4, 2, 8}).requires_grad_(true);
@@ -107,22 +117,25 @@ TEST(Attention, ChunkingBoundsTheTransientPeak) {
   const at::Tensor q = at::randn({B, S, H, D}).requires_grad_(true);
   const at::Tensor k = at::randn({B, S, H, D}).requires_grad_(true);
   const at::Tensor v = at::randn({B, S, H, D}).requires_grad_(true);
-  const int64_t full_scores = H * S * S * 4;  // 4 MiB
-  auto peak_of = [&](int64_t chunk_bytes) {
+  const int64_t full_scores = H * S * S * 4;  // 4 MiB: every head's scores at once
+  auto peak_of = [&](int64_t chunk_bytes, AttentionImpl impl) {
     memfit::ops::AttentionOptions o;
     o.chunk_bytes = chunk_bytes;
+    o.impl = impl;
     const int64_t before = memfit::test::current_bytes();
     memfit::ops::MemoryMeter::reset_peak();
     const at::Tensor y = memfit::ops::attention(q, k, v, o);
     y.backward(at::ones_like(y));
     return memfit::ops::MemoryMeter::stats().peak_bytes - before;
   };
-  const int64_t small = peak_of(full_scores / 16);
-  const int64_t big = peak_of(full_scores);
-  // Backward holds about two score blocks; with 1/16 of the rows per chunk the peak
-  // drops by most of the two full blocks.
-  EXPECT_LT(small, big - full_scores);
-  EXPECT_LT(small, 4 * static_cast<int64_t>(q.nbytes()) * 4 + full_scores / 2);
+  for (AttentionImpl impl : {AttentionImpl::kBatched, AttentionImpl::kPerHead}) {
+    const int64_t small = peak_of(full_scores / 16, impl);
+    const int64_t big = peak_of(full_scores, impl);
+    // Backward holds about two score blocks; with a sixteenth of the budget the peak
+    // drops by most of them, and it never holds every head's scores.
+    EXPECT_LT(small, big - full_scores / 2) << static_cast<int>(impl);
+    EXPECT_LT(small, full_scores) << static_cast<int>(impl);
+  }
 }
 
 TEST(Attention, Bf16CloseToFloat) {
@@ -160,6 +173,10 @@ TEST(Attention, BadInputNamesTheProblem) {
   memfit::ops::AttentionOptions o;
   o.key_padding_mask = at::ones({1, 3}, at::kBool);
   memfit::test::expect_error([&] { memfit::ops::attention(q, q, q, o); }, {"key_padding_mask", "[1, 4]"});
+  memfit::ops::AttentionOptions meta;
+  meta.impl = AttentionImpl::kPerHead;
+  const at::Tensor qm = at::empty({1, 4, 4, 8}, at::Device(at::kMeta));
+  memfit::test::expect_error([&] { memfit::ops::attention(qm, qm, qm, meta); }, {"memfit::ops::attention", "meta"});
 }
 
 }  // namespace

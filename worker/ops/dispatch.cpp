@@ -169,15 +169,24 @@ void attention_dscores(const k::AttentionRows& g, const at::Tensor& dp, const at
 }
 
 void attention_gather(const at::Tensor& t, const k::HeadsLayout& l, double scale,
-                      const at::Tensor& out) {
+                      const at::Tensor& out, const at::Tensor& dot_with, const at::Tensor& dot) {
   TORCH_INTERNAL_ASSERT(t.device().is_cpu() && t.stride(3) == 1);
+  const void* other = nullptr;
+  float* dots = nullptr;
+  if (dot_with.defined()) {
+    TORCH_INTERNAL_ASSERT(dot_with.strides() == t.strides() && dot_with.scalar_type() == t.scalar_type());
+    other = dot_with.data_ptr();
+    dots = ptr<float>(dot);
+  }
   k::attention_gather_cpu(kernel_dtype(t, "memfit attention"), t.data_ptr(), l,
-                          static_cast<float>(scale), ptr<float>(out));
+                          static_cast<float>(scale), ptr<float>(out), other, dots);
 }
 
-void attention_scatter(const at::Tensor& block, const k::HeadsLayout& l, const at::Tensor& t) {
+void attention_scatter(const at::Tensor& block, const k::HeadsLayout& l, double scale,
+                       const at::Tensor& t) {
   TORCH_INTERNAL_ASSERT(t.device().is_cpu() && t.stride(3) == 1);
-  k::attention_scatter_cpu(kernel_dtype(t, "memfit attention"), ptr<float>(block), l, t.data_ptr());
+  k::attention_scatter_cpu(kernel_dtype(t, "memfit attention"), ptr<float>(block), l,
+                           static_cast<float>(scale), t.data_ptr());
 }
 
 }  // namespace memfit::ops::detail

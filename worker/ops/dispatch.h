@@ -55,8 +55,12 @@ void attention_dscores(const kernels::AttentionRows& g, const at::Tensor& dp, co
 
 // CPU only: regrouping between [B, S, H, D] (t, any strides with D contiguous) and
 // heads-major fp32 blocks (kernels/attention_rows.h).
+// With dot_with (same sizes and strides as t) and dot ([rows] fp32) defined, also
+// writes the row dot products of t and dot_with.
 void attention_gather(const at::Tensor& t, const kernels::HeadsLayout& l, double scale,
-                      const at::Tensor& out);
-void attention_scatter(const at::Tensor& block, const kernels::HeadsLayout& l, const at::Tensor& t);
+                      const at::Tensor& out, const at::Tensor& dot_with = {},
+                      const at::Tensor& dot = {});
+void attention_scatter(const at::Tensor& block, const kernels::HeadsLayout& l, double scale,
+                       const at::Tensor& t);
 
 }  // namespace memfit::ops::detail

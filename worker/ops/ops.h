@@ -88,17 +88,24 @@ at::Tensor swiglu_linear(const at::Tensor& g, const at::Tensor& u, const LinearW
 at::Tensor dropout(const at::Tensor& x, double p, bool training);
 
 // ---- Attention -------------------------------------------------------------------
+// How attention schedules its work. kAuto: per head on CPU when every thread gets at
+// least one (batch, kv-head) pair, else batched. Both give the same results and keep the
+// same tensors; kPerHead is CPU only.
+enum class AttentionImpl { kAuto, kBatched, kPerHead };
+
 struct AttentionOptions {
   bool causal = false;         // key j visible to query i iff j <= i + (Sk - S)
   double scale = 0.0;          // 0: 1 / sqrt(head_dim)
   at::Tensor key_padding_mask; // bool [B, Sk], true = attend; undefined = all
-  int64_t chunk_bytes = 16 << 20;  // bound on one score block's bytes
+  int64_t chunk_bytes = 16 << 20;  // bound on the score blocks alive at once
+  AttentionImpl impl = AttentionImpl::kAuto;
 };
 // Memory-efficient attention. q: [B, S, H, D]; k, v: [B, Sk, Hk, D] with H % Hk == 0
 // (grouped-query attention when Hk < H). Returns a contiguous [B, S, H, D] tensor, so
 // out.view({B, S, H * D}) feeds the output projection without a copy. Keeps q, k, v,
 // the output and one fp32 logsumexp per (batch, head, query); the probabilities are
-// recomputed in backward, in query chunks whose score block stays under chunk_bytes.
+// recomputed in backward, in query chunks whose score block stays under chunk_bytes
+// (causal attention also caps chunks at 128 queries, to skip the masked keys).
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const AttentionOptions& opts = {});
 

@@ -104,38 +104,49 @@ void attention_dscores_cpu(const AttentionRows& g, float* dp, const float* p, co
   });
 }
 
-void attention_gather_cpu(DType dt, const void* src, const HeadsLayout& l, float scale, float* dst) {
+void attention_gather_cpu(DType dt, const void* src, const HeadsLayout& l, float scale, float* dst,
+                          const void* dot_with, float* dot) {
   const int64_t rows = l.B * l.Hk * l.G * l.c;
   cpu::dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     const T* base = static_cast<const T*>(src);
+    const T* other = static_cast<const T*>(dot_with);
     at::parallel_for(0, rows, std::max<int64_t>(1, cpu::kGrain / std::max<int64_t>(l.D, 1)),
                      [&](int64_t r0, int64_t r1) {
       const float sc = scale;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t i = r % l.c, g = (r / l.c) % l.G, hk = (r / (l.c * l.G)) % l.Hk;
         const int64_t b = r / (l.c * l.G * l.Hk);
-        const T* in = base + b * l.stride_b + (l.s0 + i) * l.stride_s + (hk * l.G + g) * l.stride_h;
+        const int64_t off = b * l.stride_b + (l.s0 + i) * l.stride_s + (hk * l.G + g) * l.stride_h;
+        const T* in = base + off;
         float* out = dst + r * l.D;
         for (int64_t d = 0; d < l.D; ++d) out[d] = cpu::to_f32(in[d]) * sc;
+        if (other != nullptr) {
+          const T* o = other + off;
+          float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t d = 0; d < l.D; ++d) acc += cpu::to_f32(in[d]) * cpu::to_f32(o[d]);
+          dot[r] = acc;
+        }
       }
     });
   });
 }
 
-void attention_scatter_cpu(DType dt, const float* src, const HeadsLayout& l, void* dst) {
+void attention_scatter_cpu(DType dt, const float* src, const HeadsLayout& l, float scale, void* dst) {
   const int64_t rows = l.B * l.Hk * l.G * l.c;
   cpu::dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     T* base = static_cast<T*>(dst);
     at::parallel_for(0, rows, std::max<int64_t>(1, cpu::kGrain / std::max<int64_t>(l.D, 1)),
                      [&](int64_t r0, int64_t r1) {
+      const float sc = scale;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t i = r % l.c, g = (r / l.c) % l.G, hk = (r / (l.c * l.G)) % l.Hk;
         const int64_t b = r / (l.c * l.G * l.Hk);
         T* out = base + b * l.stride_b + (l.s0 + i) * l.stride_s + (hk * l.G + g) * l.stride_h;
         const float* in = src + r * l.D;
-        for (int64_t d = 0; d < l.D; ++d) out[d] = cpu::from_f32<T>(in[d]);
+        for (int64_t d = 0; d < l.D; ++d) out[d] = cpu::from_f32<T>(in[d] * sc);
       }
     });
   });

@@ -9,6 +9,7 @@
 // head of every sequence. Scores and probabilities are fp32 whatever the input dtype.
 // The 1/sqrt(D) scale is folded into the regrouped queries.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
@@ -16,6 +17,7 @@
 #include <limits>
 
 #include "dispatch.h"
+#include "functions/attention_impl.h"
 #include "kernels/attention_rows.h"
 #include "ops.h"
 
@@ -25,41 +27,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = c10::optional<at::Tensor>;
-
-struct Geometry {
-  int64_t B, S, H, D, Sk, Hk, G;
-  double scale;
-  bool causal;
-  int64_t chunk;  // query positions per chunk
-};
-
-Geometry geometry(const at::Tensor& q, const at::Tensor& k, double scale, bool causal,
-                  int64_t chunk_bytes) {
-  Geometry g{};
-  g.B = q.size(0); g.S = q.size(1); g.H = q.size(2); g.D = q.size(3);
-  g.Sk = k.size(1); g.Hk = k.size(2); g.G = g.H / std::max<int64_t>(g.Hk, 1);
-  g.scale = scale > 0.0 ? scale : 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(g.D, 1)));
-  g.causal = causal;
-  // A chunk's score block is B * H * c * Sk fp32 values; backward holds two such blocks.
-  const int64_t row_bytes = std::max<int64_t>(1, g.B * g.H * g.Sk * 4);
-  g.chunk = std::clamp<int64_t>(chunk_bytes / row_bytes, 1, std::max<int64_t>(g.S, 1));
-  return g;
-}
-
-kernels::HeadsLayout layout_of(const at::Tensor& t, int64_t s0, int64_t c, int64_t heads_kv,
-                               int64_t group) {
-  kernels::HeadsLayout l;
-  l.B = t.size(0);
-  l.c = c;
-  l.Hk = heads_kv;
-  l.G = group;
-  l.D = t.size(3);
-  l.s0 = s0;
-  l.stride_b = t.stride(0);
-  l.stride_s = t.stride(1);
-  l.stride_h = t.stride(2);
-  return l;
-}
+using namespace detail::attn;  // NOLINT: the geometry helpers of this op
 
 // Positions [s0, s0 + c) of a [B, S, heads_kv * group, D] tensor -> [B * heads_kv,
 // group * c, D] fp32, times mul. On CPU a memfit kernel (ATen's permute copies of this
@@ -80,44 +48,21 @@ at::Tensor gather_rows(const at::Tensor& t, int64_t s0, int64_t c, int64_t heads
   return mul != 1.0 ? r.mul(mul) : r.clone(at::MemoryFormat::Contiguous);
 }
 
-// Inverse of gather_rows: writes the block into positions [s0, s0 + c) of dst.
+// Inverse of gather_rows: writes block * mul into positions [s0, s0 + c) of dst.
 void scatter_rows(const at::Tensor& grouped, const at::Tensor& dst, int64_t s0, int64_t heads_kv,
-                  int64_t group) {
+                  int64_t group, double mul = 1.0) {
   const int64_t B = dst.size(0), D = dst.size(3), c = grouped.size(1) / std::max<int64_t>(group, 1);
   if (dst.device().is_cpu() && dst.stride(3) == 1) {
-    detail::attention_scatter(grouped, layout_of(dst, s0, c, heads_kv, group), dst);
+    detail::attention_scatter(grouped, layout_of(dst, s0, c, heads_kv, group), mul, dst);
     return;
   }
-  dst.narrow(1, s0, c)
-      .view({B, c, heads_kv, group, D})
-      .copy_(grouped.view({B, heads_kv, group, c, D}).permute({0, 3, 1, 2, 4}));
+  const at::Tensor src = grouped.view({B, heads_kv, group, c, D}).permute({0, 3, 1, 2, 4});
+  dst.narrow(1, s0, c).view({B, c, heads_kv, group, D}).copy_(mul != 1.0 ? src * mul : src);
 }
 
 // [B, Sk, Hk, D] -> heads-major fp32 [B * Hk, Sk, D] (a transient copy).
 at::Tensor heads_major(const at::Tensor& t, const Geometry& g) {
   return gather_rows(t, 0, g.Sk, g.Hk, 1, 1.0);
-}
-
-// Keys the chunk [s0, s0 + c) can see at all: with causality, none past s0 + c - 1 + off.
-int64_t key_limit(const Geometry& g, int64_t s0, int64_t c) {
-  if (!g.causal) return g.Sk;
-  return std::clamp<int64_t>(s0 + c + (g.Sk - g.S), 0, g.Sk);
-}
-
-kernels::AttentionRows rows_of(const Geometry& g, int64_t s0, int64_t c, int64_t len,
-                               const at::Tensor& key_mask) {
-  kernels::AttentionRows r;
-  r.rows = g.B * g.H * c;
-  r.len = len;
-  r.ld = len;
-  r.chunk = c;
-  r.rows_per_batch = g.H * c;
-  r.causal_base = g.causal ? s0 + (g.Sk - g.S) + 1 : -1;
-  if (key_mask.defined()) {
-    r.key_mask = key_mask.data_ptr<uint8_t>();
-    r.key_mask_ld = key_mask.size(1);
-  }
-  return r;
 }
 
 at::Tensor key_mask_bytes(const at::Tensor& key_padding) {
@@ -128,12 +73,14 @@ struct AttentionFn : public torch::autograd::Function<AttentionFn> {
   // Keeps: q, k, v (as given), the output [B, S, H, D] (returned) and lse [B, H, S] fp32.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const OptTensor& key_padding, double scale,
-                            bool causal, int64_t chunk_bytes) {
+                            bool causal, int64_t chunk_bytes, int64_t impl) {
     const Geometry g = geometry(q, k, scale, causal, chunk_bytes);
     const at::Tensor kpm = key_padding.has_value() ? *key_padding : at::Tensor();
     at::Tensor out = at::empty({g.B, g.S, g.H, g.D}, q.options());
     at::Tensor lse = at::empty({g.B, g.H, g.S}, q.options().dtype(at::kFloat));
-    if (out.numel() > 0 && g.Sk > 0) {
+    if (out.numel() > 0 && g.Sk > 0 && use_per_head(q, g, at::get_num_threads(), impl)) {
+      forward_per_head(g, q, k, v, key_mask_bytes(kpm), out, lse, chunk_bytes);
+    } else if (out.numel() > 0 && g.Sk > 0) {
       const at::Tensor mask = key_mask_bytes(kpm);
       const at::Tensor kh = heads_major(k, g), vh = heads_major(v, g);
       const at::Tensor lse4 = lse.view({g.B, g.Hk, g.G, g.S});
@@ -154,6 +101,7 @@ struct AttentionFn : public torch::autograd::Function<AttentionFn> {
     ctx->saved_data["scale"] = g.scale;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["chunk_bytes"] = chunk_bytes;
+    ctx->saved_data["impl"] = impl;
     return out;
   }
 
@@ -163,46 +111,81 @@ struct AttentionFn : public torch::autograd::Function<AttentionFn> {
     const Geometry g = geometry(q, k, ctx->saved_data["scale"].toDouble(),
                                 ctx->saved_data["causal"].toBool(),
                                 ctx->saved_data["chunk_bytes"].toInt());
-    const at::Tensor& dout = grads[0];
-    at::Tensor dq = at::zeros(q.sizes(), q.options());
+    // The output's gradient in out's layout (autograd may hand over an expanded or
+    // strided tensor), so that one pass can gather it and take rowsum(dO * O).
+    const at::Tensor dout = grads[0].contiguous();
     if (q.numel() == 0 || g.Sk == 0) {
-      return {dq, at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options()),
-              at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+      return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()),
+              at::zeros(v.sizes(), v.options()), at::Tensor(), at::Tensor(), at::Tensor(),
+              at::Tensor(), at::Tensor()};
     }
+    at::Tensor dq = at::empty(q.sizes(), q.options());  // every position is written below
     const at::Tensor mask = key_mask_bytes(kpm);
+    const int64_t chunk_bytes = ctx->saved_data["chunk_bytes"].toInt();
+    if (use_per_head(q, g, at::get_num_threads(), ctx->saved_data["impl"].toInt())) {
+      at::Tensor dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
+      backward_per_head(g, q, k, v, out, lse, mask, dout, dq, dk, dv, chunk_bytes);
+      return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     const at::Tensor kh = heads_major(k, g), vh = heads_major(v, g);
-    at::Tensor dkh = at::zeros({g.B * g.Hk, g.Sk, g.D}, kh.options());
-    at::Tensor dvh = at::zeros({g.B * g.Hk, g.Sk, g.D}, kh.options());
-    // delta = rowsum(dO * O), per (batch, head, query): [B, H, S] like lse.
-    const at::Tensor delta =
-        (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).permute({0, 2, 1}).contiguous();
+    // With one chunk over all keys the products write dk and dv directly; otherwise the
+    // chunks accumulate into zeroed buffers.
+    const bool one_chunk = g.chunk >= g.S && key_limit(g, 0, g.S) == g.Sk;
+    at::Tensor dkh, dvh;
+    if (!one_chunk) {
+      dkh = at::zeros({g.B * g.Hk, g.Sk, g.D}, kh.options());
+      dvh = at::zeros({g.B * g.Hk, g.Sk, g.D}, kh.options());
+    }
     const at::Tensor lse4 = lse.view({g.B, g.Hk, g.G, g.S});
-    const at::Tensor delta4 = delta.view({g.B, g.Hk, g.G, g.S});
+    const bool cpu_path = dout.device().is_cpu();
+    // delta = rowsum(dO * O) per (batch, head, query), [B, H, S] like lse; on CPU it comes
+    // out of the pass that gathers dO, chunk by chunk.
+    at::Tensor delta4;
+    if (!cpu_path) {
+      delta4 = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).permute({0, 2, 1}).contiguous()
+                   .view({g.B, g.Hk, g.G, g.S});
+    }
     for (int64_t s0 = 0; s0 < g.S; s0 += g.chunk) {
       const int64_t c = std::min(g.chunk, g.S - s0), len = key_limit(g, s0, c);
       const kernels::AttentionRows rows = rows_of(g, s0, c, len, mask);
       const at::Tensor qg = gather_rows(q, s0, c, g.Hk, g.G, g.scale);
-      const at::Tensor dog = gather_rows(dout, s0, c, g.Hk, g.G, 1.0);
+      at::Tensor dog, row_delta;
+      if (cpu_path) {
+        dog = at::empty({g.B * g.Hk, g.G * c, g.D}, lse.options());
+        row_delta = at::empty({g.B * g.Hk, g.G * c}, lse.options());
+        detail::attention_gather(dout, layout_of(dout, s0, c, g.Hk, g.G), 1.0, dog, out, row_delta);
+      } else {
+        dog = gather_rows(dout, s0, c, g.Hk, g.G, 1.0);
+        row_delta = delta4.narrow(3, s0, c).reshape({g.B * g.Hk, g.G * c}).contiguous();
+      }
       const at::Tensor kc = kh.narrow(1, 0, len), vc = vh.narrow(1, 0, len);
       const at::Tensor row_lse = lse4.narrow(3, s0, c).reshape({g.B * g.Hk, g.G * c}).contiguous();
-      const at::Tensor row_delta = delta4.narrow(3, s0, c).reshape({g.B * g.Hk, g.G * c}).contiguous();
       at::Tensor p = at::bmm(qg, kc.transpose(1, 2));
       detail::attention_probs(rows, p, row_lse);
       // add_ of a product, not baddbmm_: LibTorch 1.13's CPU baddbmm_ into a narrowed
       // (non-contiguous) view gives wrong sums (caught by the causal multi-chunk tests).
-      dvh.narrow(1, 0, len).add_(at::bmm(p.transpose(1, 2), dog));
+      if (one_chunk) {
+        dvh = at::bmm(p.transpose(1, 2), dog);
+      } else {
+        dvh.narrow(1, 0, len).add_(at::bmm(p.transpose(1, 2), dog));
+      }
       at::Tensor ds = at::bmm(dog, vc.transpose(1, 2));  // dP
       detail::attention_dscores(rows, ds, p, row_delta);  // dS = P * (dP - delta)
       p.reset();
-      scatter_rows(at::bmm(ds, kc).mul_(g.scale), dq, s0, g.Hk, g.G);
-      dkh.narrow(1, 0, len).add_(at::bmm(ds.transpose(1, 2), qg));  // qg carries the scale
+      scatter_rows(at::bmm(ds, kc), dq, s0, g.Hk, g.G, g.scale);
+      if (one_chunk) {
+        dkh = at::bmm(ds.transpose(1, 2), qg);  // qg carries the scale
+      } else {
+        dkh.narrow(1, 0, len).add_(at::bmm(ds.transpose(1, 2), qg));
+      }
     }
     const auto back = [&](const at::Tensor& h, const at::Tensor& like) {
       at::Tensor out = at::empty(like.sizes(), like.options());
       scatter_rows(h, out, 0, g.Hk, 1);
       return out;
     };
-    return {dq, back(dkh, k), back(dvh, v), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dq,           back(dkh, k), back(dvh, v), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -227,6 +210,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(o.scale >= 0.0 && std::isfinite(o.scale), op,
               ": scale must be >= 0 (0 = 1/sqrt(D)), got ", o.scale);
   TORCH_CHECK(o.chunk_bytes > 0, op, ": chunk_bytes must be > 0, got ", o.chunk_bytes);
+  TORCH_CHECK(o.impl != AttentionImpl::kPerHead || q.device().is_cpu(), op,
+              ": impl kPerHead runs on CPU only, q is on ", q.device());
   if (o.key_padding_mask.defined()) {
     const at::Tensor& m = o.key_padding_mask;
     TORCH_CHECK(m.scalar_type() == at::kBool, op, ": key_padding_mask must be bool, got ",
@@ -245,7 +230,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_inputs(q, k, v, opts);
   const OptTensor kpm =
       opts.key_padding_mask.defined() ? OptTensor(opts.key_padding_mask) : OptTensor();
-  return AttentionFn::apply(q, k, v, kpm, opts.scale, opts.causal, opts.chunk_bytes);
+  return AttentionFn::apply(q, k, v, kpm, opts.scale, opts.causal, opts.chunk_bytes,
+                            static_cast<int64_t>(opts.impl));
 }
 
 }  // namespace memfit::ops

@@ -42,10 +42,13 @@ struct HeadsLayout {
   int64_t s0 = 0;
   int64_t stride_b = 0, stride_s = 0, stride_h = 0;  // of the [B, S, H, D] tensor, elements
 };
-// dst[row, :] = src(b, s0 + i, h, :) * scale, converted to fp32.
-void attention_gather_cpu(DType dt, const void* src, const HeadsLayout& l, float scale, float* dst);
-// dst(b, s0 + i, h, :) = src[row, :] converted to dt (dst has the layout's strides).
-void attention_scatter_cpu(DType dt, const float* src, const HeadsLayout& l, void* dst);
+// dst[row, :] = src(b, s0 + i, h, :) * scale, converted to fp32. If dot_with is given (a
+// tensor of src's dtype and strides), also dot[row] = sum_d src(...) * dot_with(...): the
+// attention backward's rowsum(dO * O) in the same pass over dO.
+void attention_gather_cpu(DType dt, const void* src, const HeadsLayout& l, float scale, float* dst,
+                          const void* dot_with = nullptr, float* dot = nullptr);
+// dst(b, s0 + i, h, :) = src[row, :] * scale converted to dt (dst has the layout's strides).
+void attention_scatter_cpu(DType dt, const float* src, const HeadsLayout& l, float scale, void* dst);
 
 void attention_softmax_forward_cuda(const AttentionRows& g, float* s, float* lse, StreamHandle stream);
 void attention_probs_cuda(const AttentionRows& g, float* s, const float* lse, StreamHandle stream);
