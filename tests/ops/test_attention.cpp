@@ -128,14 +128,18 @@ TEST(Attention, ChunkingBoundsTheTransientPeak) {
     y.backward(at::ones_like(y));
     return memfit::ops::MemoryMeter::stats().peak_bytes - before;
   };
-  for (AttentionImpl impl : {AttentionImpl::kBatched, AttentionImpl::kPerHead}) {
-    const int64_t small = peak_of(full_scores / 16, impl);
-    const int64_t big = peak_of(full_scores, impl);
-    // Backward holds about two score blocks; with a sixteenth of the budget the peak
-    // drops by most of them, and it never holds every head's scores.
-    EXPECT_LT(small, big - full_scores / 2) << static_cast<int>(impl);
-    EXPECT_LT(small, full_scores) << static_cast<int>(impl);
-  }
+  // Batched: backward holds about two score blocks of every head; with a sixteenth of
+  // the budget the peak drops by most of them.
+  const int64_t small = peak_of(full_scores / 16, AttentionImpl::kBatched);
+  const int64_t big = peak_of(full_scores, AttentionImpl::kBatched);
+  EXPECT_LT(small, big - full_scores / 2);
+  EXPECT_LT(small, full_scores);
+  // Per head: at most one task's blocks per thread are alive, and how many threads hold
+  // theirs at the same moment depends on scheduling, so only the bounds are exact.
+  const int64_t small_ph = peak_of(full_scores / 16, AttentionImpl::kPerHead);
+  const int64_t big_ph = peak_of(full_scores, AttentionImpl::kPerHead);
+  EXPECT_LT(small_ph, big_ph);
+  EXPECT_LT(small_ph, full_scores / 2);
 }
 
 TEST(Attention, Bf16CloseToFloat) {
