@@ -204,6 +204,24 @@ INSTANTIATE_TEST_SUITE_P(Acts, ApproxActTest,
                            return info.param == ApproxAct::kReGELU2 ? "ReGELU2" : "ReSiLU2";
                          });
 
+TEST(ApproxActTanh, ForwardIsTanhGeluAndBackwardIsReGELU2Steps) {
+  at::manual_seed(30);
+  const at::Tensor x = (at::randn({10007}) * 4.0).requires_grad_(true);
+  const at::Tensor y = memfit::ops::regelu2_tanh(x);
+  const at::Tensor ref = at::gelu(x.detach().to(at::kDouble), "tanh");
+  EXPECT_TRUE(memfit::test::close(y, ref, 2e-6, 1e-7));
+  const at::Tensor dy = at::randn({10007});
+  y.backward(dy);
+  const k::StepLevels lv = k::step_levels(ApproxAct::kReGELU2);
+  const at::Tensor expect = dy * at::where(x.detach() > lv.c[2], lv.s[3],
+                                           at::where(x.detach() > lv.c[1], lv.s[2],
+                                                     at::where(x.detach() > lv.c[0], at::scalar_tensor(lv.s[1]),
+                                                               at::scalar_tensor(lv.s[0]))));
+  EXPECT_TRUE(at::equal(x.grad(), expect));
+  const at::Tensor leaf = at::randn({4096}).requires_grad_(true);
+  EXPECT_EQ(memfit::test::kept_bytes(leaf, [](const at::Tensor& t) { return memfit::ops::regelu2_tanh(t); }), 1024);
+}
+
 TEST(ApproxActConstants, StepLevelsFollowTheFittedCoefficients) {
   for (ApproxAct act : {ApproxAct::kReGELU2, ApproxAct::kReSiLU2}) {
     const k::StepConstants& c = k::step_constants(act);

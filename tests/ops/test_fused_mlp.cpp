@@ -11,7 +11,7 @@ using memfit::ops::LinearWeights;
 using memfit::ops::MlpAct;
 
 TEST(FusedMlp, ActLinearMatchesCompositeForGeluAndSilu) {
-  for (MlpAct act : {MlpAct::kGELU, MlpAct::kSiLU}) {
+  for (MlpAct act : {MlpAct::kGELU, MlpAct::kSiLU, MlpAct::kGELUTanh}) {
     at::manual_seed(16);
     const at::Tensor w = at::randn({40, 120}) * 0.05;
     const at::Tensor a = (at::randn({4, 120}) * 0.1).requires_grad_(true);
@@ -20,7 +20,7 @@ TEST(FusedMlp, ActLinearMatchesCompositeForGeluAndSilu) {
     const at::Tensor z0 = at::randn({3, 5, 120}) * 2.0, dy = at::randn({3, 5, 40});
     const at::Tensor za = z0.clone().requires_grad_(true), zb = z0.clone().requires_grad_(true);
     const at::Tensor ya = memfit::ops::act_linear(act, za, LinearWeights::lora(w, at::Tensor(), a, b, 1.5), true);
-    const at::Tensor h = act == MlpAct::kGELU ? at::gelu(zb) : at::silu(zb);
+    const at::Tensor h = act == MlpAct::kGELU ? at::gelu(zb) : act == MlpAct::kSiLU ? at::silu(zb) : at::gelu(zb, "tanh");
     const at::Tensor yb = at::linear(h, w) + 1.5 * at::linear(at::linear(h, a2), b2);
     EXPECT_TRUE(memfit::test::close(ya, yb, 1e-5, 1e-6));
     ya.backward(dy);

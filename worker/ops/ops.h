@@ -24,6 +24,9 @@ namespace memfit::ops {
 // backward is dy * s[flag] (kernels/approx_act.h).
 at::Tensor regelu2(const at::Tensor& x);
 at::Tensor resilu2(const at::Tensor& x);
+// ReGELU2 whose forward is the tanh approximation of GELU (GPT-2's "gelu_new"); the same
+// flags and backward as regelu2.
+at::Tensor regelu2_tanh(const at::Tensor& x);
 
 // ---- MS-BP normalization (no affine; over the last dimension) ----------------------
 // Keeps its output y (which the next layer can keep too, at no extra cost) and one fp32
@@ -73,7 +76,7 @@ struct LinearWeights {
 at::Tensor linear(const at::Tensor& x, const LinearWeights& w, bool training);
 
 // ---- Fused MLP tails (beyond the paper) ------------------------------------------
-enum class MlpAct { kGELU, kSiLU };
+enum class MlpAct { kGELU, kSiLU, kGELUTanh };
 // down(act(z)) with exact act; keeps z only (plus a LoRA dropout mask) and recomputes
 // act(z) in backward. Use it when the down projection needs its input anyway.
 at::Tensor act_linear(MlpAct act, const at::Tensor& z, const LinearWeights& down, bool training);

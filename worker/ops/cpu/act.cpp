@@ -17,23 +17,28 @@ void for_range(int64_t n, Body&& body) {
   at::parallel_for(0, n, cpu::kGrain, [&](int64_t a, int64_t b) { body(a, b); });
 }
 
-template <typename T, bool kGelu>
+// kAct: the Act enum's value (0 GELU, 1 SiLU, 2 GELU tanh).
+template <int kAct>
+inline float act_value(float v) {
+  return kAct == 0 ? cpu::gelu_f32(v) : (kAct == 1 ? cpu::silu_f32(v) : cpu::gelu_tanh_f32(v));
+}
+template <int kAct>
+inline float act_grad(float v) {
+  return kAct == 0 ? cpu::gelu_grad_f32(v) : (kAct == 1 ? cpu::silu_grad_f32(v) : cpu::gelu_tanh_grad_f32(v));
+}
+
+template <typename T, int kAct>
 void act_forward_impl(const T* x, T* h, int64_t n) {
   for_range(n, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      const float v = cpu::to_f32(x[i]);
-      h[i] = cpu::from_f32<T>(kGelu ? cpu::gelu_f32(v) : cpu::silu_f32(v));
-    }
+    for (int64_t i = a; i < b; ++i) h[i] = cpu::from_f32<T>(act_value<kAct>(cpu::to_f32(x[i])));
   });
 }
 
-template <typename T, bool kGelu>
+template <typename T, int kAct>
 void act_backward_impl(const T* x, const T* dh, T* dx, int64_t n) {
   for_range(n, [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
-      const float v = cpu::to_f32(x[i]);
-      const float d = kGelu ? cpu::gelu_grad_f32(v) : cpu::silu_grad_f32(v);
-      dx[i] = cpu::from_f32<T>(cpu::to_f32(dh[i]) * d);
+      dx[i] = cpu::from_f32<T>(cpu::to_f32(dh[i]) * act_grad<kAct>(cpu::to_f32(x[i])));
     }
   });
 }
@@ -68,10 +73,12 @@ void act_forward_cpu(Act act, DType dt, const void* x, void* h, int64_t n) {
   if (n <= 0) return;
   cpu::dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    if (act == Act::kGELU) {
-      act_forward_impl<T, true>(static_cast<const T*>(x), static_cast<T*>(h), n);
-    } else {
-      act_forward_impl<T, false>(static_cast<const T*>(x), static_cast<T*>(h), n);
+    const T* xp = static_cast<const T*>(x);
+    T* hp = static_cast<T*>(h);
+    switch (act) {
+      case Act::kGELU: act_forward_impl<T, 0>(xp, hp, n); break;
+      case Act::kSiLU: act_forward_impl<T, 1>(xp, hp, n); break;
+      case Act::kGELUTanh: act_forward_impl<T, 2>(xp, hp, n); break;
     }
   });
 }
@@ -82,10 +89,11 @@ void act_backward_cpu(Act act, DType dt, const void* x, const void* dh, void* dx
     using T = decltype(tag);
     const T* xp = static_cast<const T*>(x);
     const T* dhp = static_cast<const T*>(dh);
-    if (act == Act::kGELU) {
-      act_backward_impl<T, true>(xp, dhp, static_cast<T*>(dx), n);
-    } else {
-      act_backward_impl<T, false>(xp, dhp, static_cast<T*>(dx), n);
+    T* dxp = static_cast<T*>(dx);
+    switch (act) {
+      case Act::kGELU: act_backward_impl<T, 0>(xp, dhp, dxp, n); break;
+      case Act::kSiLU: act_backward_impl<T, 1>(xp, dhp, dxp, n); break;
+      case Act::kGELUTanh: act_backward_impl<T, 2>(xp, dhp, dxp, n); break;
     }
   });
 }

@@ -10,7 +10,8 @@
 namespace memfit::kernels {
 namespace {
 
-template <typename T, bool kGelu>
+// kAct: 0 GELU (erf), 1 SiLU, 2 GELU (tanh).
+template <typename T, int kAct>
 void forward_impl(const T* x, T* y, uint8_t* flags, int64_t n, const StepLevels& lv) {
   // Parallel over flag bytes, so that no two threads write the same byte.
   const int64_t nbytes = packed2_bytes(n);
@@ -24,7 +25,8 @@ void forward_impl(const T* x, T* y, uint8_t* flags, int64_t n, const StepLevels&
       // it saves (measured).
       for (int64_t j = 0; j < len; ++j) {
         const float v = cpu::to_f32(x[i0 + j]);
-        y[i0 + j] = cpu::from_f32<T>(kGelu ? cpu::gelu_f32(v) : cpu::silu_f32(v));
+        const float a = kAct == 0 ? cpu::gelu_f32(v) : (kAct == 1 ? cpu::silu_f32(v) : cpu::gelu_tanh_f32(v));
+        y[i0 + j] = cpu::from_f32<T>(a);
         f[j] = static_cast<uint8_t>((v > c0) + (v > c1) + (v > c2));
       }
       // i0 is a multiple of 4 (blocks are multiples of 4), so bytes start aligned.
@@ -81,10 +83,12 @@ void approx_act_forward_cpu(ApproxAct act, DType dt, const void* x, void* y, uin
   const StepLevels lv = step_levels(act);
   cpu::dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    if (act == ApproxAct::kReGELU2) {
-      forward_impl<T, true>(static_cast<const T*>(x), static_cast<T*>(y), flags, n, lv);
-    } else {
-      forward_impl<T, false>(static_cast<const T*>(x), static_cast<T*>(y), flags, n, lv);
+    const T* xp = static_cast<const T*>(x);
+    T* yp = static_cast<T*>(y);
+    switch (act) {
+      case ApproxAct::kReGELU2: forward_impl<T, 0>(xp, yp, flags, n, lv); break;
+      case ApproxAct::kReSiLU2: forward_impl<T, 1>(xp, yp, flags, n, lv); break;
+      case ApproxAct::kReGELU2Tanh: forward_impl<T, 2>(xp, yp, flags, n, lv); break;
     }
   });
 }

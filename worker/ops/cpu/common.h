@@ -118,6 +118,20 @@ inline float gelu_grad_f32(float x) {
   return x > 40.0f ? 1.0f : (x < -40.0f ? 0.0f : d);
 }
 inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+// tanh-approximated GELU: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3);
+// 1 + tanh(u) = 2 sigmoid(2u).
+inline float gelu_tanh_f32(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  const float y = x * sigmoid_f32(2.0f * u);
+  return x < -40.0f ? -0.0f : (x > 40.0f ? x : y);
+}
+inline float gelu_tanh_grad_f32(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  const float s = sigmoid_f32(2.0f * u);  // (1 + tanh u) / 2
+  const float dtanh = 4.0f * s * (1.0f - s);  // 1 - tanh(u)^2
+  const float d = s + 0.5f * x * dtanh * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
+  return x > 40.0f ? 1.0f : (x < -40.0f ? 0.0f : d);
+}
 // Exact SiLU, y = x sigmoid(x); SiLU(-inf) = -0.
 inline float silu_f32(float x) {
   const float y = x * sigmoid_f32(x);

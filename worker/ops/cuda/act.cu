@@ -9,20 +9,25 @@ namespace {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
-template <typename T, bool kGelu>
-__global__ void act_forward_kernel(const T* __restrict__ x, T* __restrict__ h, int64_t n) {
-  MEMFIT_GRID_STRIDE(i, n) {
-    const float v = cuda::to_f32(x[i]);
-    h[i] = cuda::from_f32<T>(kGelu ? cuda::gelu(v) : cuda::silu(v));
-  }
+// kAct: 0 GELU, 1 SiLU, 2 GELU tanh.
+template <int kAct>
+__device__ __forceinline__ float act_value(float v) {
+  return kAct == 0 ? cuda::gelu(v) : (kAct == 1 ? cuda::silu(v) : cuda::gelu_tanh(v));
+}
+template <int kAct>
+__device__ __forceinline__ float act_grad(float v) {
+  return kAct == 0 ? cuda::gelu_grad(v) : (kAct == 1 ? cuda::silu_grad(v) : cuda::gelu_tanh_grad(v));
 }
 
-template <typename T, bool kGelu>
+template <typename T, int kAct>
+__global__ void act_forward_kernel(const T* __restrict__ x, T* __restrict__ h, int64_t n) {
+  MEMFIT_GRID_STRIDE(i, n) { h[i] = cuda::from_f32<T>(act_value<kAct>(cuda::to_f32(x[i]))); }
+}
+
+template <typename T, int kAct>
 __global__ void act_backward_kernel(const T* __restrict__ x, const T* dh, T* dx, int64_t n) {
   MEMFIT_GRID_STRIDE(i, n) {
-    const float v = cuda::to_f32(x[i]);
-    const float d = kGelu ? cuda::gelu_grad(v) : cuda::silu_grad(v);
-    dx[i] = cuda::from_f32<T>(cuda::to_f32(dh[i]) * d);
+    dx[i] = cuda::from_f32<T>(cuda::to_f32(dh[i]) * act_grad<kAct>(cuda::to_f32(x[i])));
   }
 }
 
@@ -55,12 +60,13 @@ void act_forward_cuda(Act act, DType dt, const void* x, void* h, int64_t n, Stre
   cuda::dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     const auto s = cuda::as_stream(stream);
-    if (act == Act::kGELU) {
-      act_forward_kernel<T, true><<<cuda::blocks_for(n), cuda::kThreads, 0, s>>>(
-          static_cast<const T*>(x), static_cast<T*>(h), n);
-    } else {
-      act_forward_kernel<T, false><<<cuda::blocks_for(n), cuda::kThreads, 0, s>>>(
-          static_cast<const T*>(x), static_cast<T*>(h), n);
+    const T* xp = static_cast<const T*>(x);
+    T* hp = static_cast<T*>(h);
+    const unsigned int b = cuda::blocks_for(n);
+    switch (act) {
+      case Act::kGELU: act_forward_kernel<T, 0><<<b, cuda::kThreads, 0, s>>>(xp, hp, n); break;
+      case Act::kSiLU: act_forward_kernel<T, 1><<<b, cuda::kThreads, 0, s>>>(xp, hp, n); break;
+      case Act::kGELUTanh: act_forward_kernel<T, 2><<<b, cuda::kThreads, 0, s>>>(xp, hp, n); break;
     }
   });
   cuda::check_launch("act_forward");
@@ -72,12 +78,14 @@ void act_backward_cuda(Act act, DType dt, const void* x, const void* dh, void* d
   cuda::dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     const auto s = cuda::as_stream(stream);
-    if (act == Act::kGELU) {
-      act_backward_kernel<T, true><<<cuda::blocks_for(n), cuda::kThreads, 0, s>>>(
-          static_cast<const T*>(x), static_cast<const T*>(dh), static_cast<T*>(dx), n);
-    } else {
-      act_backward_kernel<T, false><<<cuda::blocks_for(n), cuda::kThreads, 0, s>>>(
-          static_cast<const T*>(x), static_cast<const T*>(dh), static_cast<T*>(dx), n);
+    const T* xp = static_cast<const T*>(x);
+    const T* dhp = static_cast<const T*>(dh);
+    T* dxp = static_cast<T*>(dx);
+    const unsigned int b = cuda::blocks_for(n);
+    switch (act) {
+      case Act::kGELU: act_backward_kernel<T, 0><<<b, cuda::kThreads, 0, s>>>(xp, dhp, dxp, n); break;
+      case Act::kSiLU: act_backward_kernel<T, 1><<<b, cuda::kThreads, 0, s>>>(xp, dhp, dxp, n); break;
+      case Act::kGELUTanh: act_backward_kernel<T, 2><<<b, cuda::kThreads, 0, s>>>(xp, dhp, dxp, n); break;
     }
   });
   cuda::check_launch("act_backward");

@@ -12,7 +12,7 @@ struct Levels {
   float c[3];
 };
 
-template <typename T, bool kGelu>
+template <typename T, int kAct>  // 0 GELU, 1 SiLU, 2 GELU tanh
 __global__ void forward_kernel(const T* __restrict__ x, T* __restrict__ y,
                                uint8_t* __restrict__ flags, int64_t n, Levels lv) {
   const int64_t nbytes = (n + 3) / 4;
@@ -24,7 +24,7 @@ __global__ void forward_kernel(const T* __restrict__ x, T* __restrict__ y,
       const int64_t i = 4 * b + j;
       if (i >= n) break;
       const float v = cuda::to_f32(x[i]);
-      y[i] = cuda::from_f32<T>(kGelu ? cuda::gelu(v) : cuda::silu(v));
+      y[i] = cuda::from_f32<T>(kAct == 0 ? cuda::gelu(v) : (kAct == 1 ? cuda::silu(v) : cuda::gelu_tanh(v)));
       const int f = (v > lv.c[0]) + (v > lv.c[1]) + (v > lv.c[2]);
       byte |= static_cast<uint8_t>(f << (2 * j));
     }
@@ -57,12 +57,13 @@ void approx_act_forward_cuda(ApproxAct act, DType dt, const void* x, void* y, ui
   const unsigned int blocks = cuda::blocks_for(packed2_bytes(n));
   cuda::dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    if (act == ApproxAct::kReGELU2) {
-      forward_kernel<T, true><<<blocks, cuda::kThreads, 0, cuda::as_stream(stream)>>>(
-          static_cast<const T*>(x), static_cast<T*>(y), flags, n, lv);
-    } else {
-      forward_kernel<T, false><<<blocks, cuda::kThreads, 0, cuda::as_stream(stream)>>>(
-          static_cast<const T*>(x), static_cast<T*>(y), flags, n, lv);
+    const auto s = cuda::as_stream(stream);
+    const T* xp = static_cast<const T*>(x);
+    T* yp = static_cast<T*>(y);
+    switch (act) {
+      case ApproxAct::kReGELU2: forward_kernel<T, 0><<<blocks, cuda::kThreads, 0, s>>>(xp, yp, flags, n, lv); break;
+      case ApproxAct::kReSiLU2: forward_kernel<T, 1><<<blocks, cuda::kThreads, 0, s>>>(xp, yp, flags, n, lv); break;
+      case ApproxAct::kReGELU2Tanh: forward_kernel<T, 2><<<blocks, cuda::kThreads, 0, s>>>(xp, yp, flags, n, lv); break;
     }
   });
   cuda::check_launch("approx_act_forward");

@@ -68,6 +68,17 @@ __device__ __forceinline__ float gelu_grad(float x) {
   return x > 40.0f ? 1.0f : (x < -40.0f ? 0.0f : d);
 }
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float gelu_tanh(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  const float y = x * sigmoid(2.0f * u);
+  return x < -40.0f ? -0.0f : (x > 40.0f ? x : y);
+}
+__device__ __forceinline__ float gelu_tanh_grad(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  const float s = sigmoid(2.0f * u);
+  const float d = s + 0.5f * x * 4.0f * s * (1.0f - s) * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x * x);
+  return x > 40.0f ? 1.0f : (x < -40.0f ? 0.0f : d);
+}
 __device__ __forceinline__ float silu(float x) {
   const float y = x * sigmoid(x);
   return x < -120.0f ? -0.0f : y;

@@ -45,6 +45,11 @@ at::Tensor regelu2(const at::Tensor& x) {
   return ApproxActFn<k::ApproxAct::kReGELU2>::apply(x);
 }
 
+at::Tensor regelu2_tanh(const at::Tensor& x) {
+  check_input(x, "memfit::ops::regelu2_tanh");
+  return ApproxActFn<k::ApproxAct::kReGELU2Tanh>::apply(x);
+}
+
 at::Tensor resilu2(const at::Tensor& x) {
   check_input(x, "memfit::ops::resilu2");
   return ApproxActFn<k::ApproxAct::kReSiLU2>::apply(x);

@@ -111,7 +111,10 @@ at::Tensor act_linear(MlpAct act, const at::Tensor& z, const LinearWeights& down
   const char* op = "memfit::ops::act_linear";
   TORCH_CHECK(z.defined(), op, ": input is undefined");
   detail::check_linear_weights(op, z, down);
-  const int64_t code = static_cast<int64_t>(act == MlpAct::kGELU ? k::Act::kGELU : k::Act::kSiLU);
+  const k::Act kact = act == MlpAct::kGELU ? k::Act::kGELU
+                      : act == MlpAct::kSiLU ? k::Act::kSiLU
+                                             : k::Act::kGELUTanh;
+  const int64_t code = static_cast<int64_t>(kact);
   return ActLinearFn::apply(z, down.weight, opt(down.bias), opt(down.lora_a), opt(down.lora_b),
                             opt(down.lora_in_scale), opt(down.lora_in_shift), down.lora_scale,
                             down.lora_dropout, training, code);

@@ -12,7 +12,8 @@
 
 namespace memfit::kernels {
 
-enum class Act : int32_t { kGELU = 0, kSiLU = 1 };
+// kGELUTanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+enum class Act : int32_t { kGELU = 0, kSiLU = 1, kGELUTanh = 2 };
 
 // x: [n] -> h: [n].
 void act_forward_cpu(Act act, DType dt, const void* x, void* h, int64_t n);

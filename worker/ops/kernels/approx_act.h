@@ -21,7 +21,9 @@
 
 namespace memfit::kernels {
 
-enum class ApproxAct : int32_t { kReGELU2 = 0, kReSiLU2 = 1 };
+// kReGELU2Tanh: forward is the tanh approximation of GELU (GPT-2's "gelu_new"); flags
+// and step levels are ReGELU2's.
+enum class ApproxAct : int32_t { kReGELU2 = 0, kReSiLU2 = 1, kReGELU2Tanh = 2 };
 
 // Fitted constants, from the paper (method.md table). Thresholds c and step levels s
 // are applied in fp32: c as float, s[k] as the float nearest the double partial sum.
@@ -38,7 +40,7 @@ inline constexpr StepConstants kReSiLU2Constants{
     {-6.3050461001646445, -0.0008684942046214787, 6.325815242089708}};
 
 inline constexpr const StepConstants& step_constants(ApproxAct act) {
-  return act == ApproxAct::kReGELU2 ? kReGELU2Constants : kReSiLU2Constants;
+  return act == ApproxAct::kReSiLU2 ? kReSiLU2Constants : kReGELU2Constants;
 }
 
 // Step levels s[0..3] in fp32.
