@@ -82,6 +82,8 @@ class Model {
   // The trainable LoRA factors and heads, named as PEFT saves them.
   std::vector<std::pair<std::string, at::Tensor>> export_adapter() const;
   std::vector<std::string> lora_modules() const;
+  // Top-level modules of the task head ("classifier", "score"), PEFT's modules_to_save.
+  std::vector<std::string> head_modules() const;
   // The state the trainer checkpoints and restores (trainable tensors by stable name).
   std::vector<std::pair<std::string, at::Tensor>> trainable_state() const;
 
@@ -94,6 +96,11 @@ class Model {
   Linear& linear(const std::string& module, int64_t in, int64_t out, bool bias, bool conv1d = false,
                  bool in_block = true, bool is_head = false);
   Norm& norm(const std::string& module, int64_t d, bool rms, bool bias);
+  // Called at the end of prepare(), after tensors moved to the device.
+  virtual void on_prepared();
+  // Call at the start of every forward: drops what the previous step's checkpointed
+  // blocks held.
+  void begin_forward() const;
   // Declares that `n`'s output feeds exactly these linears (and nothing else that needs
   // the affine), so that memory-sharing mode may merge n into them.
   void feeds(Norm& n, std::vector<Linear*> into);
@@ -122,6 +129,12 @@ class Model {
   std::vector<std::unique_ptr<Norm>> norms_;
   std::map<const Norm*, std::vector<Linear*>> feeds_;
   std::vector<std::string> order_;               // registration order of tensor names
+  mutable std::vector<std::shared_ptr<std::function<at::Tensor(const at::Tensor&)>>> checkpoint_fns_;
 };
+
+// Losses shared by the architectures. logits [B, S, V] / labels [B, S] (-100 ignored;
+// position t predicts token t + 1), or logits [B, C] / labels [B].
+Output causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, bool training);
+Output classification_loss(const at::Tensor& logits, const at::Tensor& labels, bool training);
 
 }  // namespace memfit::model
