@@ -72,7 +72,7 @@ class Bert final : public Model {
     const at::Tensor mask = b.attention_mask;
     const Norm* prev = emb_norm_;
     for (const Layer& L : layers_) {
-      y = block([&, L, prev](const at::Tensor& yin) {
+      y = block([=](const at::Tensor& yin) {
         const at::Tensor r = residual(*prev, yin);
         const at::Tensor q = apply_linear(*L.q, yin, training).view({B, S, H, D});
         const at::Tensor k = apply_linear(*L.k, yin, training).view({B, S, H, D});
@@ -92,7 +92,7 @@ class Bert final : public Model {
     } else {
       logits = apply_linear(*head_out_, at::tanh(apply_linear(*pooler_, cls, training)), training);
     }
-    return classification_loss(logits, b.labels, training);
+    return classification_loss(logits, b.labels, training, keep_logits_);
   }
 
  private:

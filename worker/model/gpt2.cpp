@@ -49,7 +49,7 @@ class Gpt2 final : public Model {
     const int64_t H = cfg_.heads, D = cfg_.head_dim(), d = cfg_.hidden;
     const at::Tensor key_mask = b.attention_mask;
     for (const Layer& L : layers_) {
-      x = block([&, L](const at::Tensor& xin) {
+      x = block([=](const at::Tensor& xin) {
         const at::Tensor qkv = apply_linear(*L.attn, apply_norm(*L.ln1, xin), training).view({B, S, 3, H, D});
         const at::Tensor a = attend(qkv.select(2, 0), qkv.select(2, 1), qkv.select(2, 2), true, key_mask);
         const at::Tensor x1 = xin + apply_linear(*L.proj, a, training);
@@ -60,11 +60,11 @@ class Gpt2 final : public Model {
     (void)d;
     const at::Tensor h = apply_norm(*ln_f_, x);
     if (score_ != nullptr) {
-      return classification_loss(apply_linear(*score_, last_token(h, b.attention_mask), training), b.labels, training);
+      return classification_loss(apply_linear(*score_, last_token(h, b.attention_mask), training), b.labels, training, keep_logits_);
     }
     const at::Tensor logits = head_lin_ ? apply_linear(*head_lin_, h, training)
                                         : at::linear(h, params_.at("transformer.wte.weight"));
-    return causal_lm_loss(logits, b.labels, training);
+    return causal_lm_loss(logits, b.labels, training, keep_logits_);
   }
 
  private:

@@ -51,14 +51,14 @@ class Llama final : public Model {
     const at::Tensor emb = at::cat({ang, ang}, -1);
     const at::Tensor cos = emb.cos().to(x.scalar_type()).view({S, 1, D});
     const at::Tensor sin = emb.sin().to(x.scalar_type()).view({S, 1, D});
-    auto rope = [&](const at::Tensor& t) {
+    auto rope = [=](const at::Tensor& t) {
       const int64_t half = D / 2;
       const at::Tensor rot = at::cat({-t.narrow(-1, half, half), t.narrow(-1, 0, half)}, -1);
       return t * cos + rot * sin;
     };
     const at::Tensor key_mask = b.attention_mask;
     for (const Layer& L : layers_) {
-      x = block([&, L](const at::Tensor& xin) {
+      x = block([=](const at::Tensor& xin) {
         const at::Tensor h = apply_norm(*L.ln1, xin);
         const at::Tensor q = rope(apply_linear(*L.q, h, training).view({B, S, H, D}));
         const at::Tensor k = rope(apply_linear(*L.k, h, training).view({B, S, Hk, D}));
@@ -71,11 +71,11 @@ class Llama final : public Model {
     }
     const at::Tensor h = apply_norm(*final_, x);
     if (score_ != nullptr) {
-      return classification_loss(apply_linear(*score_, last_token(h, b.attention_mask), training), b.labels, training);
+      return classification_loss(apply_linear(*score_, last_token(h, b.attention_mask), training), b.labels, training, keep_logits_);
     }
     const at::Tensor logits = lm_head_ ? apply_linear(*lm_head_, h, training)
                                        : at::linear(h, params_.at("model.embed_tokens.weight"));
-    return causal_lm_loss(logits, b.labels, training);
+    return causal_lm_loss(logits, b.labels, training, keep_logits_);
   }
 
  private:

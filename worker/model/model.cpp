@@ -381,6 +381,31 @@ std::vector<std::pair<std::string, at::Tensor>> Model::trainable_state() const {
   return out;
 }
 
+std::vector<std::pair<std::string, at::Tensor>> Model::grads() const {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  auto add = [&](const std::string& name, const at::Tensor& t, bool transpose) {
+    if (t.defined() && t.grad().defined()) {
+      at::Tensor g = t.grad().detach().to(at::kCPU);
+      out.emplace_back(name, (transpose ? g.t() : g).contiguous());
+    }
+  };
+  for (const std::string& name : order_) {
+    const auto p = params_.find(name);
+    if (p != params_.end()) add(name, p->second, false);
+  }
+  for (const auto& n : norms_) {
+    add(n->module + ".weight", n->gamma, false);
+    add(n->module + ".bias", n->beta, false);
+  }
+  for (const auto& l : linears_) {
+    add(l->module + ".weight", l->weight, l->conv1d);
+    add(l->module + ".bias", l->bias, false);
+    add(l->module + ".lora_A.weight", l->lora_a, false);
+    add(l->module + ".lora_B.weight", l->lora_b, false);
+  }
+  return out;
+}
+
 int64_t Model::trainable_count() const {
   int64_t n = 0;
   for (const auto& t : trainable()) n += t.numel();
@@ -550,7 +575,7 @@ void Model::begin_forward() const { checkpoint_fns_.clear(); }
 
 // ---- losses ----
 
-Output causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, bool training) {
+Output causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, bool training, bool keep_logits) {
   // Predict token t + 1 from position t; -100 labels are ignored.
   const int64_t V = logits.size(-1);
   const at::Tensor l = logits.narrow(1, 0, logits.size(1) - 1).reshape({-1, V}).to(at::kFloat);
@@ -560,15 +585,17 @@ Output causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, bool t
   o.loss = o.count > 0 ? at::cross_entropy_loss(l, y, {}, at::Reduction::Sum, -100) / static_cast<double>(o.count)
                        : (l.sum() * 0.0);
   (void)training;
+  if (keep_logits) o.logits = logits;
   return o;
 }
 
-Output classification_loss(const at::Tensor& logits, const at::Tensor& labels, bool training) {
+Output classification_loss(const at::Tensor& logits, const at::Tensor& labels, bool training, bool keep_logits) {
   Output o;
   const at::Tensor l = logits.to(at::kFloat);
   o.count = labels.size(0);
   o.loss = at::cross_entropy_loss(l, labels, {}, at::Reduction::Mean, -100);
   if (!training) o.correct = l.argmax(-1).eq(labels).sum().item<int64_t>();
+  if (keep_logits) o.logits = logits;
   return o;
 }
 

@@ -33,6 +33,7 @@ struct Batch {
 
 struct Output {
   at::Tensor loss;     // mean over counted targets (scalar)
+  at::Tensor logits;   // only when Model::keep_logits(true): [B, S, V] or [B, C]
   int64_t count = 0;   // targets in the loss (tokens or samples)
   int64_t correct = 0; // classification: right predictions (eval only)
 };
@@ -72,6 +73,13 @@ class Model {
   // memory sharing), then moves everything to `device` in the job's dtype.
   void prepare(const at::Device& device);
   virtual Output forward(const Batch& batch, bool training) = 0;
+
+  // Tests and tools: also return the logits (they then stay alive with the Output).
+  void keep_logits(bool on) { keep_logits_ = on; }
+  // Gradients of every tensor that has one, by Hugging Face name and in the checkpoint's
+  // layout (Conv1D transposed). Meaningful without memory-sharing norms (merged
+  // weights have no Hugging Face counterpart).
+  std::vector<std::pair<std::string, at::Tensor>> grads() const;
 
   std::vector<at::Tensor> trainable() const;
   int64_t trainable_count() const;
@@ -117,6 +125,7 @@ class Model {
   at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                     const at::Tensor& key_mask) const;
   // Runs fn(x) as one checkpointed block when the job asks for activation checkpointing.
+  // fn runs again during backward, after forward() returned: it must capture by value.
   at::Tensor block(const std::function<at::Tensor(const at::Tensor&)>& fn, const at::Tensor& x,
                    bool training) const;
 
@@ -130,11 +139,12 @@ class Model {
   std::map<const Norm*, std::vector<Linear*>> feeds_;
   std::vector<std::string> order_;               // registration order of tensor names
   mutable std::vector<std::shared_ptr<std::function<at::Tensor(const at::Tensor&)>>> checkpoint_fns_;
+  bool keep_logits_ = false;
 };
 
 // Losses shared by the architectures. logits [B, S, V] / labels [B, S] (-100 ignored;
 // position t predicts token t + 1), or logits [B, C] / labels [B].
-Output causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, bool training);
-Output classification_loss(const at::Tensor& logits, const at::Tensor& labels, bool training);
+Output causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, bool training, bool keep_logits);
+Output classification_loss(const at::Tensor& logits, const at::Tensor& labels, bool training, bool keep_logits);
 
 }  // namespace memfit::model

@@ -55,7 +55,7 @@ class Vit final : public Model {
                    params_.at("vit.embeddings.position_embeddings");
     const int64_t S = x.size(1);
     for (const Layer& L : layers_) {
-      x = block([&, L](const at::Tensor& xin) {
+      x = block([=](const at::Tensor& xin) {
         const at::Tensor h = apply_norm(*L.ln1, xin);
         const at::Tensor q = apply_linear(*L.q, h, training).view({B, S, H, D});
         const at::Tensor k = apply_linear(*L.k, h, training).view({B, S, H, D});
@@ -68,7 +68,7 @@ class Vit final : public Model {
     // The final norm is per token: normalising only [CLS] gives the same logits and
     // keeps one row per image instead of every token.
     const at::Tensor cls = apply_norm(*final_, x.select(1, 0));
-    return classification_loss(apply_linear(*classifier_, cls, training), b.labels, training);
+    return classification_loss(apply_linear(*classifier_, cls, training), b.labels, training, keep_logits_);
   }
 
  private:
