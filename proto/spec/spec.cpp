@@ -272,9 +272,9 @@ Job resolve(const v1::JobSpec& s, const std::string& origin, const std::string& 
                             {{"full", Method::kFull}, {"lora", Method::kLora}, {"head_only", Method::kHeadOnly}},
                             "lora");
   if (j.method == Method::kLora) {
-    if (m.lora().rank() != 0) j.lora.rank = m.lora().rank();
+    if (m.lora().has_rank()) j.lora.rank = m.lora().rank();
     positive(origin, "method.lora.rank", j.lora.rank, 4096);
-    if (m.lora().alpha() != 0.0) j.lora.alpha = m.lora().alpha();
+    if (m.lora().has_alpha()) j.lora.alpha = m.lora().alpha();
     if (!(j.lora.alpha > 0.0)) fail(origin, "method.lora.alpha: must be > 0");
     j.lora.dropout = m.lora().dropout();
     if (!(j.lora.dropout >= 0.0 && j.lora.dropout < 1.0)) {
@@ -316,13 +316,13 @@ Job resolve(const v1::JobSpec& s, const std::string& origin, const std::string& 
   }
   if (j.training.steps > 1000000000) fail(origin, "training.steps: absurdly large");
   if (j.training.epochs > 100000) fail(origin, "training.epochs: absurdly large");
-  if (t.micro_batch() != 0) j.training.micro_batch = t.micro_batch();
+  if (t.has_micro_batch()) j.training.micro_batch = t.micro_batch();
   positive(origin, "training.micro_batch", j.training.micro_batch, 1 << 20);
-  if (t.gradient_accumulation() != 0) j.training.gradient_accumulation = t.gradient_accumulation();
+  if (t.has_gradient_accumulation()) j.training.gradient_accumulation = t.gradient_accumulation();
   positive(origin, "training.gradient_accumulation", j.training.gradient_accumulation, 1 << 16);
-  if (t.sequence_length() != 0) j.training.sequence_length = t.sequence_length();
+  if (t.has_sequence_length()) j.training.sequence_length = t.sequence_length();
   positive(origin, "training.sequence_length", j.training.sequence_length, 1 << 20);
-  if (t.learning_rate() != 0.0) j.training.learning_rate = t.learning_rate();
+  if (t.has_learning_rate()) j.training.learning_rate = t.learning_rate();
   if (!(j.training.learning_rate > 0.0 && j.training.learning_rate < 10.0)) {
     fail(origin, "training.learning_rate: must be in (0, 10), got " + std::to_string(j.training.learning_rate));
   }
@@ -337,7 +337,7 @@ Job resolve(const v1::JobSpec& s, const std::string& origin, const std::string& 
   if (!(j.training.weight_decay >= 0.0 && j.training.weight_decay < 10.0)) {
     fail(origin, "training.weight_decay: must be in [0, 10)");
   }
-  if (t.max_grad_norm() != 0.0) j.training.max_grad_norm = t.max_grad_norm();
+  if (t.has_max_grad_norm()) j.training.max_grad_norm = t.max_grad_norm();
   if (!(j.training.max_grad_norm > 0.0)) fail(origin, "training.max_grad_norm: must be > 0");
   j.training.dtype = choice<DType>(origin, "training.dtype", t.dtype(),
                                    {{"fp32", DType::kFloat32}, {"bf16", DType::kBFloat16}}, "fp32");
@@ -348,7 +348,7 @@ Job resolve(const v1::JobSpec& s, const std::string& origin, const std::string& 
   non_negative(origin, "training.eval_batches", j.training.eval_batches);
   j.training.checkpoint_interval = t.checkpoint_interval();
   non_negative(origin, "training.checkpoint_interval", j.training.checkpoint_interval);
-  if (t.log_interval() != 0) j.training.log_interval = t.log_interval();
+  if (t.has_log_interval()) j.training.log_interval = t.log_interval();
   positive(origin, "training.log_interval", j.training.log_interval, 1 << 30);
   j.training.patience = t.early_stopping().patience();
   if (j.training.patience < 0) fail(origin, "training.early_stopping.patience: must be >= 0");

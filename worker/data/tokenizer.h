@@ -1,7 +1,7 @@
 // Tokenizers for text jobs, behind one interface:
 //   - GPT-2 byte-level BPE: a folder with vocab.json + merges.txt (Hugging Face) or
 //     encoder.json + vocab.bpe (OpenAI's originals); also RoBERTa's.
-//   - SentencePiece: a .model file (LLaMA), through libsentencepiece.
+//   - SentencePiece BPE: a .model file (LLaMA), read by memfit itself (sentencepiece.cpp).
 //   - WordPiece: a folder with vocab.txt (BERT, uncased or cased per tokenizer_config).
 // No LibTorch. Errors (missing files, malformed vocabularies) are TokenizerError and
 // name the file.

@@ -1,5 +1,4 @@
-// SentencePiece and WordPiece tokenizers, and Tokenizer::load.
-#include <sentencepiece_processor.h>
+// WordPiece, and Tokenizer::load.
 #include <unicode/uchar.h>
 #include <unicode/unorm2.h>
 #include <unicode/ustring.h>
@@ -16,35 +15,6 @@ namespace memfit::data {
 namespace {
 
 namespace fs = std::filesystem;
-
-class SentencePiece final : public Tokenizer {
- public:
-  explicit SentencePiece(const std::string& path) {
-    const auto status = sp_.Load(path);
-    if (!status.ok()) throw TokenizerError(path + ": not a SentencePiece model: " + status.ToString());
-    kind = "sentencepiece";
-    bos = sp_.bos_id();
-    eos = sp_.eos_id();
-    pad = sp_.pad_id() >= 0 ? sp_.pad_id() : eos;
-    cls = bos;
-    sep = eos;
-  }
-  std::vector<int64_t> encode(const std::string& text) const override {
-    std::vector<int> ids;
-    const auto status = sp_.Encode(text, &ids);
-    if (!status.ok()) throw TokenizerError("SentencePiece: " + status.ToString());
-    return {ids.begin(), ids.end()};
-  }
-  std::string decode(const std::vector<int64_t>& ids) const override {
-    std::string out;
-    sp_.Decode(std::vector<int>(ids.begin(), ids.end()), &out);
-    return out;
-  }
-  int64_t vocab_size() const override { return sp_.GetPieceSize(); }
-
- private:
-  sentencepiece::SentencePieceProcessor sp_;
-};
 
 // BERT's WordPiece: basic tokenization (whitespace, punctuation and CJK split; lower
 // case and accents stripped when uncased), then greedy longest-match with "##" pieces.
@@ -209,11 +179,6 @@ class WordPiece final : public Tokenizer {
 };
 
 }  // namespace
-
-std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_file) {
-  if (!fs::is_regular_file(model_file)) throw TokenizerError(model_file + ": no such file");
-  return std::make_unique<SentencePiece>(model_file);
-}
 
 std::unique_ptr<Tokenizer> load_wordpiece(const std::string& dir) {
   const fs::path vocab = fs::path(dir) / "vocab.txt";
