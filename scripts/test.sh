@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+scripts/fetch_data.sh
 scripts/build.sh
 cd "${MEMFIT_BUILD_DIR:-build}"
 exec ctest --output-on-failure --parallel 2 --timeout 600

@@ -296,8 +296,8 @@ void Model::prepare(const at::Device& device) {
     const int64_t in = l->weight.size(1), out = l->weight.size(0), r = job_.lora.rank;
     // PEFT's initialisation: A ~ kaiming_uniform(a = sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
     const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-    l->lora_a = (at::rand({r, in}) * 2.0 - 1.0) * bound;
-    l->lora_b = at::zeros({out, r});
+    l->lora_a = ((at::rand({r, in}) * 2.0 - 1.0) * bound).requires_grad_(true);
+    l->lora_b = at::zeros({out, r}).requires_grad_(true);
     l->lora_scale = job_.lora.alpha / static_cast<double>(r);
     l->lora_dropout = job_.lora.dropout;
   }

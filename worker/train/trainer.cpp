@@ -322,6 +322,8 @@ int run(const spec::Job& job, const std::string& spec_text, const RunOptions& op
     events.emit({{"event", "checkpoint"}, {"step", st.step}, {"path", (fs::path(ckpt_dir) / name).string()}});
   };
 
+  // A fresh run with periodic evaluation measures where it starts from.
+  if (st.step == 0 && job.training.eval_interval > 0) do_eval(0);
   while (st.step < total) {
     if (g_stop_requested.load()) {
       do_checkpoint();
