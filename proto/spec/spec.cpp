@@ -299,11 +299,13 @@ Job resolve(const v1::JobSpec& s, const std::string& origin, const std::string& 
                                               "memory_efficient");
   j.memory.fused_mlp = mem.fused_mlp();
   j.memory.checkpointing = mem.activation_checkpointing();
+  j.memory.fused_loss = mem.fused_loss();
   if (j.memory.preset == "memfit_best") {
     j.memory.approx_activation = true;  // used where the next layer keeps nothing
     j.memory.memory_sharing_norm = true;
     j.memory.fused_mlp = true;
     j.memory.efficient_attention = true;
+    j.memory.fused_loss = true;
   }
 
   const v1::TrainingSpec& t = s.training();

@@ -46,6 +46,7 @@ struct Memory {
   bool fused_mlp = false;           // keep pre-activations, recompute in backward
   bool efficient_attention = true;  // memfit's attention (vs the softmax composite)
   bool checkpointing = false;       // recompute each block in backward
+  bool fused_loss = false;          // LM head + loss in chunks, gradient formed in forward
   std::string preset;               // "memfit_best" or ""
 };
 

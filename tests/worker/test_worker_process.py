@@ -70,6 +70,57 @@ class Contract(unittest.TestCase):
         self.assertGreater(np.abs(b).max(), 0.0)  # B starts at zero and trained
 
 
+class Training(unittest.TestCase):
+    def test_memory_sharing_export_unmerges_to_the_same_model(self):
+        # Full fine-tuning with merged norms, exported; the export reloaded in exact mode
+        # evaluates to the same loss (before its first step) as the trained model did.
+        a = H.workdir("msx")
+        r = H.run_worker(H.gpt2_job(a, memory={"norm": "memory_sharing", "activation": "approx"},
+                                    training={"steps": 4, "learning_rate": 0.01}))
+        self.assertEqual(r.code, 0, r.events[-2:])
+        trained = r.last()["eval"]["loss"]
+        b = H.workdir("msx")
+        weights = os.path.join(a, "out", "model", "model.safetensors")
+        r2 = H.run_worker(H.gpt2_job(b, model={"weights_path": weights}, training={"steps": 1, "eval_interval": 1}))
+        self.assertEqual(r2.code, 0, r2.events[-2:])
+        self.assertAlmostEqual(r2.of("eval")[0]["loss"], trained, places=4)
+        self.assertEqual(r2.of("eval")[0]["step"], 0)
+
+    def test_gradient_accumulation_matches_a_bigger_micro_batch(self):
+        runs = []
+        for mb, acc in ((4, 1), (2, 2)):
+            d = H.workdir("accum")
+            r = H.run_worker(H.gpt2_job(d, training={"steps": 3, "micro_batch": mb, "gradient_accumulation": acc}))
+            self.assertEqual(r.code, 0, r.events[-2:])
+            runs.append(read_safetensors(os.path.join(d, "out", "model", "model.safetensors")))
+        for k in runs[0]:
+            np.testing.assert_allclose(runs[0][k], runs[1][k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+    def test_prompt_completion_bf16_and_early_stopping(self):
+        tmp = H.workdir("pc")
+        rows = [{"prompt": f"Q: what hunts the whale number {i}?\nA:", "completion": " Ahab."} for i in range(24)]
+        path = os.path.join(tmp, "pc.jsonl")
+        with open(path, "w") as f:
+            f.write("\n".join(json.dumps(r) for r in rows))
+        r = H.run_worker(H.gpt2_job(tmp, train=path, val=path, data={"format": "jsonl_prompt_completion"},
+                                    training={"steps": 6, "dtype": "bf16", "eval_interval": 2,
+                                              "early_stopping": {"patience": 1, "min_delta": 100.0}}))
+        self.assertEqual(r.code, 0, r.events[-2:])
+        self.assertIn("24 prompt/completion pairs", r.of("started")[0]["train"])
+        self.assertEqual(r.of("started")[0]["job"]["dtype"], "bf16")
+        fin = r.last()
+        self.assertTrue(fin["early_stopped"])
+        self.assertEqual(fin["step"], 2)  # no eval can improve by 100: stop at the first one after step 0
+        self.assertTrue(all(np.isfinite(e["loss"]) for e in r.of("step")))
+
+    def test_cuda_device_without_cuda_is_bad_input(self):
+        r = H.run_worker(H.gpt2_job(H.workdir("cuda")), "--device", "cuda:0")
+        if r.code == 0:
+            self.skipTest("a CUDA device is present")
+        self.assertEqual(r.code, 2, r.events)
+        self.assertIn("cuda:0", r.last()["message"])
+
+
 class BadInput(unittest.TestCase):
     def expect_bad(self, spec, needle, *args):
         r = H.run_worker(spec, *args)

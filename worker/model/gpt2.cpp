@@ -62,6 +62,9 @@ class Gpt2 final : public Model {
     if (score_ != nullptr) {
       return classification_loss(apply_linear(*score_, last_token(h, b.attention_mask), training), b.labels, training, keep_logits_);
     }
+    if (fused_loss_ok(head_lin_)) {
+      return fused_causal_lm_loss(h, head_lin_ ? head_lin_->weight : params_.at("transformer.wte.weight"), b.labels);
+    }
     const at::Tensor logits = head_lin_ ? apply_linear(*head_lin_, h, training)
                                         : at::linear(h, params_.at("transformer.wte.weight"));
     return causal_lm_loss(logits, b.labels, training, keep_logits_);

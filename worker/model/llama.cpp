@@ -73,6 +73,9 @@ class Llama final : public Model {
     if (score_ != nullptr) {
       return classification_loss(apply_linear(*score_, last_token(h, b.attention_mask), training), b.labels, training, keep_logits_);
     }
+    if (fused_loss_ok(lm_head_)) {
+      return fused_causal_lm_loss(h, lm_head_ ? lm_head_->weight : params_.at("model.embed_tokens.weight"), b.labels);
+    }
     const at::Tensor logits = lm_head_ ? apply_linear(*lm_head_, h, training)
                                        : at::linear(h, params_.at("model.embed_tokens.weight"));
     return causal_lm_loss(logits, b.labels, training, keep_logits_);

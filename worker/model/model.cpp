@@ -63,8 +63,12 @@ std::string shape_str(at::IntArrayRef s) {
 // default CPU generator's state is replayed so that dropout draws the same masks.
 struct CheckpointFn : public torch::autograd::Function<CheckpointFn> {
   using Fn = std::function<at::Tensor(const at::Tensor&)>;
+  // `anchor` is a 0-dim tensor that requires grad: it keeps the node in the graph when
+  // x does not (the first block after frozen embeddings), so that backward still
+  // reaches the block's trainable parameters.
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                            int64_t fn_ptr) {
+                            const at::Tensor& anchor, int64_t fn_ptr) {
+    (void)anchor;
     const Fn& fn = *reinterpret_cast<const Fn*>(fn_ptr);
     at::Generator gen = at::detail::getDefaultCPUGenerator();
     {
@@ -96,7 +100,7 @@ struct CheckpointFn : public torch::autograd::Function<CheckpointFn> {
       std::lock_guard<std::mutex> lock(gen.mutex());
       gen.set_state(now);
     }
-    return {x.grad(), at::Tensor()};
+    return {x.grad(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -530,6 +534,10 @@ at::Tensor Model::mlp_tail(const at::Tensor& z, const Linear& down, bool trainin
   return apply_linear(down, activation(z), training);
 }
 
+bool Model::fused_loss_ok(const Linear* head) const {
+  return job_.memory.fused_loss && !keep_logits_ && (head == nullptr || (!head->lora_a.defined() && !head->bias.defined()));
+}
+
 at::Tensor Model::swiglu_tail(const at::Tensor& g, const at::Tensor& u, const Linear& down, bool training) const {
   if (job_.memory.fused_mlp || job_.memory.preset == "memfit_best") {
     return ops::swiglu_linear(g, u, down.weights(), training);
@@ -568,7 +576,8 @@ at::Tensor Model::block(const std::function<at::Tensor(const at::Tensor&)>& fn, 
   // The function must outlive the graph: the model keeps it until the next forward.
   auto held = std::make_shared<CheckpointFn::Fn>(fn);
   checkpoint_fns_.push_back(held);
-  return CheckpointFn::apply(x, reinterpret_cast<int64_t>(held.get()));
+  static const at::Tensor anchor = at::zeros({}).requires_grad_(true);
+  return CheckpointFn::apply(x, anchor, reinterpret_cast<int64_t>(held.get()));
 }
 
 void Model::begin_forward() const { checkpoint_fns_.clear(); }
@@ -586,6 +595,16 @@ Output causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, bool t
                        : (l.sum() * 0.0);
   (void)training;
   if (keep_logits) o.logits = logits;
+  return o;
+}
+
+Output fused_causal_lm_loss(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& labels) {
+  const int64_t S = h.size(1), d = h.size(2);
+  const at::Tensor hs = h.narrow(1, 0, S - 1).reshape({-1, d});
+  const at::Tensor y = labels.narrow(1, 1, S - 1).reshape({-1});
+  Output o;
+  o.count = y.ne(-100).sum().item<int64_t>();
+  o.loss = ops::linear_cross_entropy(hs, weight, y);
   return o;
 }
 

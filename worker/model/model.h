@@ -120,6 +120,8 @@ class Model {
   at::Tensor activation(const at::Tensor& x) const;
   // act(x) -> down, using the fused tail when the job asks for it.
   at::Tensor mlp_tail(const at::Tensor& z, const Linear& down, bool training) const;
+  // Whether the causal-LM loss may run fused through this head.
+  bool fused_loss_ok(const Linear* head) const;
   at::Tensor swiglu_tail(const at::Tensor& g, const at::Tensor& u, const Linear& down, bool training) const;
   // q: [B, S, H, D]; k, v: [B, S, Hk, D]; returns [B, S, H * D].
   at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
@@ -145,6 +147,9 @@ class Model {
 // Losses shared by the architectures. logits [B, S, V] / labels [B, S] (-100 ignored;
 // position t predicts token t + 1), or logits [B, C] / labels [B].
 Output causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, bool training, bool keep_logits);
+// The same loss from the final hidden states and the head weight through
+// ops::linear_cross_entropy (the logits never exist). h: [B, S, d]; weight: [V, d].
+Output fused_causal_lm_loss(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& labels);
 Output classification_loss(const at::Tensor& logits, const at::Tensor& labels, bool training, bool keep_logits);
 
 }  // namespace memfit::model

@@ -90,6 +90,17 @@ at::Tensor swiglu_linear(const at::Tensor& g, const at::Tensor& u, const LinearW
 // !training or p == 0. The mask's seed comes from ATen's default CPU generator.
 at::Tensor dropout(const at::Tensor& x, double p, bool training);
 
+// ---- Loss over a large vocabulary (beyond the paper) -----------------------------
+// Mean cross-entropy of the logits h W^T (+ bias) against labels (-100 = ignored),
+// without ever holding the [T, V] logits: rows go through in chunks whose logits stay
+// under chunk_bytes, and when grad mode is on the gradient is formed in the same pass
+// (softmax - one-hot, times 1 / count), so backward only scales it by the incoming
+// gradient. Keeps dL/dh ([T, d] in h's dtype) and, when W needs a gradient, dL/dW
+// ([V, d] fp32, the size of W's gradient anyway); not the inputs, not the logits.
+// h: [T, d]; weight: [V, d]; labels: [T] int64.
+at::Tensor linear_cross_entropy(const at::Tensor& h, const at::Tensor& weight,
+                                const at::Tensor& labels, int64_t chunk_bytes = 32 << 20);
+
 // ---- Attention -------------------------------------------------------------------
 // How attention schedules its work. kAuto: per head on CPU when every thread gets at
 // least one (batch, kv-head) pair, else batched. Both give the same results and keep the

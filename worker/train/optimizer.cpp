@@ -52,7 +52,10 @@ double AdamW::clip_grad_norm(double max_norm) {
   at::NoGradGuard ng;
   double sq = 0.0;
   for (const Slot& s : slots_) {
-    if (s.param.grad().defined()) sq += s.param.grad().to(at::kDouble).pow(2).sum().item<double>();
+    if (s.param.grad().defined()) {
+      const double n = s.param.grad().norm().item<double>();  // no fp64 copy of the gradient
+      sq += n * n;
+    }
   }
   const double norm = std::sqrt(sq);
   if (max_norm > 0.0 && norm > max_norm) {
