@@ -5,6 +5,7 @@
 // pass left for backward. Synthetic inputs (random tokens / pixels), random weights.
 //
 //   memfit-bench-train [--json] [--reps N] [--threads N] [--quick] [--only ARCH]
+//                      [--mode NAME] [--method lora|full]
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -162,7 +163,7 @@ Row measure(const Arch& a, const Mode& mode, spec::Method method, int reps, cons
 int main(int argc, char** argv) {
   bool as_json = false, quick = false;
   int reps = 5, threads = 2;
-  std::string only;
+  std::string only, only_mode, only_method;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--json") as_json = true;
@@ -170,8 +171,13 @@ int main(int argc, char** argv) {
     else if (a == "--reps" && i + 1 < argc) reps = std::max(1, std::atoi(argv[++i]));
     else if (a == "--threads" && i + 1 < argc) threads = std::max(1, std::atoi(argv[++i]));
     else if (a == "--only" && i + 1 < argc) only = argv[++i];
+    else if (a == "--mode" && i + 1 < argc) only_mode = argv[++i];
+    else if (a == "--method" && i + 1 < argc) only_method = argv[++i];
     else {
-      std::fprintf(stderr, "usage: %s [--json] [--reps N] [--threads N] [--quick] [--only gpt2|llama|vit|roberta]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--json] [--reps N] [--threads N] [--quick] [--only gpt2|llama|vit|roberta] "
+                   "[--mode NAME] [--method lora|full]\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -186,7 +192,9 @@ int main(int argc, char** argv) {
       const std::string cfg = (dir / (a.name + ".json")).string();
       std::ofstream(cfg) << a.config.dump();
       for (spec::Method method : {spec::Method::kLora, spec::Method::kFull}) {
+        if (!only_method.empty() && only_method != spec::name_of(method)) continue;
         for (const Mode& mode : modes(a)) {
+          if (!only_mode.empty() && only_mode != mode.name) continue;
           try {
             rows.push_back(measure(a, mode, method, reps, cfg));
           } catch (const std::exception& e) {
@@ -212,7 +220,7 @@ int main(int argc, char** argv) {
   std::printf("Training steps (forward, backward, AdamW), fp32, %d threads, median of %d\n", threads, reps);
   std::printf("%-8s %-5s %-24s %10s %8s %12s %8s %12s %8s\n", "model", "tune", "mode", "step ms", "vs exact",
               "peak MiB", "vs exact", "act. MiB", "vs exact");
-  const Row* exact = nullptr;
+  const Row* exact = rows.empty() ? nullptr : &rows[0];
   for (const Row& r : rows) {
     if (r.mode == "exact") exact = &r;
     std::printf("%-8s %-5s %-24s %10.1f %8.3f %12.2f %8.3f %12.2f %8.3f\n", r.arch.c_str(), r.method.c_str(),
