@@ -113,6 +113,21 @@ class Training(unittest.TestCase):
         self.assertEqual(fin["step"], 2)  # no eval can improve by 100: stop at the first one after step 0
         self.assertTrue(all(np.isfinite(e["loss"]) for e in r.of("step")))
 
+    def test_images_are_resized_and_replicated_to_the_model_input(self):
+        tmp = H.workdir("resize")
+        cfg = dict(H.TINY_VIT, image_size=32, patch_size=8, num_channels=3)
+        x, y = H.fmnist("test")
+        spec = {"name": "vit-resize", "model": {"architecture": "vit", "config_path": H.write_json(os.path.join(tmp, "c.json"), cfg)},
+                "data": {"train_path": x, "train_labels_path": y, "validation_path": x, "validation_labels_path": y},
+                "method": {"kind": "head_only"}, "training": {"steps": 3, "micro_batch": 16, "eval_batches": 2},
+                "output_dir": os.path.join(tmp, "out")}
+        r = H.run_worker(H.write_json(os.path.join(tmp, "job.json"), spec))
+        self.assertEqual(r.code, 0, r.events[-2:])
+        started = r.of("started")[0]
+        self.assertIn("10000 images of 28x28", started["train"])
+        self.assertEqual(started["trainable_parameters"], 64 * 10 + 10)  # head only: the classifier
+        self.assertEqual(r.last()["eval"]["count"], 32)
+
     def test_cuda_device_without_cuda_is_bad_input(self):
         r = H.run_worker(H.gpt2_job(H.workdir("cuda")), "--device", "cuda:0")
         if r.code == 0:
