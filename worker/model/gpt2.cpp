@@ -65,8 +65,10 @@ class Gpt2 final : public Model {
     if (fused_loss_ok(head_lin_)) {
       return fused_causal_lm_loss(h, head_lin_ ? head_lin_->weight : params_.at("transformer.wte.weight"), b.labels);
     }
-    const at::Tensor logits = head_lin_ ? apply_linear(*head_lin_, h, training)
-                                        : at::linear(h, params_.at("transformer.wte.weight"));
+    // Training and evaluation need no logits for the last position.
+    const at::Tensor hl = keep_logits_ ? h : h.narrow(1, 0, h.size(1) - 1);
+    const at::Tensor logits = head_lin_ ? apply_linear(*head_lin_, hl, training)
+                                     : at::linear(hl, params_.at("transformer.wte.weight"));
     return causal_lm_loss(logits, b.labels, training, keep_logits_);
   }
 

@@ -76,8 +76,10 @@ class Llama final : public Model {
     if (fused_loss_ok(lm_head_)) {
       return fused_causal_lm_loss(h, lm_head_ ? lm_head_->weight : params_.at("model.embed_tokens.weight"), b.labels);
     }
-    const at::Tensor logits = lm_head_ ? apply_linear(*lm_head_, h, training)
-                                       : at::linear(h, params_.at("model.embed_tokens.weight"));
+    // Training and evaluation need no logits for the last position.
+    const at::Tensor hl = keep_logits_ ? h : h.narrow(1, 0, h.size(1) - 1);
+    const at::Tensor logits = lm_head_ ? apply_linear(*lm_head_, hl, training)
+                                     : at::linear(hl, params_.at("model.embed_tokens.weight"));
     return causal_lm_loss(logits, b.labels, training, keep_logits_);
   }
 

@@ -138,7 +138,7 @@ std::unique_ptr<Model> Model::create(const spec::Job& job, const ModelConfig& cf
 Model::Model(const spec::Job& job, const ModelConfig& cfg) : job_(job), cfg_(cfg) {}
 
 at::Tensor& Model::param(const std::string& name, std::vector<int64_t> shape, double std, bool is_head) {
-  params_[name] = at::randn(shape) * std;
+  params_[name] = at::randn(shape).mul_(std);  // in place: no second copy at init
   head_[name] = is_head;
   order_.push_back(name);
   return params_[name];
@@ -165,7 +165,7 @@ Linear& Model::linear(const std::string& module, int64_t in, int64_t out, bool b
   l->short_name = module.substr(module.rfind('.') + 1);
   l->conv1d = conv1d;
   l->in_block = in_block;
-  l->weight = at::randn({out, in}) * 0.02;
+  l->weight = at::randn({out, in}).mul_(0.02);
   if (bias) l->bias = at::zeros({out});
   l->had_bias = bias;
   head_[module + ".weight"] = is_head;
@@ -300,7 +300,7 @@ void Model::prepare(const at::Device& device) {
     const int64_t in = l->weight.size(1), out = l->weight.size(0), r = job_.lora.rank;
     // PEFT's initialisation: A ~ kaiming_uniform(a = sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
     const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-    l->lora_a = ((at::rand({r, in}) * 2.0 - 1.0) * bound).requires_grad_(true);
+    l->lora_a = at::rand({r, in}).mul_(2.0).sub_(1.0).mul_(bound).requires_grad_(true);
     l->lora_b = at::zeros({out, r}).requires_grad_(true);
     l->lora_scale = job_.lora.alpha / static_cast<double>(r);
     l->lora_dropout = job_.lora.dropout;
@@ -585,10 +585,12 @@ void Model::begin_forward() const { checkpoint_fns_.clear(); }
 // ---- losses ----
 
 Output causal_lm_loss(const at::Tensor& logits, const at::Tensor& labels, bool training, bool keep_logits) {
-  // Predict token t + 1 from position t; -100 labels are ignored.
-  const int64_t V = logits.size(-1);
-  const at::Tensor l = logits.narrow(1, 0, logits.size(1) - 1).reshape({-1, V}).to(at::kFloat);
-  const at::Tensor y = labels.narrow(1, 1, labels.size(1) - 1).reshape({-1});
+  // Predict token t + 1 from position t; -100 labels are ignored. logits cover either
+  // every position or all but the last (the models drop it before the head when they
+  // need not return the logits, which spares a [tokens, vocab] copy here).
+  const int64_t V = logits.size(-1), S = labels.size(1);
+  const at::Tensor l = (logits.size(1) == S ? logits.narrow(1, 0, S - 1) : logits).reshape({-1, V}).to(at::kFloat);
+  const at::Tensor y = labels.narrow(1, 1, S - 1).reshape({-1});
   Output o;
   o.count = y.ne(-100).sum().item<int64_t>();
   o.loss = o.count > 0 ? at::cross_entropy_loss(l, y, {}, at::Reduction::Sum, -100) / static_cast<double>(o.count)

@@ -108,6 +108,45 @@ json eval_json(const spec::Job& job, const EvalResult& r) {
   return e;
 }
 
+// Peak memory per phase of training (init, forward, backward, optimizer, eval): the
+// meter's peak is reset at each phase start, and the highest value per phase kept.
+class PhasePeaks {
+ public:
+  explicit PhasePeaks(const at::Device& d) : device_(d) {}
+  void begin() {
+    overall_ = std::max(overall_, ops::MemoryMeter::stats(device_).peak_bytes);
+    ops::MemoryMeter::reset_peak(device_);
+  }
+  void end(const std::string& phase) {
+    const int64_t p = ops::MemoryMeter::stats(device_).peak_bytes;
+    int64_t& slot = peaks_[phase];
+    slot = std::max(slot, p);
+    overall_ = std::max(overall_, p);
+  }
+  int64_t overall() const { return std::max(overall_, ops::MemoryMeter::stats(device_).peak_bytes); }
+  json to_json() const {
+    json j = json::object();
+    for (const auto& [k, v] : peaks_) j[k] = v;
+    return j;
+  }
+  std::string peak_phase() const {
+    std::string best;
+    int64_t v = -1;
+    for (const auto& [k, p] : peaks_) {
+      if (p > v) {
+        v = p;
+        best = k;
+      }
+    }
+    return best;
+  }
+
+ private:
+  at::Device device_;
+  std::map<std::string, int64_t> peaks_;
+  int64_t overall_ = 0;
+};
+
 struct TrainState {
   int64_t step = 0;
   int64_t epoch = 0, offset = 0;
@@ -268,6 +307,8 @@ int run(const spec::Job& job, const std::string& spec_text, const RunOptions& op
   const std::string fingerprint = hex(fnv1a(spec_text));
   const std::string ckpt_dir = (fs::path(job.output_dir) / "checkpoints").string();
 
+  PhasePeaks phases(device);
+  phases.end("init");  // everything up to here: data, model, optimizer state
   TrainState st;
   std::string resumed_from;
   load_checkpoint(ckpt_dir, *m, opt, st, fingerprint, &resumed_from);
@@ -297,7 +338,9 @@ int run(const spec::Job& job, const std::string& spec_text, const RunOptions& op
   bool have_eval = false, early_stopped = false;
   auto do_eval = [&](int64_t step) {
     if (!val) return;
+    phases.begin();
     last_eval = evaluate(*m, *val, job.training.micro_batch, job.training.eval_batches, device);
+    phases.end("eval");
     have_eval = true;
     json e = {{"event", "eval"}, {"step", step}};
     e.update(eval_json(job, last_eval));
@@ -337,17 +380,24 @@ int run(const spec::Job& job, const std::string& spec_text, const RunOptions& op
     for (int64_t a = 0; a < job.training.gradient_accumulation; ++a) {
       const model::Batch b = train->batch(sampler.next(), device);
       const int64_t before = ops::MemoryMeter::stats(device).current_bytes;
-      const model::Output o = m->forward(b, /*training=*/true);
+      phases.begin();
+      model::Output o = m->forward(b, /*training=*/true);
+      phases.end("forward");
       if (activation_bytes < 0) activation_bytes = ops::MemoryMeter::stats(device).current_bytes - before;
-      (o.loss / static_cast<double>(job.training.gradient_accumulation)).backward();
       loss_sum += o.loss.item<double>() * static_cast<double>(o.count);
       counted += o.count;
+      phases.begin();
+      (o.loss / static_cast<double>(job.training.gradient_accumulation)).backward();
+      o = model::Output();
+      phases.end("backward");
       samples += (b.input_ids.defined() ? b.input_ids.size(0) : b.pixels.size(0));
     }
+    phases.begin();
     const double grad_norm = opt.clip_grad_norm(job.training.max_grad_norm);
     const double lr = learning_rate(job.training, st.step, spec_total);
     opt.step(lr);
     opt.zero_grad();
+    phases.end("optimizer");
     ++st.step;
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     const double loss = counted > 0 ? loss_sum / static_cast<double>(counted) : 0.0;
@@ -359,7 +409,7 @@ int run(const spec::Job& job, const std::string& spec_text, const RunOptions& op
       const ops::MemoryStats ms = ops::MemoryMeter::stats(device);
       json e = {{"event", "step"},          {"step", st.step},        {"total_steps", total},
                 {"loss", loss},             {"lr", lr},               {"grad_norm", grad_norm},
-                {"epoch", sampler.epoch()}, {"memory_bytes", ms.current_bytes}, {"peak_memory_bytes", ms.peak_bytes},
+                {"epoch", sampler.epoch()}, {"memory_bytes", ms.current_bytes}, {"peak_memory_bytes", phases.overall()},
                 {"step_seconds", secs}};
       if (lm) {
         e["tokens_per_second"] = static_cast<double>(counted) / secs;
@@ -417,7 +467,9 @@ int run(const spec::Job& job, const std::string& spec_text, const RunOptions& op
   json fin = {{"event", "finished"},
               {"step", st.step},
               {"total_steps", total},
-              {"peak_memory_bytes", ms.peak_bytes},
+              {"peak_memory_bytes", std::max(phases.overall(), ms.peak_bytes)},
+              {"peak_by_phase", phases.to_json()},
+              {"peak_phase", phases.peak_phase()},
               {"peak_reserved_bytes", ms.peak_reserved_bytes},
               {"activation_bytes", activation_bytes},
               {"output", result},
