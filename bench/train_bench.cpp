@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "memory_meter.h"
-#include "model/config.h"
+#include "model_config.h"
 #include "model/model.h"
 #include "spec.h"
 #include "train/optimizer.h"

@@ -13,7 +13,7 @@
 #include <map>
 #include <string>
 
-#include "model/config.h"
+#include "model_config.h"
 #include "model/model.h"
 #include "safetensors.h"
 #include "spec.h"

@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "model/config.h"
+#include "model_config.h"
 #include "model/model.h"
 #include "spec.h"
 #include "tokenizer.h"

@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "config.h"
+#include "model_config.h"
 #include "ops.h"
 #include "safetensors.h"
 #include "spec.h"

@@ -18,7 +18,7 @@
 #include "data/dataset.h"
 #include "data/tokenizer.h"
 #include "memory_meter.h"
-#include "model/config.h"
+#include "model_config.h"
 #include "model/model.h"
 #include "optimizer.h"
 #include "safetensors.h"

@@ -1,4 +1,4 @@
-#include "config.h"
+#include "model_config.h"
 
 #include <cerrno>
 #include <cstring>

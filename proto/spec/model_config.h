@@ -1,12 +1,13 @@
 // Model dimensions from a Hugging Face config.json, validated (errors name the file and
-// the key). No LibTorch: the memory estimator reads the same struct.
+// the key). No LibTorch, no protobuf: the worker and the memory estimator read the same
+// struct.
 #pragma once
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
-#include "spec.h"
+#include "job.h"
 
 namespace memfit::model {
 
