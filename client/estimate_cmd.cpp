@@ -1,0 +1,216 @@
+// memfit estimate: the memory estimator on a spec file, no daemon needed.
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "commands.h"
+#include "estimator.h"
+#include "fit.h"
+#include "model_config.h"
+#include "spec.h"
+
+namespace memfit::cli {
+namespace {
+
+using json = nlohmann::ordered_json;
+namespace est = memfit::estimator;
+
+struct Args {
+  std::string spec;
+  std::string device;  // "" = the spec's
+  int64_t device_memory = 0;
+  int threads = 0;
+  bool json_out = false;
+};
+
+class Usage : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+Args parse(const std::vector<std::string>& a) {
+  Args r;
+  auto value = [&](size_t& i, const std::string& flag) -> std::string {
+    if (i + 1 >= a.size()) throw Usage(flag + ": needs a value");
+    return a[++i];
+  };
+  for (size_t i = 0; i < a.size(); ++i) {
+    const std::string& f = a[i];
+    if (f == "-f" || f == "--file") {
+      r.spec = value(i, f);
+    } else if (f == "--device-memory") {
+      r.device_memory = est::parse_size(value(i, f), "--device-memory");
+    } else if (f == "--device") {
+      r.device = value(i, f);
+      if (r.device != "cpu" && r.device.rfind("cuda", 0) != 0) {
+        throw Usage("--device: expected cpu or cuda, got '" + r.device + "'");
+      }
+    } else if (f == "--threads") {
+      const std::string v = value(i, f);
+      char* end = nullptr;
+      const long n = std::strtol(v.c_str(), &end, 10);
+      if (v.empty() || *end != '\0' || n < 1 || n > 65536) throw Usage("--threads: expected 1..65536, got '" + v + "'");
+      r.threads = static_cast<int>(n);
+    } else if (f == "-o" || f == "--output") {
+      const std::string v = value(i, f);
+      if (v != "json" && v != "text") throw Usage(f + ": expected json or text, got '" + v + "'");
+      r.json_out = v == "json";
+    } else {
+      throw Usage("unknown option '" + f + "'");
+    }
+  }
+  if (r.spec.empty()) throw Usage("-f SPEC is required");
+  return r;
+}
+
+// The side length of the stored images (IDX header), when the file is plain IDX.
+int64_t idx_side(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  unsigned char h[16];
+  if (!f.read(reinterpret_cast<char*>(h), 16)) return 0;
+  auto be = [&](int o) { return (int64_t{h[o]} << 24) | (int64_t{h[o + 1]} << 16) | (int64_t{h[o + 2]} << 8) | h[o + 3]; };
+  if (be(0) != 0x803) return 0;
+  return be(8) == be(12) ? be(8) : 0;
+}
+
+json estimate_json(const est::Estimate& e) {
+  json acts = json::array();
+  for (const auto& L : e.activations) {
+    json ops = json::array();
+    for (const auto& o : L.ops) ops.push_back({{"op", o.name}, {"bytes", o.bytes}});
+    acts.push_back({{"where", L.where}, {"bytes", L.bytes}, {"ops", ops}});
+  }
+  json phases = json::object();
+  for (const auto& [k, v] : e.phase_peaks) phases[k] = v;
+  return {{"peak_bytes", e.peak_bytes},
+          {"peak_phase", e.peak_phase},
+          {"allocated_peak_bytes", e.allocated_peak_bytes},
+          {"allocator_overhead_bytes", e.allocator_overhead_bytes},
+          {"context_bytes", e.context_bytes},
+          {"breakdown",
+           {{"weights_bytes", e.weights_bytes},
+            {"gradient_bytes", e.gradient_bytes},
+            {"optimizer_bytes", e.optimizer_bytes},
+            {"batch_bytes", e.batch_bytes},
+            {"activation_bytes", e.activation_bytes},
+            {"loss_bytes", e.loss_bytes},
+            {"backward_transient_bytes", e.backward_transient_bytes}}},
+          {"activations", acts},
+          {"phase_peaks", phases},
+          {"parameters", e.parameters},
+          {"trainable_parameters", e.trainable_parameters}};
+}
+
+json memory_json(const spec::Memory& m) {
+  return {{"approx_activation", m.approx_activation}, {"memory_sharing_norm", m.memory_sharing_norm},
+          {"fused_mlp", m.fused_mlp},                 {"fused_loss", m.fused_loss},
+          {"efficient_attention", m.efficient_attention}, {"checkpointing", m.checkpointing}};
+}
+
+void print_text(const spec::Job& job, const est::Input& in, const est::Estimate& e, const est::FitPlan* plan) {
+  using est::format_size;
+  const auto& t = job.training;
+  std::printf("%s: %s %s, %s, micro-batch %lld x %lld, %s, on %s\n", job.name.c_str(), spec::name_of(job.architecture),
+              spec::name_of(job.task), spec::name_of(job.method), static_cast<long long>(t.micro_batch),
+              static_cast<long long>(t.gradient_accumulation),
+              t.dtype == spec::DType::kBFloat16 ? "bf16" : "fp32", in.device.kind_name());
+  std::printf("\n  peak                   %12s   in %s\n", format_size(e.peak_bytes).c_str(), e.peak_phase.c_str());
+  if (e.context_bytes > 0 || e.allocator_overhead_bytes > 0) {
+    std::printf("    tensors              %12s\n", format_size(e.allocated_peak_bytes).c_str());
+    std::printf("    allocator overhead   %12s\n", format_size(e.allocator_overhead_bytes).c_str());
+    std::printf("    CUDA context         %12s\n", format_size(e.context_bytes).c_str());
+  }
+  std::printf("\n  weights                %12s   %lld parameters\n", format_size(e.weights_bytes).c_str(),
+              static_cast<long long>(e.parameters));
+  std::printf("  gradients              %12s   %lld trainable\n", format_size(e.gradient_bytes).c_str(),
+              static_cast<long long>(e.trainable_parameters));
+  std::printf("  optimizer state        %12s   AdamW\n", format_size(e.optimizer_bytes).c_str());
+  std::printf("  batch                  %12s\n", format_size(e.batch_bytes).c_str());
+  std::printf("  activations kept       %12s\n", format_size(e.activation_bytes).c_str());
+  for (const auto& L : e.activations) {
+    std::printf("    %-20s %12s  ", L.where.c_str(), format_size(L.bytes).c_str());
+    std::string ops;
+    for (const auto& o : L.ops) ops += (ops.empty() ? "" : ", ") + o.name + " " + format_size(o.bytes);
+    std::printf("%s\n", ops.c_str());
+  }
+  std::printf("  logits and loss        %12s\n", format_size(e.loss_bytes).c_str());
+  std::printf("  backward transient     %12s\n", format_size(e.backward_transient_bytes).c_str());
+  std::printf("\n  peak by phase:");
+  for (const char* p : {"init", "batch", "forward", "backward", "optimizer", "eval", "export"}) {
+    auto it = e.phase_peaks.find(p);
+    if (it != e.phase_peaks.end()) std::printf(" %s %s;", p, format_size(it->second).c_str());
+  }
+  std::printf("\n");
+  if (plan != nullptr) {
+    std::printf("\nfit in %s: %s\n", format_size(plan->device_bytes).c_str(),
+                plan->fits ? ("micro-batch " + std::to_string(plan->micro_batch) + " x " +
+                              std::to_string(plan->gradient_accumulation) + " accumulation, " + plan->level)
+                                 .c_str()
+                           : ("does not fit; needs at least " + format_size(plan->smallest_bytes)).c_str());
+    for (const auto& r : plan->reasons) std::printf("  - %s\n", r.c_str());
+  }
+}
+
+}  // namespace
+
+int estimate_cmd(const std::vector<std::string>& argv) {
+  try {
+    const Args a = parse(argv);
+    const spec::Job job = spec::load_job(a.spec);
+    est::Input in;
+    in.job = job;
+    in.config = model::load_config(job.config_path, job.architecture);
+    const std::string dev = a.device.empty() ? job.device : a.device;
+    if (dev.rfind("cuda", 0) == 0) {
+      in.device = est::DeviceModel::cuda();
+    } else {
+      in.device = est::DeviceModel::cpu(a.threads > 0 ? a.threads
+                                                      : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+    }
+    in.validation = !job.validation_path.empty();
+    in.load_weights = !job.weights_path.empty();
+    if (job.format == spec::DataFormat::kIdx) in.source_image_size = idx_side(job.train_path);
+    const est::Estimate e = est::estimate(in);
+    est::FitPlan plan;
+    if (a.device_memory > 0) plan = est::fit(in, a.device_memory);
+    if (a.json_out) {
+      json out = estimate_json(e);
+      out["device"] = {{"kind", in.device.kind_name()}, {"threads", in.device.threads}};
+      if (a.device_memory > 0) {
+        out["fit"] = {{"fits", plan.fits},
+                      {"device_bytes", plan.device_bytes},
+                      {"micro_batch", plan.micro_batch},
+                      {"gradient_accumulation", plan.gradient_accumulation},
+                      {"level", plan.level},
+                      {"memory", memory_json(plan.memory)},
+                      {"peak_bytes", plan.estimate.peak_bytes},
+                      {"smallest_bytes", plan.smallest_bytes},
+                      {"reasons", plan.reasons}};
+      }
+      std::cout << out.dump(2) << "\n";
+    } else {
+      print_text(job, in, e, a.device_memory > 0 ? &plan : nullptr);
+    }
+    return kExitOk;
+  } catch (const Usage& e) {
+    std::cerr << "memfit estimate: " << e.what() << "\n";
+    return kExitBadInput;
+  } catch (const spec::SpecError& e) {
+    std::cerr << "memfit estimate: " << e.what() << "\n";
+    return kExitBadInput;
+  } catch (const model::ConfigError& e) {
+    std::cerr << "memfit estimate: " << e.what() << "\n";
+    return kExitBadInput;
+  } catch (const est::EstimateError& e) {
+    std::cerr << "memfit estimate: " << e.what() << "\n";
+    return kExitBadInput;
+  } catch (const std::exception& e) {
+    std::cerr << "memfit estimate: " << e.what() << "\n";
+    return kExitError;
+  }
+}
+
+}  // namespace memfit::cli

@@ -1,0 +1,32 @@
+// memfit: the command line. Today: `estimate` (works without a daemon).
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "commands.h"
+
+namespace {
+
+const char* kUsage =
+    "usage: memfit <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  estimate -f SPEC [--device-memory SIZE] [--device cpu|cuda] [--threads N] [-o json]\n"
+    "      Predict the job's peak device memory, with a breakdown; with --device-memory,\n"
+    "      also the largest micro-batch and the cheapest memory options that fit.\n"
+    "      Sizes: 16GiB, 800MiB, 80GB or plain bytes.\n";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
+    std::cout << kUsage;
+    return args.empty() ? memfit::cli::kExitBadInput : memfit::cli::kExitOk;
+  }
+  const std::string cmd = args[0];
+  args.erase(args.begin());
+  if (cmd == "estimate") return memfit::cli::estimate_cmd(args);
+  std::cerr << "memfit: unknown command '" << cmd << "'\n\n" << kUsage;
+  return memfit::cli::kExitBadInput;
+}

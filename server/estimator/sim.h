@@ -1,0 +1,151 @@
+// Internal to the estimator: a byte-exact model of a device's allocator and of LibTorch's
+// autograd, without tensors. A `Tensor` here is a shared handle to a block of bytes; when
+// the last handle goes, the bytes are freed, exactly as with at::Tensor. Ops (ops.h)
+// allocate their outputs and transients, record a backward node that captures what the
+// real op saves, and the engine runs those nodes in reverse order of creation with the
+// real engine's gradient-buffer rules. The timeline's peak is the estimate.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace memfit::estimator::sim {
+
+// Bytes live now and at their peak, per phase. Arithmetic is checked: the sum of a
+// timeline can exceed int64 only for absurd inputs, which raise EstimateError.
+class Timeline {
+ public:
+  explicit Timeline(int64_t granularity = 1) : granularity_(granularity) {}
+  int64_t alloc(int64_t bytes);  // returns the bytes charged (rounded)
+  void free(int64_t charged);
+  int64_t current() const { return current_; }
+  int64_t peak() const { return peak_; }
+  // Phases: the peak since begin(name), kept as the max over all begins of that name.
+  void begin(const std::string& phase);
+  void end();
+  const std::map<std::string, int64_t>& phase_peaks() const { return phase_peaks_; }
+  int64_t allocations() const { return allocations_; }
+
+ private:
+  int64_t granularity_;
+  int64_t current_ = 0, peak_ = 0, phase_start_peak_ = 0;
+  int64_t allocations_ = 0;
+  std::string phase_;
+  std::map<std::string, int64_t> phase_peaks_;
+};
+
+struct Block {
+  Timeline* t;
+  int64_t charged;
+  uint64_t id;
+  ~Block() { t->free(charged); }
+};
+
+struct Node;
+struct Leaf;
+
+// Where a tensor's gradient goes: a node's input slot, or a leaf's .grad.
+struct Edge {
+  Node* node = nullptr;
+  int slot = 0;
+  Leaf* leaf = nullptr;
+  bool valid() const { return node != nullptr || leaf != nullptr; }
+};
+
+struct Tensor {
+  std::shared_ptr<Block> block;
+  int64_t numel = 0;
+  int64_t esize = 4;  // bytes per element
+  Edge edge;          // empty: needs no gradient
+  bool contiguous = true;
+  bool defined() const { return block != nullptr; }
+  bool requires_grad() const { return edge.valid(); }
+  int64_t bytes() const { return numel * esize; }
+  // A view: the same block, the same gradient edge.
+  Tensor view() const { return *this; }
+  Tensor detach() const {
+    Tensor t = *this;
+    t.edge = Edge{};
+    return t;
+  }
+  long use_count() const { return block ? block.use_count() : 0; }
+};
+
+// A parameter (or a checkpointed block's input) whose gradient accumulates in .grad.
+struct Leaf {
+  std::string name;
+  Tensor grad;
+  int64_t grad_esize = 4;
+};
+
+using Grads = std::vector<Tensor>;
+// A backward function: gradients of the node's outputs in, of its inputs out (one per
+// edge, undefined where none flows). It captures what the op saved.
+using BackwardFn = std::function<Grads(Grads&)>;
+
+struct Node {
+  int64_t seq = 0;
+  std::string op;
+  std::vector<Edge> next;  // one per input
+  Grads buffer;            // one per output
+  std::vector<Tensor> saved;  // what the op keeps; released after the node runs
+  BackwardFn fn;
+};
+
+class Sim;
+
+// Kept-bytes bookkeeping for the breakdown: the first op to keep a block owns its bytes.
+struct KeptEntry {
+  std::string where;  // "layer 3" / "head" / "embeddings"
+  std::string op;     // "ms_layer_norm", "linear(c_fc)", ...
+  int64_t bytes = 0;
+};
+
+class Sim {
+ public:
+  explicit Sim(int64_t granularity) : timeline(granularity) {}
+  Timeline timeline;
+  bool grad_mode = true;
+  std::string where;  // label for the breakdown ("layer 0", ...)
+
+  // A new tensor of n elements of `esize` bytes.
+  Tensor empty(int64_t numel, int64_t esize);
+  // Charges a transient buffer for the duration of the caller's scope.
+  Tensor scratch(int64_t numel, int64_t esize) { return empty(numel, esize); }
+
+  // Records a node if grad mode is on and any input needs a gradient. The outputs get
+  // edges to it. `saved` is what the real op keeps (shared handles: no new bytes).
+  // Returns the node, or nullptr when nothing was recorded (and nothing kept).
+  Node* record(const std::string& op, const std::vector<const Tensor*>& inputs,
+               const std::vector<Tensor*>& outputs, const std::vector<Tensor>& saved,
+               BackwardFn fn);
+
+  // loss.backward(seed): runs the reachable nodes of the graphs recorded since the
+  // last backward, newest first, as LibTorch's engine does on one device.
+  void backward(const Tensor& root, Tensor seed);
+  // Checkpointing: nodes recorded inside fn go to a nested graph run by backward_nested.
+  void push_graph();
+  void backward_nested(const Tensor& root, Tensor seed);
+  // Frees the graph (the loss tensor went out of scope with everything it kept).
+  void drop_graph();
+
+  Leaf* new_leaf(const std::string& name, int64_t grad_esize);
+  const std::vector<KeptEntry>& kept() const { return kept_; }
+  void reset_kept() { kept_.clear(); owned_.clear(); }
+
+ private:
+  void accumulate(const Edge& e, Tensor g);
+  void run(std::vector<std::unique_ptr<Node>>& nodes);
+  std::vector<std::vector<std::unique_ptr<Node>>> graphs_ = std::vector<std::vector<std::unique_ptr<Node>>>(1);
+  std::vector<std::unique_ptr<Leaf>> leaves_;
+  int64_t seq_ = 0;
+  std::vector<KeptEntry> kept_;
+  std::map<uint64_t, bool> owned_;
+  uint64_t next_block_ = 1;
+};
+
+}  // namespace memfit::estimator::sim
