@@ -53,8 +53,8 @@ class Gpt2 final : public SimModel {
       s_.where = layer_name(i);
       x = block([=](const Tensor& xin) {
         const Tensor qkv = apply_linear(*L.attn, apply_norm(*L.ln1, xin, T), T, training);
-        const Tensor at = attend(part(s_, qkv, T * d, false, "select"), part(s_, qkv, T * d, false, "select"),
-                                 part(s_, qkv, T * d, false, "select"), a, mask);
+        const Tensor at = attend(part(s_, qkv, T * d, false, false, "select"), part(s_, qkv, T * d, false, false, "select"),
+                                 part(s_, qkv, T * d, false, false, "select"), a, mask);
         const Tensor x1 = add(s_, xin, apply_linear(*L.proj, at, T, training));
         const Tensor z = apply_linear(*L.fc, apply_norm(*L.ln2, x1, T), T, training);
         return add(s_, x1, mlp_tail(z, T, *L.fc_proj, training));
@@ -231,7 +231,7 @@ class Vit final : public SimModel {
       }, x, training);
     }
     s_.where = "head";
-    const Tensor cl = apply_norm(*final_, part(s_, x, B * d, false, "select"), B);
+    const Tensor cl = apply_norm(*final_, part(s_, x, B * d, false, true, "select"), B);
     return classification_loss(apply_linear(*classifier_, cl, B, training), B, c.num_labels);
   }
 
@@ -304,7 +304,7 @@ class Bert final : public SimModel {
                    embedding(s_, p(base_ + "embeddings.position_embeddings.weight"), pos, T, d));
     if (c.type_vocab_size > 0) {
       const Tensor& tt = p(base_ + "embeddings.token_type_embeddings.weight");
-      e = add(s_, e, part(s_, tt, d, true, "select"));
+      e = add(s_, e, part(s_, tt, d, true, true, "select"));
     }
     Tensor y = apply_norm(*emb_norm_, e, T);
     const AttnShape a{B, S, H, H, D, false, b.mask.defined()};
@@ -327,7 +327,7 @@ class Bert final : public SimModel {
     }
     s_.where = "head";
     const Tensor r = residual(*prev, y);
-    const Tensor cls = part(s_, r, B * d, false, "select");
+    const Tensor cls = part(s_, r, B * d, false, true, "select");
     const Tensor logits = apply_linear(*out_, tanh(s_, apply_linear(*dense_, cls, B, training)), B, training);
     return classification_loss(logits, B, c.num_labels);
   }

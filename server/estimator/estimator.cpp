@@ -7,7 +7,7 @@
 #include <limits>
 
 #include "models.h"
-#include "ops.h"
+#include "op_table.h"
 #include "sim.h"
 
 namespace memfit::estimator {

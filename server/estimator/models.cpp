@@ -387,7 +387,7 @@ Tensor SimModel::causal_lm_loss(const Tensor& logits, const Batch& b, int64_t vo
 
 Tensor SimModel::fused_causal_lm_loss(const Tensor& h, const Tensor& weight, const Batch& b) {
   const int64_t rows = b.B * (b.S - 1), d = cfg_.hidden;
-  Tensor hs = contiguous_copy(s_, part(s_, h, rows * d, b.B == 1, "narrow"));
+  Tensor hs = contiguous_copy(s_, part(s_, h, rows * d, b.B == 1, b.B == 1, "narrow"));
   Tensor y = b.B > 1 ? s_.empty(rows, 8) : Tensor{};
   {
     Tensor ne = s_.empty(rows, 1), count = s_.empty(1, 8);
@@ -428,7 +428,7 @@ Tensor SimModel::last_token(const Tensor& h, const Batch& b) {
 Tensor SimModel::lm_loss(const Tensor& h, const Batch& b, const SimLinear* head, const std::string& tied) {
   if (fused_loss_ok(head)) return fused_causal_lm_loss(h, head ? head->weight : p(tied), b);
   const int64_t rows = b.B * (b.S - 1), d = cfg_.hidden, V = cfg_.vocab_size;
-  Tensor hl = part(s_, h, rows * d, b.B == 1, "narrow");
+  Tensor hl = part(s_, h, rows * d, b.B == 1, b.B == 1, "narrow");
   Tensor logits = head ? apply_linear(*head, hl, rows, true) : stock_linear(s_, hl, rows, d, V, p(tied));
   hl = Tensor{};
   return causal_lm_loss(logits, b, V);

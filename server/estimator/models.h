@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "estimator.h"
-#include "ops.h"
+#include "op_table.h"
 #include "sim.h"
 
 namespace memfit::estimator::sim {

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <deque>
 #include <map>
 #include <memory>
 #include <string>
@@ -61,7 +62,8 @@ struct Tensor {
   int64_t numel = 0;
   int64_t esize = 4;  // bytes per element
   Edge edge;          // empty: needs no gradient
-  bool contiguous = true;
+  bool contiguous = true;  // dense row-major: .contiguous() is free
+  bool viewable = true;    // flattening to [-1, last dim] is a view (no copy)
   bool defined() const { return block != nullptr; }
   bool requires_grad() const { return edge.valid(); }
   int64_t bytes() const { return numel * esize; }
@@ -140,7 +142,7 @@ class Sim {
  private:
   void accumulate(const Edge& e, Tensor g);
   void run(std::vector<std::unique_ptr<Node>>& nodes);
-  std::vector<std::vector<std::unique_ptr<Node>>> graphs_ = std::vector<std::vector<std::unique_ptr<Node>>>(1);
+  std::deque<std::vector<std::unique_ptr<Node>>> graphs_ = std::deque<std::vector<std::unique_ptr<Node>>>(1);
   std::vector<std::unique_ptr<Leaf>> leaves_;
   int64_t seq_ = 0;
   std::vector<KeptEntry> kept_;

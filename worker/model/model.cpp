@@ -424,32 +424,63 @@ int64_t Model::parameter_count() const {
   return n;
 }
 
-std::vector<std::pair<std::string, at::Tensor>> Model::export_state() const {
+// Each tensor is produced (unmerged, transposed) and moved to the host before the next,
+// so that a CUDA device holds at most one exported copy at a time. `want` filters names.
+std::vector<std::pair<std::string, at::Tensor>> Model::export_tensors(
+    const std::function<bool(const std::string&)>& want) const {
   at::NoGradGuard ng;
-  std::map<std::string, at::Tensor> by_name;
-  for (const auto& [name, t] : params_) by_name[name] = t.detach();
+  std::map<std::string, const at::Tensor*> plain;
+  for (const auto& [name, t] : params_) plain[name] = &t;
   for (const auto& n : norms_) {
-    by_name[n->module + ".weight"] = n->gamma.detach();
-    if (n->beta.defined()) by_name[n->module + ".bias"] = n->beta.detach();
+    plain[n->module + ".weight"] = &n->gamma;
+    if (n->beta.defined()) plain[n->module + ".bias"] = &n->beta;
   }
+  std::map<std::string, const Linear*> linear_of;
   for (const auto& l : linears_) {
-    at::Tensor w = l->weight.detach(), b = l->bias.defined() ? l->bias.detach() : at::Tensor();
-    if (l->norm != nullptr) {
-      const ops::MergedLinear u = ops::unmerge_norm_affine(
-          w.to(at::kFloat), b.defined() ? b.to(at::kFloat) : b, l->norm->gamma.to(at::kFloat),
-          l->norm->beta.defined() ? l->norm->beta.to(at::kFloat) : at::Tensor(), l->had_bias);
-      w = u.weight.to(l->weight.scalar_type());
-      b = u.bias.defined() ? u.bias.to(l->weight.scalar_type()) : at::Tensor();
-    }
-    if (l->conv1d) w = w.t();
-    by_name[l->module + ".weight"] = w;
-    if (b.defined()) by_name[l->module + ".bias"] = b;
+    linear_of[l->module + ".weight"] = l.get();
+    if (l->had_bias || l->bias.defined()) linear_of[l->module + ".bias"] = l.get();
   }
   std::vector<std::pair<std::string, at::Tensor>> out;
+  at::Tensor pending_bias;  // the unmerged bias of the linear whose weight came last
+  std::string pending_name;
   for (const std::string& name : order_) {
-    out.emplace_back(name, by_name.at(name).to(at::kCPU).contiguous());
+    if (!want(name)) continue;
+    const auto p = plain.find(name);
+    if (p != plain.end()) {
+      out.emplace_back(name, p->second->detach().to(at::kCPU).contiguous());
+      continue;
+    }
+    const Linear& l = *linear_of.at(name);
+    const bool is_weight = name == l.module + ".weight";
+    if (!is_weight && name == pending_name) {
+      out.emplace_back(name, pending_bias);
+      pending_bias.reset();
+      pending_name.clear();
+      continue;
+    }
+    at::Tensor w = l.weight.detach(), b = l.bias.defined() ? l.bias.detach() : at::Tensor();
+    if (l.norm != nullptr) {
+      const ops::MergedLinear u = ops::unmerge_norm_affine(
+          w.to(at::kFloat), b.defined() ? b.to(at::kFloat) : b, l.norm->gamma.to(at::kFloat),
+          l.norm->beta.defined() ? l.norm->beta.to(at::kFloat) : at::Tensor(), l.had_bias);
+      w = u.weight.to(l.weight.scalar_type());
+      b = u.bias.defined() ? u.bias.to(l.weight.scalar_type()) : at::Tensor();
+    }
+    if (is_weight) {
+      out.emplace_back(name, (l.conv1d ? w.t() : w).to(at::kCPU).contiguous());
+      if (b.defined() && l.had_bias) {
+        pending_bias = b.to(at::kCPU).contiguous();
+        pending_name = l.module + ".bias";
+      }
+    } else {
+      out.emplace_back(name, b.to(at::kCPU).contiguous());
+    }
   }
   return out;
+}
+
+std::vector<std::pair<std::string, at::Tensor>> Model::export_state() const {
+  return export_tensors([](const std::string&) { return true; });
 }
 
 std::vector<std::pair<std::string, at::Tensor>> Model::export_adapter() const {
@@ -459,9 +490,9 @@ std::vector<std::pair<std::string, at::Tensor>> Model::export_adapter() const {
     out.emplace_back("base_model.model." + l->module + ".lora_A.weight", l->lora_a.detach().to(at::kCPU).contiguous());
     out.emplace_back("base_model.model." + l->module + ".lora_B.weight", l->lora_b.detach().to(at::kCPU).contiguous());
   }
-  // Trained heads (PEFT's modules_to_save), under their own names.
-  for (const auto& [name, t] : export_state()) {
-    if (head_.at(name)) out.emplace_back("base_model.model." + name, t);
+  // Trained heads (PEFT's modules_to_save), under their own names; only they are exported.
+  for (auto& [name, t] : export_tensors([this](const std::string& n) { return head_.at(n); })) {
+    out.emplace_back("base_model.model." + name, std::move(t));
   }
   return out;
 }

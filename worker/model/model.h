@@ -92,6 +92,9 @@ class Model {
   std::vector<std::string> lora_modules() const;
   // Top-level modules of the task head ("classifier", "score"), PEFT's modules_to_save.
   std::vector<std::string> head_modules() const;
+  // export_state() restricted to the names `want` accepts.
+  std::vector<std::pair<std::string, at::Tensor>> export_tensors(
+      const std::function<bool(const std::string&)>& want) const;
   // The state the trainer checkpoints and restores (trainable tensors by stable name).
   std::vector<std::pair<std::string, at::Tensor>> trainable_state() const;
 

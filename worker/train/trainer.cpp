@@ -434,6 +434,7 @@ int run(const spec::Job& job, const std::string& spec_text, const RunOptions& op
   do_checkpoint();
 
   // The result: a PEFT adapter, or full weights with the model's config.json.
+  phases.begin();
   json result;
   const fs::path out(job.output_dir);
   if (job.method == spec::Method::kLora) {
@@ -463,6 +464,7 @@ int run(const spec::Job& job, const std::string& spec_text, const RunOptions& op
     });
     result["model"] = (out / "model").string();
   }
+  phases.end("export");
   const ops::MemoryStats ms = ops::MemoryMeter::stats(device);
   json fin = {{"event", "finished"},
               {"step", st.step},

@@ -40,12 +40,17 @@ struct LinearCrossEntropyFn : public torch::autograd::Function<LinearCrossEntrop
       const at::Tensor vc = valid.narrow(0, r0, c);
       const at::Tensor safe = yc.masked_fill(vc.logical_not(), 0).unsqueeze(1);
       at::Tensor logits = at::mm(hc, wf.t());  // [c, V] fp32, the only block alive
-      const at::Tensor lse = at::logsumexp(logits, 1, /*keepdim=*/true);
       const at::Tensor picked = logits.gather(1, safe);
+      // logsumexp in place (at::logsumexp would allocate a second [c, V] block):
+      // e = exp(logits - max), lse = log(sum e) + max.
+      const at::Tensor mx = std::get<0>(logits.max(1, /*keepdim=*/true));
+      logits.sub_(mx).exp_();
+      const at::Tensor se = logits.sum(1, /*keepdim=*/true);
+      const at::Tensor lse = se.log().add_(mx);
       total += ((lse - picked).squeeze(1) * vc).sum().item<double>();
       if (!grads || count == 0) continue;
       // d loss / d logits = (softmax - onehot) * valid / count, formed in place.
-      logits.sub_(lse).exp_();
+      logits.div_(se);
       logits.scatter_add_(1, safe, at::full({c, 1}, -1.0, logits.options()));
       logits.mul_(vc.unsqueeze(1).to(at::kFloat) / static_cast<double>(count));
       if (dh.defined()) dh.narrow(0, r0, c).copy_(at::mm(logits, wf));

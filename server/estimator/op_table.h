@@ -54,10 +54,11 @@ Tensor add(Sim& s, const Tensor& a, const Tensor& b);
 Tensor mul(Sim& s, const Tensor& a, const Tensor& b);
 Tensor tanh(Sim& s, const Tensor& x);
 Tensor embedding(Sim& s, const Tensor& weight, const Tensor& ids, int64_t rows, int64_t d);
-// A view of part of `base` (narrow, select, index): forward allocates `copy_numel`
-// elements if the result must be materialised (0 for a plain view); backward allocates a
-// zero tensor of the base's size.
-Tensor part(Sim& s, const Tensor& base, int64_t numel, bool contiguous, const std::string& op);
+// A view of part of `base` (narrow, select): no bytes in forward; backward allocates a
+// zero tensor of the base's size and copies the gradient in. `viewable`: whether
+// flattening it to 2-D is still a view (a row select is, a narrow of the middle
+// dimension of a batch is not).
+Tensor part(Sim& s, const Tensor& base, int64_t numel, bool contiguous, bool viewable, const std::string& op);
 // A contiguous copy of a non-contiguous view (reshape); gradient passes through.
 Tensor contiguous_copy(Sim& s, const Tensor& x);
 // dtype cast (x.to(dtype)) when the element size changes.

@@ -1,4 +1,4 @@
-#include "ops.h"
+#include "op_table.h"
 
 #include <algorithm>
 
@@ -22,7 +22,7 @@ Tensor lora_input(Sim& s, const Tensor& x2, const LinearW& w) {
 
 // linear_forward: y = x W^T + b (+ s B A drop(z)). `mask` receives the dropout bits.
 Tensor linear_forward(Sim& s, const Tensor& x, int64_t rows, const LinearW& w, bool training, Tensor* mask) {
-  Tensor x2 = x.contiguous ? x : s.empty(x.numel, x.esize);  // reshape of a strided view copies
+  Tensor x2 = x.viewable ? x : s.empty(x.numel, x.esize);  // reshape of a strided view copies
   Tensor y = s.empty(rows * w.out, x.esize);
   if (w.has_lora()) {
     Tensor z = lora_input(s, x2, w);
@@ -57,7 +57,7 @@ Grads linear_backward(Sim& s, Tensor x, const Tensor& dy, int64_t rows, const Li
   const int64_t es = dy.esize;
   {
     Tensor x2;
-    if (x.defined()) x2 = x.contiguous ? x : s.empty(x.numel, x.esize);
+    if (x.defined()) x2 = x.viewable ? x : s.empty(x.numel, x.esize);
     if (needs.dweight) g[1] = s.empty(w.out * w.in, w.weight.esize);
     if (needs.dbias) g[2] = s.empty(w.out, w.bias.esize);
     Tensor dxa;
@@ -180,13 +180,17 @@ Tensor layer_norm(Sim& s, const Runtime& rt, const Tensor& x, int64_t rows, cons
   Tensor mean = s.empty(rows, stat), rstd = s.empty(rows, stat);
   xc = Tensor{};
   s.record("layer_norm", {&x, &gamma, &beta}, {&y}, {x, mean, rstd},
-           [&s, x, mean, rstd, gamma, beta, dx = x.requires_grad()](Grads&) {
+           [&s, x, mean, rstd, gamma, beta, dx = x.requires_grad(), cuda = rt.cuda, threads = rt.threads](Grads&) {
              Grads g(3);
              Tensor xc2;
              if (!x.contiguous) xc2 = like(s, x);
              if (dx) g[0] = like(s, x);
              if (gamma.requires_grad()) g[1] = like(s, gamma);
              if (beta.defined() && beta.requires_grad()) g[2] = like(s, beta);
+             // CPU: per-thread partial sums for dgamma and dbeta.
+             if (!cuda && (gamma.requires_grad() || (beta.defined() && beta.requires_grad()))) {
+               Tensor partial = s.empty(2 * threads * gamma.numel, gamma.esize);
+             }
              return g;
            });
   return y;
@@ -304,10 +308,11 @@ Tensor embedding(Sim& s, const Tensor& weight, const Tensor& ids, int64_t rows, 
   return out;
 }
 
-Tensor part(Sim& s, const Tensor& base, int64_t numel, bool contiguous, const std::string& op) {
+Tensor part(Sim& s, const Tensor& base, int64_t numel, bool contiguous, bool viewable, const std::string& op) {
   Tensor out = base.detach();
   out.numel = numel;
   out.contiguous = contiguous;
+  out.viewable = viewable;
   Tensor tmp = out;
   s.record(op, {&base}, {&tmp}, {}, [&s, bn = base.numel, es = base.esize](Grads&) {
     return Grads{s.empty(bn, es)};  // zeros of the base's shape, the part copied in
@@ -317,7 +322,7 @@ Tensor part(Sim& s, const Tensor& base, int64_t numel, bool contiguous, const st
 }
 
 Tensor contiguous_copy(Sim& s, const Tensor& x) {
-  if (x.contiguous) return x;
+  if (x.viewable) return x;
   Tensor out = like(s, x);
   s.record("clone", {&x}, {&out}, {}, [](Grads& gr) { return Grads{gr[0]}; });
   return out;
@@ -388,8 +393,8 @@ Tensor attention(Sim& s, const Runtime& rt, const Tensor& q, const Tensor& k, co
                Tensor dk = s.empty(kv, es), dv = s.empty(kv, es);
                const int64_t t = std::min<int64_t>(rt.threads, a.B * a.Hk);
                const int64_t per = (es == kF32 ? 0 : 2 * a.S * a.D * kF32) + 2 * a.S * a.D * kF32 +
-                                   (2 * g.G * c * a.D + 2 * g.G * c + 2 * g.G * c * len) * kF32 +
-                                   (c < a.S ? g.G * c * kF32 : 0);
+                                   (2 * g.G * c * a.D + g.G * c + 2 * g.G * c * len) * kF32 +
+                                   (c < a.S ? g.G * c * kF32 : 0);  // row_lse: a copy unless one chunk
                {
                  Tensor scratch = s.empty(t * per, 1);
                }
@@ -413,7 +418,9 @@ Tensor attention(Sim& s, const Runtime& rt, const Tensor& q, const Tensor& k, co
                {
                  const int64_t rows = a.B * a.Hk * g.G * c;
                  Tensor qg = s.empty(rows * a.D, kF32), dog = s.empty(rows * a.D, kF32);
-                 Tensor row_delta = s.empty(rows, kF32), row_lse = s.empty(rows, kF32);
+                 // Per-row views of [B, H, S] tensors are copies unless one chunk covers S.
+                 Tensor row_delta = (!rt.cuda || c < a.S) ? s.empty(rows, kF32) : Tensor{};
+                 Tensor row_lse = c < a.S ? s.empty(rows, kF32) : Tensor{};
                  Tensor p = s.empty(rows * len, kF32);
                  {
                    Tensor pv = s.empty(a.B * a.Hk * len * a.D, kF32);
@@ -502,8 +509,8 @@ Tensor rope(Sim& s, const Tensor& t, const Tensor& cos, const Tensor& sin) {
   const int64_t n = t.numel, es = t.esize;
   Tensor rot;
   {
-    Tensor hi = part(s, t, n / 2, false, "narrow");
-    Tensor lo = part(s, t, n / 2, false, "narrow");
+    Tensor hi = part(s, t, n / 2, false, false, "narrow");
+    Tensor lo = part(s, t, n / 2, false, false, "narrow");
     Tensor neg = s.empty(n / 2, es);
     s.record("neg", {&hi}, {&neg}, {}, [&s, n, es](Grads&) { return Grads{s.empty(n / 2, es)}; });
     rot = s.empty(n, es);
@@ -628,6 +635,8 @@ Tensor checkpoint(Sim& s, const Runtime& rt, const Tensor& x, const Tensor& anch
   }
   const Tensor xk = x.detach();
   s.record("checkpoint", {&x, &anchor}, {&out}, {xk, rng}, [&s, xk, fn, rng](Grads& gr) {
+    Tensor now;
+    if (rng.defined()) now = s.empty(5056, 1);  // the generator's state, restored after
     Leaf* leaf = s.new_leaf("checkpoint input", xk.esize);
     Tensor xin = xk;
     xin.edge = Edge{nullptr, 0, leaf};

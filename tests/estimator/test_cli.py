@@ -1,0 +1,96 @@
+"""`memfit estimate` as a process: the JSON object, the text breakdown, the fit plan and
+bad input (exit 2, the message names the flag, file or field)."""
+import json
+import os
+import subprocess
+import sys
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(REPO, "tests", "worker"))
+import worker_harness as H  # noqa: E402
+
+CLI = os.environ.get("MEMFIT_CLI", os.path.join(REPO, "build", "bin", "memfit"))
+
+
+def run(*args):
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120)
+
+
+def spec_file(tmp, **over):
+    cfg = H.write_json(os.path.join(tmp, "config.json"), over.pop("config", dict(H.TINY_GPT2)))
+    spec = {"name": "est", "model": {"architecture": "gpt2", "config_path": cfg},
+            "data": {"train_path": os.path.join(tmp, "train.txt"), "format": "text",
+                     "tokenizer_path": os.path.join(tmp, "tok")},
+            "method": {"kind": "lora"}, "memory": {"preset": "memfit_best"},
+            "training": {"steps": 10, "micro_batch": 8, "gradient_accumulation": 2, "sequence_length": 64},
+            "output_dir": os.path.join(tmp, "out"), "device": "cuda:0"}
+    for k, v in over.items():
+        spec[k] = dict(spec.get(k, {}), **v) if isinstance(v, dict) else v
+    return H.write_json(os.path.join(tmp, "job.json"), spec)
+
+
+class Estimate(unittest.TestCase):
+    def test_json_has_the_peak_breakdown_and_phases(self):
+        tmp = H.workdir("est")
+        r = run("estimate", "-f", spec_file(tmp), "-o", "json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        e = json.loads(r.stdout)
+        self.assertEqual(e["device"]["kind"], "cuda")
+        b = e["breakdown"]
+        self.assertEqual(e["peak_bytes"], e["allocated_peak_bytes"] + e["allocator_overhead_bytes"] + e["context_bytes"])
+        self.assertEqual(e["context_bytes"], 512 << 20)
+        self.assertEqual(b["optimizer_bytes"], 8 * e["trainable_parameters"])
+        self.assertGreater(b["activation_bytes"], 0)
+        self.assertEqual(sum(a["bytes"] for a in e["activations"]),
+                         sum(o["bytes"] for a in e["activations"] for o in a["ops"]))
+        self.assertEqual([a["where"] for a in e["activations"]][:3], ["embeddings", "layer 0", "layer 1"][:len(e["activations"])][:3])
+        self.assertIn(e["peak_phase"], e["phase_peaks"])
+        self.assertEqual(e["phase_peaks"][e["peak_phase"]], e["allocated_peak_bytes"])
+        self.assertNotIn("fit", e)
+
+    def test_fit_plan_keeps_the_global_batch(self):
+        tmp = H.workdir("est")
+        spec = spec_file(tmp, training={"micro_batch": 32, "gradient_accumulation": 2, "sequence_length": 128})
+        full = json.loads(run("estimate", "-f", spec, "-o", "json").stdout)
+        r = run("estimate", "-f", spec, "--device-memory", str(full["peak_bytes"] - 1), "-o", "json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        fit = json.loads(r.stdout)["fit"]
+        self.assertTrue(fit["fits"])
+        self.assertEqual(fit["micro_batch"] * fit["gradient_accumulation"], 64)
+        self.assertLess(fit["micro_batch"], 32)
+        self.assertLessEqual(fit["peak_bytes"], full["peak_bytes"] - 1)
+        self.assertTrue(any("chose" in x for x in fit["reasons"]))
+        none = json.loads(run("estimate", "-f", spec, "--device-memory", "600MiB", "-o", "json").stdout)["fit"]
+        self.assertFalse(none["fits"])
+        self.assertGreater(none["smallest_bytes"], 600 << 20)
+
+    def test_text_output_and_sizes(self):
+        tmp = H.workdir("est")
+        r = run("estimate", "-f", spec_file(tmp), "--device-memory", "16GiB")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        for needle in ("peak", "weights", "optimizer state", "activations kept", "layer 0", "fit in 16.00 GiB"):
+            self.assertIn(needle, r.stdout)
+
+    def test_bad_input_names_the_field(self):
+        tmp = H.workdir("est")
+        cases = [
+            (["estimate"], "-f SPEC is required"),
+            (["estimate", "-f", os.path.join(tmp, "missing.json")], "missing.json"),
+            (["estimate", "-f", spec_file(tmp), "--device-memory", "16 gigs"], "--device-memory: '16 gigs' is not a size"),
+            (["estimate", "-f", spec_file(tmp), "-o", "yaml"], "-o: expected json or text"),
+            (["estimate", "-f", spec_file(tmp), "--device", "tpu"], "--device: expected cpu or cuda"),
+            (["estimate", "-f", spec_file(tmp, training={"micro_batch": 1000000000000})], "training.micro_batch"),
+            (["estimate", "-f", spec_file(tmp, config=dict(H.TINY_GPT2, n_embd=0))], "n_embd"),
+            (["estimate", "-f", spec_file(tmp, training={"sequence_length": 4096})], "sequence_length"),
+            (["frobnicate"], "unknown command 'frobnicate'"),
+        ]
+        for args, needle in cases:
+            r = run(*args)
+            self.assertEqual(r.returncode, 2, (args, r.stdout, r.stderr))
+            self.assertIn(needle, r.stderr, args)
+
+
+if __name__ == "__main__":
+    unittest.main()
