@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/en
 
 extra=()
 [[ -n "${MEMFIT_GTEST_SOURCE_DIR:-}" ]] && extra+=(-DMEMFIT_GTEST_SOURCE_DIR="$MEMFIT_GTEST_SOURCE_DIR")
-cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DMEMFIT_CUDA=ON \
+cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DMEMFIT_CUDA=ON -DMEMFIT_OPS_ONLY=ON \
   -DCMAKE_CUDA_ARCHITECTURES="${MEMFIT_CUDA_ARCHS:-80;90}" -DCMAKE_PREFIX_PATH="$torch_prefix" \
   "${extra[@]}" 2>&1 | tee "$out/configure.log"
 cmake --build build-cuda --parallel "${MEMFIT_JOBS:-16}" \

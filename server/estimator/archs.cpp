@@ -42,7 +42,7 @@ class Gpt2 final : public SimModel {
 
   Tensor forward(const Batch& b, bool training) override {
     const int64_t B = b.B, S = b.S, T = B * S, d = cfg_.hidden, H = cfg_.heads, D = cfg_.head_dim();
-    s_.where = "embeddings";
+    s_.set_where("embeddings");
     Tensor pos = s_.empty(S, 8);
     Tensor x = add(s_, embedding(s_, p("transformer.wte.weight"), b.ids, T, d),
                    embedding(s_, p("transformer.wpe.weight"), pos, S, d));
@@ -50,7 +50,7 @@ class Gpt2 final : public SimModel {
     const Tensor mask = b.mask;
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer L = layers_[i];
-      s_.where = layer_name(i);
+      s_.set_where(layer_name(i));
       x = block([=](const Tensor& xin) {
         const Tensor qkv = apply_linear(*L.attn, apply_norm(*L.ln1, xin, T), T, training);
         const Tensor at = attend(part(s_, qkv, T * d, false, false, "select"), part(s_, qkv, T * d, false, false, "select"),
@@ -60,7 +60,7 @@ class Gpt2 final : public SimModel {
         return add(s_, x1, mlp_tail(z, T, *L.fc_proj, training));
       }, x, training);
     }
-    s_.where = "head";
+    s_.set_where("head");
     const Tensor h = apply_norm(*ln_f_, x, T);
     if (score_ != nullptr) {
       return classification_loss(apply_linear(*score_, last_token(h, b), B, training), B, cfg_.num_labels);
@@ -113,7 +113,7 @@ class Llama final : public SimModel {
   Tensor forward(const Batch& b, bool training) override {
     const int64_t B = b.B, S = b.S, T = B * S, d = cfg_.hidden, H = cfg_.heads, Hk = cfg_.kv_heads,
                   D = cfg_.head_dim();
-    s_.where = "embeddings";
+    s_.set_where("embeddings");
     Tensor x = embedding(s_, p("model.embed_tokens.weight"), b.ids, T, d);
     // RoPE tables: inv (float64 steps, then fp32), angles, cos/sin in the model's dtype.
     Tensor inv;
@@ -135,7 +135,7 @@ class Llama final : public SimModel {
     const Tensor mask = b.mask;
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer L = layers_[i];
-      s_.where = layer_name(i);
+      s_.set_where(layer_name(i));
       x = block([=](const Tensor& xin) {
         const Tensor h = apply_norm(*L.ln1, xin, T);
         const Tensor q = rope(s_, apply_linear(*L.q, h, T, training), cos, sin);
@@ -149,7 +149,7 @@ class Llama final : public SimModel {
         return add(s_, x1, swiglu_tail(g, u, T, *L.down, training));
       }, x, training);
     }
-    s_.where = "head";
+    s_.set_where("head");
     const Tensor h = apply_norm(*final_, x, T);
     if (score_ != nullptr) {
       return classification_loss(apply_linear(*score_, last_token(h, b), B, training), B, cfg_.num_labels);
@@ -201,7 +201,7 @@ class Vit final : public SimModel {
     const auto& c = cfg_;
     const int64_t B = b.B, d = c.hidden, H = c.heads, D = c.head_dim();
     const int64_t np = (c.image_size / c.patch_size) * (c.image_size / c.patch_size), S = np + 1, T = B * S;
-    s_.where = "embeddings";
+    s_.set_where("embeddings");
     Tensor patches;
     {
       const Tensor px = cast(s_, b.pixels, esize_);
@@ -219,7 +219,7 @@ class Vit final : public SimModel {
     const AttnShape a{B, S, H, H, D, false, false};
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer L = layers_[i];
-      s_.where = layer_name(i);
+      s_.set_where(layer_name(i));
       x = block([=](const Tensor& xin) {
         const Tensor h = apply_norm(*L.ln1, xin, T);
         const Tensor q = apply_linear(*L.q, h, T, training);
@@ -230,7 +230,7 @@ class Vit final : public SimModel {
         return add(s_, x1, mlp_tail(z, T, *L.fc2, training));
       }, x, training);
     }
-    s_.where = "head";
+    s_.set_where("head");
     const Tensor cl = apply_norm(*final_, part(s_, x, B * d, false, true, "select"), B);
     return classification_loss(apply_linear(*classifier_, cl, B, training), B, c.num_labels);
   }
@@ -285,7 +285,7 @@ class Bert final : public SimModel {
   Tensor forward(const Batch& b, bool training) override {
     const auto& c = cfg_;
     const int64_t B = b.B, S = b.S, T = B * S, d = c.hidden, H = c.heads, D = c.head_dim();
-    s_.where = "embeddings";
+    s_.set_where("embeddings");
     Tensor pos, real;
     if (roberta_) {
       {
@@ -312,7 +312,7 @@ class Bert final : public SimModel {
     const SimNorm* prev = emb_norm_;
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer L = layers_[i];
-      s_.where = layer_name(i);
+      s_.set_where(layer_name(i));
       y = block([=](const Tensor& yin) {
         const Tensor r = residual(*prev, yin);
         const Tensor q = apply_linear(*L.q, yin, T, training);
@@ -325,7 +325,7 @@ class Bert final : public SimModel {
       }, y, training);
       prev = L.ln2;
     }
-    s_.where = "head";
+    s_.set_where("head");
     const Tensor r = residual(*prev, y);
     const Tensor cls = part(s_, r, B * d, false, true, "select");
     const Tensor logits = apply_linear(*out_, tanh(s_, apply_linear(*dense_, cls, B, training)), B, training);

@@ -204,42 +204,44 @@ Estimate estimate(const Input& in) {
   e.weights_bytes = m->weight_bytes();
   for (const Tensor& t : state) e.optimizer_bytes += t.block->charged;
 
-  // Training micro-batches: the second sees the first's gradients (accumulation).
-  const int64_t micro = std::min<int64_t>(2, in.job.training.gradient_accumulation);
-  for (int64_t a = 0; a < micro; ++a) {
+  // One micro-batch. With gradient accumulation the later micro-batches run with every
+  // gradient already formed (added in place): the same timeline plus the gradients not yet
+  // formed at each moment, which the timeline's shadow tracks in the same pass.
+  if (in.job.training.gradient_accumulation > 1) {
+    int64_t grads = 0;
+    for (const Tensor& t : m->trainable()) grads += s.timeline.charge(t.numel * t.esize);
+    s.timeline.shadow(true, grads);
+    s.on_first_grad = [&s](int64_t bytes) { s.timeline.shadow_add(-bytes); };
+  }
+  {
     s.timeline.begin("batch");
     sim::Batch b = make_batch(s, in, cuda);
     s.timeline.end();
-    if (a == 0) {
-      for (const Tensor* t : {&b.ids, &b.mask, &b.labels, &b.pixels}) {
-        if (t->defined() && !(t == &b.labels && b.labels.block == b.ids.block)) e.batch_bytes += t->block->charged;
-      }
+    for (const Tensor* t : {&b.ids, &b.mask, &b.labels, &b.pixels}) {
+      if (t->defined() && !(t == &b.labels && b.labels.block == b.ids.block)) e.batch_bytes += t->block->charged;
     }
     const int64_t before = s.timeline.current();
     s.reset_kept();
     s.timeline.begin("forward");
     Tensor loss = m->forward(b, true);
     s.timeline.end();
-    if (a == 0) {
-      e.activation_bytes = s.timeline.current() - before;
-      std::map<std::string, size_t> index;
-      for (const auto& k : s.kept()) {
-        auto it = index.find(k.where);
-        if (it == index.end()) {
-          index[k.where] = e.activations.size();
-          e.activations.push_back(LayerKept{k.where, 0, {}});
-          it = index.find(k.where);
-        }
-        LayerKept& L = e.activations[it->second];
-        L.bytes += k.bytes;
-        auto op = std::find_if(L.ops.begin(), L.ops.end(), [&](const Item& i) { return i.name == k.op; });
-        if (op == L.ops.end()) {
-          L.ops.push_back({k.op, k.bytes});
-        } else {
-          op->bytes += k.bytes;
-        }
-        if (k.where == "head") e.loss_bytes += k.bytes;
+    e.activation_bytes = s.timeline.current() - before;
+    std::map<std::string, size_t> index;
+    for (const auto& k : s.kept()) {
+      auto it = index.find(*k.where);
+      if (it == index.end()) {
+        it = index.emplace(*k.where, e.activations.size()).first;
+        e.activations.push_back(LayerKept{*k.where, 0, {}});
       }
+      LayerKept& L = e.activations[it->second];
+      L.bytes += k.bytes;
+      auto op = std::find_if(L.ops.begin(), L.ops.end(), [&](const Item& i) { return i.name == k.op; });
+      if (op == L.ops.end()) {
+        L.ops.push_back({k.op, k.bytes});
+      } else {
+        op->bytes += k.bytes;
+      }
+      if (*k.where == "head") e.loss_bytes += k.bytes;
     }
     const int64_t at_backward = s.timeline.current();
     s.timeline.begin("backward");
@@ -251,8 +253,10 @@ Estimate estimate(const Input& in) {
     loss = Tensor{};
     s.drop_graph();
     s.timeline.end();
-    if (a == 0) e.backward_transient_bytes = s.timeline.phase_peaks().at("backward") - at_backward;
+    e.backward_transient_bytes = s.timeline.phase_peaks().at("backward") - at_backward;
   }
+  s.timeline.shadow(false, 0);
+  s.on_first_grad = nullptr;
   for (const Tensor& t : m->trainable()) {
     if (t.edge.leaf != nullptr && t.edge.leaf->grad.defined()) e.gradient_bytes += t.edge.leaf->grad.block->charged;
   }

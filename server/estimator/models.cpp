@@ -56,6 +56,22 @@ SimLinear& SimModel::linear(const std::string& module, int64_t in, int64_t out, 
   l.conv1d = conv1d;
   l.in_block = in_block;
   l.head = head;
+  // Breakdown labels: the module path below the layer index ("mlp.c_fc").
+  std::string rel = module;
+  size_t start = 0;
+  while (start < module.size()) {
+    const size_t dot = module.find('.', start);
+    const std::string part = module.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    if (!part.empty() && part.find_first_not_of("0123456789") == std::string::npos && dot != std::string::npos) {
+      rel = module.substr(dot + 1);
+      break;
+    }
+    if (dot == std::string::npos) break;
+    start = dot + 1;
+  }
+  l.label = "linear(" + rel + ")";
+  l.fused_label = "act_linear(" + rel + ")";
+  l.swiglu_label = "swiglu_linear(" + rel + ")";
   return l;
 }
 
@@ -211,7 +227,8 @@ void SimModel::materialize(bool load_weights) {
   }
   // Which tensors train: leaves receive gradients.
   auto train = [&](Tensor& t, const std::string& name, bool on) {
-    if (t.defined() && on) t.edge = Edge{nullptr, 0, s_.new_leaf(name, t.esize)};
+    if (t.defined() && on) t.edge = Edge{nullptr, 0, s_.new_leaf(t.esize, true)};
+    (void)name;
   };
   for (auto& q : params_) train(q->t, q->name, full || q->head);
   for (auto& n : norms_) {
@@ -230,7 +247,7 @@ void SimModel::materialize(bool load_weights) {
   } else {
     anchor_ = s_.empty(0, kF32);
   }
-  anchor_.edge = Edge{nullptr, 0, s_.new_leaf("anchor", kF32)};
+  anchor_.edge = Edge{nullptr, 0, s_.new_leaf(kF32, false)};
 }
 
 std::vector<Tensor> SimModel::trainable() const {
@@ -330,7 +347,7 @@ Tensor SimModel::apply_norm(const SimNorm& n, const Tensor& x, int64_t rows) {
 }
 
 Tensor SimModel::apply_linear(const SimLinear& l, const Tensor& x, int64_t rows, bool training) {
-  return sim::linear(s_, x, rows, l.w(), training, "linear(" + l.short_name + ")");
+  return sim::linear(s_, x, rows, l.w(), training, l.label);
 }
 
 Tensor SimModel::activation(const Tensor& x) {
@@ -348,13 +365,13 @@ Tensor SimModel::mlp_tail(const Tensor& z, int64_t rows, const SimLinear& down, 
   const std::string& a = cfg_.activation;
   const LinearW w = down.w();
   const bool fused = a != "relu" && (job_.memory.preset == "memfit_best" ? w.needs_input() : job_.memory.fused_mlp);
-  if (fused) return act_linear(s_, z, rows, w, training, "act_linear(" + down.short_name + ")");
+  if (fused) return act_linear(s_, z, rows, w, training, down.fused_label);
   return apply_linear(down, activation(z), rows, training);
 }
 
 Tensor SimModel::swiglu_tail(const Tensor& g, const Tensor& u, int64_t rows, const SimLinear& down, bool training) {
   if (job_.memory.fused_mlp || job_.memory.preset == "memfit_best") {
-    return swiglu_linear(s_, g, u, rows, down.w(), training, "swiglu_linear(" + down.short_name + ")");
+    return swiglu_linear(s_, g, u, rows, down.w(), training, down.swiglu_label);
   }
   return apply_linear(down, mul(s_, activation(g), u), rows, training);
 }

@@ -30,6 +30,7 @@ struct SimNorm {
 
 struct SimLinear {
   std::string module, short_name;
+  std::string label, fused_label, swiglu_label;  // names in the kept breakdown
   int64_t in = 0, out = 0;
   bool has_bias = true, conv1d = false, in_block = true, head = false;
   Tensor weight, bias, lora_a, lora_b;

@@ -637,7 +637,7 @@ Tensor checkpoint(Sim& s, const Runtime& rt, const Tensor& x, const Tensor& anch
   s.record("checkpoint", {&x, &anchor}, {&out}, {xk, rng}, [&s, xk, fn, rng](Grads& gr) {
     Tensor now;
     if (rng.defined()) now = s.empty(5056, 1);  // the generator's state, restored after
-    Leaf* leaf = s.new_leaf("checkpoint input", xk.esize);
+    Leaf* leaf = s.new_leaf(xk.esize, false);
     Tensor xin = xk;
     xin.edge = Edge{nullptr, 0, leaf};
     s.grad_mode = true;

@@ -15,21 +15,20 @@ int64_t Timeline::alloc(int64_t bytes) {
     }
     charged = (bytes + granularity_ - 1) / granularity_ * granularity_;
   }
-  if (charged > std::numeric_limits<int64_t>::max() - current_) {
-    throw EstimateError("the job's memory exceeds 2^63 bytes");
+  if (charged > std::numeric_limits<int64_t>::max() / 2 - current_) {
+    throw EstimateError("the job's memory exceeds 2^62 bytes");
   }
   current_ += charged;
   ++allocations_;
   if (current_ > peak_) peak_ = current_;
+  if (shadow_on_ && current_ + shadow_offset_ > peak_) peak_ = current_ + shadow_offset_;
   return charged;
 }
-
-void Timeline::free(int64_t charged) { current_ -= charged; }
 
 void Timeline::begin(const std::string& phase) {
   phase_ = phase;
   phase_start_peak_ = peak_;
-  peak_ = current_;
+  peak_ = shadow_on_ ? std::max(current_, current_ + shadow_offset_) : current_;
 }
 
 void Timeline::end() {
@@ -46,48 +45,48 @@ Tensor Sim::empty(int64_t numel, int64_t esize) {
     throw EstimateError("a tensor of the job exceeds 2^63 bytes");
   }
   Tensor t;
-  auto* b = new Block{&timeline, 0, next_block_++};
-  b->charged = timeline.alloc(numel * esize);
-  t.block.reset(b);
+  t.block = std::allocate_shared<Block>(std::pmr::polymorphic_allocator<Block>(&arena_), &timeline,
+                                        timeline.alloc(numel * esize));
   t.numel = numel;
   t.esize = esize;
   return t;
 }
 
-Leaf* Sim::new_leaf(const std::string& name, int64_t grad_esize) {
+Leaf* Sim::new_leaf(int64_t grad_esize, bool param) {
   leaves_.push_back(std::make_unique<Leaf>());
-  leaves_.back()->name = name;
   leaves_.back()->grad_esize = grad_esize;
+  leaves_.back()->param = param;
   return leaves_.back().get();
 }
 
-Node* Sim::record(const std::string& op, const std::vector<const Tensor*>& inputs,
-                  const std::vector<Tensor*>& outputs, const std::vector<Tensor>& saved, BackwardFn fn) {
+Node* Sim::record(const std::string& op, std::initializer_list<const Tensor*> inputs,
+                  std::initializer_list<Tensor*> outputs, std::initializer_list<Tensor> saved, BackwardFn fn) {
   if (!grad_mode) return nullptr;
   bool any = false;
   for (const Tensor* t : inputs) any = any || (t != nullptr && t->requires_grad());
   if (!any) return nullptr;
-  auto node = std::make_unique<Node>();
+  Node* node = &graphs_.back().emplace_back();
   node->seq = seq_++;
-  node->op = op;
+  node->next.reserve(inputs.size());
   for (const Tensor* t : inputs) node->next.push_back(t != nullptr ? t->edge : Edge{});
   node->buffer.resize(outputs.size());
   node->fn = std::move(fn);
   for (const Tensor& t : saved) {
     if (t.defined()) node->saved.push_back(t.detach());
   }
-  Node* raw = node.get();
-  for (size_t i = 0; i < outputs.size(); ++i) {
-    if (outputs[i] != nullptr) outputs[i]->edge = Edge{raw, static_cast<int>(i), nullptr};
+  Node* raw = node;
+  int i = 0;
+  for (Tensor* o : outputs) {
+    if (o != nullptr) o->edge = Edge{raw, i, nullptr};
+    ++i;
   }
   if (graphs_.size() == 1) {
     for (const Tensor& s : saved) {
-      if (!s.defined() || owned_.count(s.block->id)) continue;
-      owned_[s.block->id] = true;
-      kept_.push_back({where, op, s.block->charged});
+      if (!s.defined() || s.block->kept) continue;
+      s.block->kept = true;
+      kept_.push_back({where_, op, s.block->charged});
     }
   }
-  graphs_.back().push_back(std::move(node));
   return raw;
 }
 
@@ -101,6 +100,7 @@ void Sim::accumulate(const Edge& e, Tensor g) {
       } else {
         l.grad = empty(g.numel, l.grad_esize);
       }
+      if (on_first_grad && l.param) on_first_grad(l.grad.block->charged);
     }
     return;  // later gradients add in place
   }
@@ -118,9 +118,9 @@ void Sim::accumulate(const Edge& e, Tensor g) {
   }
 }
 
-void Sim::run(std::vector<std::unique_ptr<Node>>& nodes) {
+void Sim::run(std::deque<Node>& nodes) {
   for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {
-    Node& n = **it;
+    Node& n = *it;
     bool reached = false;
     for (const Tensor& g : n.buffer) reached = reached || g.defined();
     if (!reached || !n.fn) continue;

@@ -11,6 +11,8 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <memory_resource>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -22,7 +24,7 @@ class Timeline {
  public:
   explicit Timeline(int64_t granularity = 1) : granularity_(granularity) {}
   int64_t alloc(int64_t bytes);  // returns the bytes charged (rounded)
-  void free(int64_t charged);
+  void free(int64_t charged) { current_ -= charged; }
   int64_t current() const { return current_; }
   int64_t peak() const { return peak_; }
   // Phases: the peak since begin(name), kept as the max over all begins of that name.
@@ -30,11 +32,24 @@ class Timeline {
   void end();
   const std::map<std::string, int64_t>& phase_peaks() const { return phase_peaks_; }
   int64_t allocations() const { return allocations_; }
+  int64_t charge(int64_t bytes) const {
+    return granularity_ > 1 && bytes > 0 ? (bytes + granularity_ - 1) / granularity_ * granularity_ : bytes;
+  }
+  // A shadow timeline offset from this one by `offset` bytes, whose peaks count too:
+  // gradient accumulation's later micro-batches are the first one plus the gradients
+  // not yet formed (the estimator moves the offset as gradients land).
+  void shadow(bool on, int64_t offset) {
+    shadow_on_ = on;
+    shadow_offset_ = offset;
+  }
+  void shadow_add(int64_t delta) { shadow_offset_ += delta; }
 
  private:
   int64_t granularity_;
   int64_t current_ = 0, peak_ = 0, phase_start_peak_ = 0;
   int64_t allocations_ = 0;
+  bool shadow_on_ = false;
+  int64_t shadow_offset_ = 0;
   std::string phase_;
   std::map<std::string, int64_t> phase_peaks_;
 };
@@ -42,7 +57,8 @@ class Timeline {
 struct Block {
   Timeline* t;
   int64_t charged;
-  uint64_t id;
+  bool kept = false;  // owned by an entry of the kept breakdown
+  Block(Timeline* tl, int64_t c) : t(tl), charged(c) {}
   ~Block() { t->free(charged); }
 };
 
@@ -79,9 +95,9 @@ struct Tensor {
 
 // A parameter (or a checkpointed block's input) whose gradient accumulates in .grad.
 struct Leaf {
-  std::string name;
   Tensor grad;
   int64_t grad_esize = 4;
+  bool param = false;  // a trainable parameter (its gradient outlives backward)
 };
 
 using Grads = std::vector<Tensor>;
@@ -91,7 +107,6 @@ using BackwardFn = std::function<Grads(Grads&)>;
 
 struct Node {
   int64_t seq = 0;
-  std::string op;
   std::vector<Edge> next;  // one per input
   Grads buffer;            // one per output
   std::vector<Tensor> saved;  // what the op keeps; released after the node runs
@@ -102,17 +117,20 @@ class Sim;
 
 // Kept-bytes bookkeeping for the breakdown: the first op to keep a block owns its bytes.
 struct KeptEntry {
-  std::string where;  // "layer 3" / "head" / "embeddings"
-  std::string op;     // "ms_layer_norm", "linear(c_fc)", ...
+  const std::string* where;  // "layer 3" / "head" / "embeddings" (Sim::where at the time)
+  std::string op;            // "ms_layer_norm", "linear(mlp.c_fc)", ...
   int64_t bytes = 0;
 };
 
 class Sim {
  public:
-  explicit Sim(int64_t granularity) : timeline(granularity) {}
+  explicit Sim(int64_t granularity) : timeline(granularity) { set_where("model"); }
   Timeline timeline;
   bool grad_mode = true;
-  std::string where;  // label for the breakdown ("layer 0", ...)
+  // Label for the breakdown: set_where("layer 0"); entries point at interned names.
+  void set_where(const std::string& w) { where_ = &*wheres_.insert(w).first; }
+  // Called when a leaf gets its first gradient (the accumulation shadow).
+  std::function<void(int64_t)> on_first_grad;
 
   // A new tensor of n elements of `esize` bytes.
   Tensor empty(int64_t numel, int64_t esize);
@@ -122,9 +140,8 @@ class Sim {
   // Records a node if grad mode is on and any input needs a gradient. The outputs get
   // edges to it. `saved` is what the real op keeps (shared handles: no new bytes).
   // Returns the node, or nullptr when nothing was recorded (and nothing kept).
-  Node* record(const std::string& op, const std::vector<const Tensor*>& inputs,
-               const std::vector<Tensor*>& outputs, const std::vector<Tensor>& saved,
-               BackwardFn fn);
+  Node* record(const std::string& op, std::initializer_list<const Tensor*> inputs,
+               std::initializer_list<Tensor*> outputs, std::initializer_list<Tensor> saved, BackwardFn fn);
 
   // loss.backward(seed): runs the reachable nodes of the graphs recorded since the
   // last backward, newest first, as LibTorch's engine does on one device.
@@ -135,19 +152,22 @@ class Sim {
   // Frees the graph (the loss tensor went out of scope with everything it kept).
   void drop_graph();
 
-  Leaf* new_leaf(const std::string& name, int64_t grad_esize);
+  Leaf* new_leaf(int64_t grad_esize, bool param);
   const std::vector<KeptEntry>& kept() const { return kept_; }
-  void reset_kept() { kept_.clear(); owned_.clear(); }
+  void reset_kept() { kept_.clear(); }
 
  private:
   void accumulate(const Edge& e, Tensor g);
-  void run(std::vector<std::unique_ptr<Node>>& nodes);
-  std::deque<std::vector<std::unique_ptr<Node>>> graphs_ = std::deque<std::vector<std::unique_ptr<Node>>>(1);
+  void run(std::deque<Node>& nodes);
+  // Blocks come from an arena (an estimate allocates thousands of small objects; freeing
+  // them one by one is most of the work otherwise).
+  std::pmr::monotonic_buffer_resource arena_{64 << 10};
+  std::deque<std::deque<Node>> graphs_ = std::deque<std::deque<Node>>(1);
   std::vector<std::unique_ptr<Leaf>> leaves_;
   int64_t seq_ = 0;
   std::vector<KeptEntry> kept_;
-  std::map<uint64_t, bool> owned_;
-  uint64_t next_block_ = 1;
+  std::set<std::string> wheres_;
+  const std::string* where_ = nullptr;
 };
 
 }  // namespace memfit::estimator::sim

@@ -25,6 +25,9 @@ CLI = os.environ.get("MEMFIT_CLI", os.path.join(REPO, "build", "bin", "memfit"))
 THREADS = 2
 TOLERANCE = 0.03   # |estimate / measured - 1| <= 3%
 UNDER = 0.01       # never more than 1% below
+# CPU bf16 only: LibTorch 1.13's oneDNN bf16 GEMMs allocate packing buffers the estimator
+# does not model (docs/ACCOUNTING.md); held to 3% either way, reported separately.
+UNDER_CPU_BF16 = 0.03
 
 GPT2 = dict(H.TINY_GPT2, n_positions=256)
 LLAMA = dict(H.TINY_LLAMA, max_position_embeddings=256)
@@ -56,39 +59,59 @@ def long_texts(tmp):
     return path
 
 
-def make_spec(tmp, arch, mode, method, size, data):
+# Variants on top of the grid: gradient accumulation (later micro-batches see every
+# gradient), bf16, a validation split (the eval phase) and LoRA dropout.
+EXTRAS = {
+    "accum2": {"training": {"gradient_accumulation": 2}},
+    "bf16": {"training": {"dtype": "bf16"}},
+    "eval": {"training": {"eval_batches": 2}, "validation": True},
+    "dropout": {"lora_dropout": 0.1},
+}
+
+
+def make_spec(tmp, arch, mode, method, size, data, extra=None):
     B, S = size
     memory = dict(MODES[mode])
     spec = {"name": f"{arch}-{mode}-{method}-{B}x{S}", "model": {"architecture": arch, "init_seed": 1},
             "method": {"kind": method}, "memory": memory,
             "training": {"steps": 2, "micro_batch": B, "learning_rate": 1e-3, "seed": 3},
             "output_dir": os.path.join(tmp, "out")}
+    x = EXTRAS.get(extra, {})
+    spec["training"].update(x.get("training", {}))
     if method == "lora":
-        spec["method"]["lora"] = {"rank": 4, "alpha": 8}
+        spec["method"]["lora"] = {"rank": 4, "alpha": 8, "dropout": x.get("lora_dropout", 0.0)}
     if arch == "gpt2":
         spec["model"]["config_path"] = H.write_json(os.path.join(tmp, "config.json"), GPT2)
         spec["data"] = {"train_path": data["text"], "format": "text", "tokenizer_path": os.path.join(H.DATA, "gpt2")}
         spec["training"]["sequence_length"] = S
+        if x.get("validation"):
+            spec["data"]["validation_path"] = data["val"]
     elif arch == "llama":
         spec["model"]["config_path"] = H.write_json(os.path.join(tmp, "config.json"), LLAMA)
         spec["data"] = {"train_path": data["text"], "format": "text", "tokenizer_path": os.path.join(H.DATA, "llama")}
         spec["training"]["sequence_length"] = S
+        if x.get("validation"):
+            spec["data"]["validation_path"] = data["val"]
     elif arch == "vit":
         spec["model"]["config_path"] = H.write_json(os.path.join(tmp, "config.json"), VIT)
-        x, y = H.fmnist("test")
-        spec["data"] = {"train_path": x, "train_labels_path": y}
+        xs, ys = H.fmnist("test")
+        spec["data"] = {"train_path": xs, "train_labels_path": ys}
+        if x.get("validation"):
+            spec["data"].update({"validation_path": xs, "validation_labels_path": ys})
     else:
         spec["model"]["config_path"] = H.write_json(os.path.join(tmp, "config.json"), ROBERTA)
         spec["data"] = {"train_path": data["cls"], "format": "jsonl_classification",
                         "tokenizer_path": os.path.join(H.DATA, "gpt2")}
         spec["training"]["sequence_length"] = S
+        if x.get("validation"):
+            spec["data"]["validation_path"] = data["cls"]
     return H.write_json(os.path.join(tmp, "job.json"), spec)
 
 
 def run_case(case, data):
-    arch, mode, method, size = case
+    arch, mode, method, size, extra = case
     tmp = tempfile.mkdtemp(prefix="memfit-acc-")
-    spec = make_spec(tmp, arch, mode, method, size, data)
+    spec = make_spec(tmp, arch, mode, method, size, data, extra)
     w = subprocess.run([H.WORKER, "run", "--spec", spec, "--threads", str(THREADS)],
                        capture_output=True, text=True, timeout=900)
     events = [json.loads(l) for l in w.stdout.splitlines() if l.strip()]
@@ -116,7 +139,13 @@ def grid(only):
         for mode in MODES:
             for method in ("full", "lora"):
                 for size in (IMAGE_SIZES if arch == "vit" else TEXT_SIZES):
-                    cases.append((arch, mode, method, size))
+                    cases.append((arch, mode, method, size, None))
+        mid = (IMAGE_SIZES if arch == "vit" else TEXT_SIZES)[1]
+        for extra, mode, method in (("accum2", "exact", "full"), ("accum2", "best", "lora"),
+                                    ("bf16", "paper", "full"), ("bf16", "best", "lora"),
+                                    ("eval", "exact", "lora"), ("eval", "best", "full"),
+                                    ("dropout", "paper", "lora"), ("dropout", "best", "lora")):
+            cases.append((arch, mode, method, mid, extra))
     return cases
 
 
@@ -124,6 +153,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", help="architectures to run")
     ap.add_argument("--mode", nargs="*", help="memory modes to run")
+    ap.add_argument("--extra", nargs="*", help="only these variants (accum2, bf16, eval, dropout)")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--jobs", type=int, default=1)
@@ -132,20 +162,21 @@ def main():
         print("accuracy: test data missing (scripts/fetch_data.sh); skipped")
         return 77
     tmp = tempfile.mkdtemp(prefix="memfit-acc-data-")
-    data = {"text": H.moby(tmp, 1, 30, "train.txt"), "cls": long_texts(tmp)}
-    cases = [c for c in grid(args.only) if not args.mode or c[1] in args.mode]
+    data = {"text": H.moby(tmp, 1, 30, "train.txt"), "val": H.moby(tmp, 131, 133, "val.txt"), "cls": long_texts(tmp)}
+    cases = [c for c in grid(args.only) if (not args.mode or c[1] in args.mode) and (not args.extra or c[4] in args.extra)]
     with ThreadPoolExecutor(max_workers=args.jobs) as ex:
         results = list(ex.map(lambda c: run_case(c, data), cases))
     failures, ratios = [], []
     for r in results:
-        arch, mode, method, (B, S) = r["case"]
-        name = f"{arch:8s} {mode:12s} {method:5s} B={B:<3d} S={S:<4d}"
+        arch, mode, method, (B, S), extra = r["case"]
+        name = f"{arch:8s} {mode:12s} {method:5s} B={B:<3d} S={S:<4d} {extra or '':7s}"
         if "error" in r:
             failures.append(f"{name}: {r['error']}")
             print(f"{name} ERROR {r['error']}")
             continue
-        ratios.append(r["ratio"])
-        bad = abs(r["ratio"] - 1) > TOLERANCE or r["ratio"] < 1 - UNDER
+        ratios.append((r["ratio"], r["case"][4] == "bf16"))
+        under = UNDER_CPU_BF16 if r["case"][4] == "bf16" else UNDER
+        bad = abs(r["ratio"] - 1) > TOLERANCE or r["ratio"] < 1 - under
         if bad:
             failures.append(f"{name}: estimate {r['estimate']} vs measured {r['measured']} ({r['ratio']:.4f})")
         if args.verbose or bad:
@@ -154,23 +185,26 @@ def main():
             if args.verbose:
                 mp, ep = r["measured_phases"], r["estimated_phases"]
                 print("    phases " + " ".join(f"{k}:{mp.get(k, 0) / 2**20:.2f}/{ep.get(k, 0) / 2**20:.2f}"
-                                               for k in ("init", "forward", "backward", "optimizer", "eval")
+                                               for k in ("init", "batch", "forward", "backward", "optimizer", "eval", "export")
                                                if k in mp or k in ep)
                       + f"  act {r['measured_activations'] / 2**20:.3f}/{r['estimated_activations'] / 2**20:.3f}")
-    if ratios:
-        errs = [abs(x - 1) for x in ratios]
-        worst = max(ratios, key=lambda x: abs(x - 1))
-        print(f"\n{len(ratios)} cases: mean absolute error {100 * statistics.mean(errs):.2f}%, "
+    for label, sel in (("fp32", False), ("CPU bf16", True)):
+        rs = [x for x, b in ratios if b == sel]
+        if not rs:
+            continue
+        errs = [abs(x - 1) for x in rs]
+        worst = max(rs, key=lambda x: abs(x - 1))
+        print(f"\n{label}: {len(rs)} cases: mean absolute error {100 * statistics.mean(errs):.2f}%, "
               f"median {100 * statistics.median(errs):.2f}%, worst {100 * (worst - 1):+.2f}%, "
-              f"lowest {100 * (min(ratios) - 1):+.2f}%, highest {100 * (max(ratios) - 1):+.2f}%")
+              f"lowest {100 * (min(rs) - 1):+.2f}%, highest {100 * (max(rs) - 1):+.2f}%")
     if args.markdown:
         print("\n| architecture | mode | method | B x S | measured MiB | estimate MiB | error |")
         print("|---|---|---|---|---|---|---|")
         for r in results:
             if "error" in r:
                 continue
-            arch, mode, method, (B, S) = r["case"]
-            print(f"| {arch} | {mode} | {method} | {B} x {S or '-'} | {r['measured'] / 2**20:.2f} | "
+            arch, mode, method, (B, S), extra = r["case"]
+            print(f"| {arch} | {mode}{' + ' + extra if extra else ''} | {method} | {B} x {S or '-'} | {r['measured'] / 2**20:.2f} | "
                   f"{r['estimate'] / 2**20:.2f} | {100 * (r['ratio'] - 1):+.2f}% |")
     if failures:
         print(f"\n{len(failures)} of {len(results)} cases outside the goal:")

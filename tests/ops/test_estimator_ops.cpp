@@ -64,7 +64,7 @@ struct SimRun {
   // A tensor of n elements; `grad`: a leaf that receives a gradient.
   sim::Tensor t(int64_t n, bool grad, int64_t esize = 4) {
     sim::Tensor x = s.empty(n, esize);
-    if (grad) x.edge = sim::Edge{nullptr, 0, s.new_leaf("x", esize)};
+    if (grad) x.edge = sim::Edge{nullptr, 0, s.new_leaf(esize, true)};
     return x;
   }
   Bytes run(const std::function<sim::Tensor()>& op) {
@@ -107,23 +107,26 @@ TEST(EstimatorOps, LinearMatchesTheRealOp) {
       {"lora+merged norm", false, true, false, true, false}, {"lora+both", false, true, true, true, false},
       {"trainable+lora", true, true, false, false, false}, {"strided input", true, false, false, false, true},
   };
+  for (const bool bf16 : {false, true})
   for (const LinearCase& c : cases) {
     at::manual_seed(3);
+    const auto dt = bf16 ? at::kBFloat16 : at::kFloat;
+    const int64_t es = bf16 ? 2 : 4;
     const Bytes real = measure_real(
         [&] {
           std::vector<at::Tensor> v;
           // strided: the LM head's input, h[:, :-1] of a [B, S + 1, d] batch.
-          v.push_back(c.strided ? at::randn({4, kRows / 4 + 1, kIn}).requires_grad_(true)
-                                : at::randn({kRows, kIn}).requires_grad_(true));
-          v.push_back((at::randn({kOut, kIn}) * 0.05).requires_grad_(c.train_w));
-          v.push_back(at::zeros({kOut}).requires_grad_(c.train_w));
+          v.push_back(c.strided ? at::randn({4, kRows / 4 + 1, kIn}, dt).requires_grad_(true)
+                                : at::randn({kRows, kIn}, dt).requires_grad_(true));
+          v.push_back((at::randn({kOut, kIn}, dt) * 0.05).requires_grad_(c.train_w));
+          v.push_back(at::zeros({kOut}, dt).requires_grad_(c.train_w));
           if (c.lora) {
-            v.push_back((at::randn({kRank, kIn}) * 0.1).requires_grad_(true));
-            v.push_back((at::randn({kOut, kRank}) * 0.1).requires_grad_(true));
+            v.push_back((at::randn({kRank, kIn}, dt) * 0.1).requires_grad_(true));
+            v.push_back((at::randn({kOut, kRank}, dt) * 0.1).requires_grad_(true));
           }
           if (c.merged_norm) {
-            v.push_back(at::rand({kIn}) + 0.5);
-            v.push_back(at::randn({kIn}));
+            v.push_back(at::rand({kIn}, dt) + 0.5);
+            v.push_back(at::randn({kIn}, dt));
           }
           return v;
         },
@@ -143,26 +146,34 @@ TEST(EstimatorOps, LinearMatchesTheRealOp) {
     sim::LinearW w;
     w.in = kIn;
     w.out = kOut;
-    sim::Tensor x = r.t((c.strided ? kRows + 4 : kRows) * kIn, true);
-    w.weight = r.t(kOut * kIn, c.train_w);
-    w.bias = r.t(kOut, c.train_w);
+    sim::Tensor x = r.t((c.strided ? kRows + 4 : kRows) * kIn, true, es);
+    w.weight = r.t(kOut * kIn, c.train_w, es);
+    w.bias = r.t(kOut, c.train_w, es);
     if (c.lora) {
       w.rank = kRank;
-      w.lora_a = r.t(kRank * kIn, true);
-      w.lora_b = r.t(kOut * kRank, true);
+      w.lora_a = r.t(kRank * kIn, true, es);
+      w.lora_b = r.t(kOut * kRank, true, es);
       w.lora_dropout = c.dropout ? 0.1 : 0.0;
     }
     sim::Tensor g, b;
     if (c.merged_norm) {
-      g = r.t(kIn, false);
-      b = r.t(kIn, false);
+      g = r.t(kIn, false, es);
+      b = r.t(kIn, false, es);
       w.in_scale = w.in_shift = true;
     }
     const Bytes est = r.run([&] {
       const sim::Tensor xin = c.strided ? sim::part(r.s, x, kRows * kIn, false, false, "narrow") : x;
       return sim::linear(r.s, xin, kRows, w, true, "linear");
     });
-    expect_same(real, est, c.name);
+    if (!bf16) {
+      expect_same(real, est, c.name);
+    } else {
+      // LibTorch 1.13's CPU bf16 GEMMs (oneDNN) allocate packing buffers that depend on
+      // shapes and layouts; the table does not model them (docs/ACCOUNTING.md). What is
+      // kept and what backward leaves are exact.
+      EXPECT_EQ(real.kept, est.kept) << c.name << " bf16: real " << real << " estimator " << est;
+      EXPECT_EQ(real.after, est.after) << c.name << " bf16: real " << real << " estimator " << est;
+    }
   }
 }
 
@@ -231,13 +242,15 @@ TEST(EstimatorOps, ActivationsAndNormsMatchTheRealOps) {
       {"ms_rms_norm", [](const at::Tensor& x) { return memfit::ops::ms_rms_norm(x, 1e-5); },
        [](SimRun& r, const sim::Tensor& x) { return sim::ms_norm(r.s, x, kRows, "ms_rms_norm"); }},
   };
+  for (const bool bf16 : {false, true})
   for (const Case& c : cases) {
-    const Bytes real = measure_real([&] { return std::vector<at::Tensor>{at::randn({kRows, kOut}).requires_grad_(true)}; },
+    const auto dt = bf16 ? at::kBFloat16 : at::kFloat;
+    const Bytes real = measure_real([&] { return std::vector<at::Tensor>{at::randn({kRows, kOut}, dt).requires_grad_(true)}; },
                                     [&](const std::vector<at::Tensor>& v) { return c.real(v[0]); });
     SimRun r;
-    sim::Tensor x = r.t(n, true);
+    sim::Tensor x = r.t(n, true, bf16 ? 2 : 4);
     const Bytes est = r.run([&] { return c.est(r, x); });
-    expect_same(real, est, c.name);
+    expect_same(real, est, std::string(c.name) + (bf16 ? " bf16" : ""));
   }
   // Stock LayerNorm with frozen and trainable affine parameters.
   for (bool affine_grad : {false, true}) {
