@@ -11,7 +11,8 @@ constexpr int kExitOk = 0;
 constexpr int kExitError = 1;
 constexpr int kExitBadInput = 2;
 
-// memfit estimate -f SPEC [--device-memory SIZE] [--device cpu|cuda] [--threads N] [-o json]
+// memfit estimate -f SPEC [--device-memory SIZE] [--device cpu|cuda] [--threads N]
+//                 [--cuda-context SIZE] [--reserved-overhead FRACTION] [-o json|text]
 int estimate_cmd(const std::vector<std::string>& args);
 
 }  // namespace memfit::cli

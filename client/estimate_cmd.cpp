@@ -24,6 +24,8 @@ struct Args {
   int64_t device_memory = 0;
   int threads = 0;
   bool json_out = false;
+  int64_t cuda_context = -1;     // -1: DeviceModel's default
+  double reserved_overhead = -1;  // -1: DeviceModel's default
 };
 
 class Usage : public std::runtime_error {
@@ -54,6 +56,16 @@ Args parse(const std::vector<std::string>& a) {
       const long n = std::strtol(v.c_str(), &end, 10);
       if (v.empty() || *end != '\0' || n < 1 || n > 65536) throw Usage("--threads: expected 1..65536, got '" + v + "'");
       r.threads = static_cast<int>(n);
+    } else if (f == "--cuda-context") {
+      r.cuda_context = est::parse_size(value(i, f), "--cuda-context");
+    } else if (f == "--reserved-overhead") {
+      const std::string v = value(i, f);
+      char* end = nullptr;
+      const double x = std::strtod(v.c_str(), &end);
+      if (v.empty() || *end != '\0' || !(x >= 0.0 && x < 10.0)) {
+        throw Usage("--reserved-overhead: expected a fraction in [0, 10), got '" + v + "'");
+      }
+      r.reserved_overhead = x;
     } else if (f == "-o" || f == "--output") {
       const std::string v = value(i, f);
       if (v != "json" && v != "text") throw Usage(f + ": expected json or text, got '" + v + "'");
@@ -166,6 +178,8 @@ int estimate_cmd(const std::vector<std::string>& argv) {
     const std::string dev = a.device.empty() ? job.device : a.device;
     if (dev.rfind("cuda", 0) == 0) {
       in.device = est::DeviceModel::cuda();
+      if (a.cuda_context >= 0) in.device.context_bytes = a.cuda_context;
+      if (a.reserved_overhead >= 0) in.device.reserved_overhead = a.reserved_overhead;
     } else {
       in.device = est::DeviceModel::cpu(a.threads > 0 ? a.threads
                                                       : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
@@ -178,7 +192,11 @@ int estimate_cmd(const std::vector<std::string>& argv) {
     if (a.device_memory > 0) plan = est::fit(in, a.device_memory);
     if (a.json_out) {
       json out = estimate_json(e);
-      out["device"] = {{"kind", in.device.kind_name()}, {"threads", in.device.threads}};
+      out["device"] = {{"kind", in.device.kind_name()},
+                       {"threads", in.device.threads},
+                       {"context_bytes", in.device.context_bytes},
+                       {"alloc_granularity", in.device.alloc_granularity},
+                       {"reserved_overhead", in.device.reserved_overhead}};
       if (a.device_memory > 0) {
         out["fit"] = {{"fits", plan.fits},
                       {"device_bytes", plan.device_bytes},

@@ -11,9 +11,11 @@ const char* kUsage =
     "usage: memfit <command> [options]\n"
     "\n"
     "commands:\n"
-    "  estimate -f SPEC [--device-memory SIZE] [--device cpu|cuda] [--threads N] [-o json]\n"
+    "  estimate -f SPEC [--device-memory SIZE] [--device cpu|cuda] [--threads N]\n"
+    "           [--cuda-context SIZE] [--reserved-overhead FRACTION] [-o json|text]\n"
     "      Predict the job's peak device memory, with a breakdown; with --device-memory,\n"
     "      also the largest micro-batch and the cheapest memory options that fit.\n"
+    "      CUDA defaults: 512MiB context, 8% reserved beyond allocated.\n"
     "      Sizes: 16GiB, 800MiB, 80GB or plain bytes.\n";
 
 }  // namespace
