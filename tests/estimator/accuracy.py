@@ -6,6 +6,8 @@ the measured peak everywhere, and never more than 1% below it.
     python3 tests/estimator/accuracy.py              # the whole grid (ctest runs this)
     python3 tests/estimator/accuracy.py --only gpt2 --verbose
     python3 tests/estimator/accuracy.py --markdown   # the table for docs/PERFORMANCE.md
+    python3 tests/estimator/accuracy.py --device cuda # on a GPU: the caching allocator's
+                                                     # allocated peak (goal) and reserved peak
 """
 import argparse
 import json
@@ -108,24 +110,35 @@ def make_spec(tmp, arch, mode, method, size, data, extra=None):
     return H.write_json(os.path.join(tmp, "job.json"), spec)
 
 
+DEVICE = "cpu"
+
+
 def run_case(case, data):
     arch, mode, method, size, extra = case
     tmp = tempfile.mkdtemp(prefix="memfit-acc-")
     spec = make_spec(tmp, arch, mode, method, size, data, extra)
-    w = subprocess.run([H.WORKER, "run", "--spec", spec, "--threads", str(THREADS)],
+    dev = ["--device", "cuda:0"] if DEVICE == "cuda" else []
+    w = subprocess.run([H.WORKER, "run", "--spec", spec, "--threads", str(THREADS), *dev],
                        capture_output=True, text=True, timeout=900)
     events = [json.loads(l) for l in w.stdout.splitlines() if l.strip()]
     fin = events[-1] if events else {}
     if w.returncode != 0 or fin.get("event") != "finished":
+        if DEVICE == "cuda" and w.returncode == 2 and "cuda" in json.dumps(events[-1:]).lower():
+            return {"case": case, "no_device": True, "error": "no CUDA device"}
         return {"case": case, "error": f"worker exit {w.returncode}: {events[-1:] or w.stderr[-400:]}"}
-    e = subprocess.run([CLI, "estimate", "-f", spec, "--device", "cpu", "--threads", str(THREADS), "-o", "json"],
+    e = subprocess.run([CLI, "estimate", "-f", spec, "--device", DEVICE, "--threads", str(THREADS), "-o", "json"],
                        capture_output=True, text=True, timeout=60)
     if e.returncode != 0:
         return {"case": case, "error": f"estimate exit {e.returncode}: {e.stderr.strip()}"}
     est = json.loads(e.stdout)
     measured = max(fin["peak_memory_bytes"], max(fin["peak_by_phase"].values()))
-    return {"case": case, "measured": measured, "estimate": est["peak_bytes"],
-            "ratio": est["peak_bytes"] / measured,
+    # CUDA: the goal is on the caching allocator's allocated bytes (the tensors); its
+    # reserved bytes are reported next to the estimate's allocated + overhead.
+    predicted = est["allocated_peak_bytes"] if DEVICE == "cuda" else est["peak_bytes"]
+    return {"case": case, "measured": measured, "estimate": predicted,
+            "ratio": predicted / measured,
+            "reserved": fin.get("peak_reserved_bytes", 0),
+            "estimated_reserved": est["allocated_peak_bytes"] + est["allocator_overhead_bytes"],
             "measured_phases": fin["peak_by_phase"], "estimated_phases": est["phase_peaks"],
             "measured_activations": fin["activation_bytes"],
             "estimated_activations": est["breakdown"]["activation_bytes"]}
@@ -157,15 +170,28 @@ def main():
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     if not H.have_data():
         print("accuracy: test data missing (scripts/fetch_data.sh); skipped")
         return 77
     tmp = tempfile.mkdtemp(prefix="memfit-acc-data-")
     data = {"text": H.moby(tmp, 1, 30, "train.txt"), "val": H.moby(tmp, 131, 133, "val.txt"), "cls": long_texts(tmp)}
     cases = [c for c in grid(args.only) if (not args.mode or c[1] in args.mode) and (not args.extra or c[4] in args.extra)]
+    if DEVICE == "cuda" and cases:
+        first = run_case(cases[0], data)
+        if first.get("no_device"):
+            print("accuracy: no CUDA device; skipped")
+            return 77
     with ThreadPoolExecutor(max_workers=args.jobs) as ex:
         results = list(ex.map(lambda c: run_case(c, data), cases))
+    if DEVICE == "cuda":
+        rr = [r["reserved"] / r["estimated_reserved"] for r in results if "error" not in r and r["estimated_reserved"]]
+        if rr:
+            print(f"CUDA reserved / (estimated allocated + overhead): median {statistics.median(rr):.4f}, "
+                  f"max {max(rr):.4f} (calibrates DeviceModel::kCudaReservedOverhead)")
     failures, ratios = [], []
     for r in results:
         arch, mode, method, (B, S), extra = r["case"]
