@@ -1,0 +1,388 @@
+// memfit-bench-schedule: the scheduler on a replayed job trace, four ways of reserving
+// memory side by side, with a simulated clock.
+//
+//   build/bin/memfit-bench-schedule                 # defaults: 600 jobs, 8 x 80 GiB, seed 1
+//   build/bin/memfit-bench-schedule --jobs 1000 --devices 16 --seed 7 --floor 0.5
+//
+// The trace (synthetic, seeded; the mix is stated in docs/PERFORMANCE.md):
+// - models at real sizes: GPT-2 124M/355M/774M/1.5B, LLaMA 1.1B/7B/13B, ViT-B/16 and
+//   ViT-L/16, RoBERTa-base/large; LoRA (80%) or full (20%, models up to 1.5B); micro-batch
+//   1-64 and sequence lengths per family; exact / paper / memfit_best memory modes; bf16
+//   for LLaMA and GPT-2 from 774M; gradient accumulation 1-4. A drawn job whose estimate
+//   does not fit a device alone is drawn again with a smaller micro-batch (users submit
+//   jobs that fit their GPUs);
+// - solo duration log-uniform in [10 min, 4 h]; Poisson arrivals at --load (default 4)
+//   times what one job per GPU can serve, so that queues build up;
+// - true peak = the estimator's peak x (1 + e), e ~ Normal(0, 2%) truncated to +-6%
+//   (the estimator measured within 0.6% on CPU; this assumes worse on GPUs);
+// - compute sharing: a job alone uses a fraction u of its GPU, u = 0.2 + 0.8 * min(1,
+//   T d^2 / (8192 * 4096^2)) (T tokens or patches per micro-batch, d the width; a LLaMA-7B
+//   micro-batch of 8k tokens saturates), raised to --floor; jobs on one GPU progress at
+//   min(1, 1 / sum u) of their solo speed (processor sharing).
+// Reservations:
+// - exclusive: one job per GPU (reservation = the whole device);
+// - declared: what a careful user declares with HAMi / Slurm shards: the smallest of
+//   10, 20, 40, 80 GiB that holds 1.2 x the true peak;
+// - memfit: the estimator's peak, calibrated from finished jobs (calibration.h), + 8%;
+// - oracle: the true peak.
+// A job whose true peak exceeds its reservation runs out of memory one minute in and is
+// requeued with a larger reservation (ReservationPolicy). The same Scheduler code places
+// every job (best fit, priorities, backfill with a drain after 30 min).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "calibration.h"
+#include "estimator.h"
+#include "scheduler.h"
+
+namespace {
+
+namespace est = memfit::estimator;
+namespace sched = memfit::sched;
+using memfit::spec::Architecture;
+
+constexpr int64_t GiB = int64_t{1} << 30;
+
+struct Family {
+  const char* name;
+  memfit::model::ModelConfig cfg;
+  double weight;
+};
+
+memfit::model::ModelConfig cfg(Architecture a, int64_t d, int64_t L, int64_t H, int64_t I) {
+  memfit::model::ModelConfig c;
+  c.arch = a;
+  c.hidden = d;
+  c.layers = L;
+  c.heads = H;
+  c.kv_heads = H;
+  c.intermediate = I;
+  return c;
+}
+
+std::vector<Family> families() {
+  std::vector<Family> f;
+  for (auto [n, d, L, H] : std::vector<std::tuple<const char*, int, int, int>>{
+           {"gpt2-124m", 768, 12, 12}, {"gpt2-355m", 1024, 24, 16}, {"gpt2-774m", 1280, 36, 20}, {"gpt2-1.5b", 1600, 48, 25}}) {
+    auto c = cfg(Architecture::kGPT2, d, L, H, 4 * d);
+    c.vocab_size = 50257;
+    c.max_positions = 1024;
+    c.activation = "gelu_new";
+    f.push_back({n, c, 0.075});
+  }
+  for (auto [n, d, L, H, kv, I, w] : std::vector<std::tuple<const char*, int, int, int, int, int, double>>{
+           {"llama-1.1b", 2048, 22, 32, 4, 5632, 0.12}, {"llama-7b", 4096, 32, 32, 32, 11008, 0.12},
+           {"llama-13b", 5120, 40, 40, 40, 13824, 0.06}}) {
+    auto c = cfg(Architecture::kLlama, d, L, H, I);
+    c.kv_heads = kv;
+    c.vocab_size = 32000;
+    c.max_positions = 4096;
+    c.activation = "silu";
+    c.tie_word_embeddings = false;
+    c.qkv_bias = c.mlp_bias = false;
+    f.push_back({n, c, w});
+  }
+  for (auto [n, d, L, H, w] : std::vector<std::tuple<const char*, int, int, int, double>>{
+           {"vit-b16", 768, 12, 12, 0.12}, {"vit-l16", 1024, 24, 16, 0.08}}) {
+    auto c = cfg(Architecture::kViT, d, L, H, 4 * d);
+    c.image_size = 224;
+    c.patch_size = 16;
+    c.channels = 3;
+    c.max_positions = 197;
+    c.activation = "gelu";
+    c.num_labels = 100;
+    f.push_back({n, c, w});
+  }
+  for (auto [n, d, L, H, w] : std::vector<std::tuple<const char*, int, int, int, double>>{
+           {"roberta-base", 768, 12, 12, 0.12}, {"roberta-large", 1024, 24, 16, 0.08}}) {
+    auto c = cfg(Architecture::kRoberta, d, L, H, 4 * d);
+    c.vocab_size = 50265;
+    c.max_positions = 514;
+    c.type_vocab_size = 1;
+    c.pad_token_id = 1;
+    c.activation = "gelu";
+    c.num_labels = 2;
+    f.push_back({n, c, w});
+  }
+  return f;
+}
+
+struct TraceJob {
+  std::string id, family;
+  est::Input input;
+  double arrival_s = 0, work_s = 0, u = 0;
+  int64_t estimate = 0, true_peak = 0;
+  std::string key;  // calibration kind
+};
+
+int64_t params_of(const memfit::model::ModelConfig& c) {
+  const int64_t d = c.hidden, I = c.intermediate, L = c.layers;
+  const int64_t mlp = c.arch == Architecture::kLlama ? 3 * d * I : 2 * d * I;
+  return L * (4 * d * d + mlp) + c.vocab_size * d;
+}
+
+std::vector<TraceJob> make_trace(int n, int devices, uint64_t seed, double floor, double load) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> U(0.0, 1.0);
+  std::normal_distribution<double> N(0.0, 0.02);
+  const auto fam = families();
+  std::vector<double> w;
+  for (const auto& f : fam) w.push_back(f.weight);
+  std::discrete_distribution<int> pick(w.begin(), w.end());
+  const std::vector<int64_t> batches = {1, 2, 4, 8, 16, 32, 64};
+  std::discrete_distribution<int> pick_batch({4, 8, 14, 16, 12, 6, 3});
+  std::vector<TraceJob> out;
+  const double mean_work = (4 * 3600.0 - 600.0) / std::log(24.0);
+  const double rate = load * devices / mean_work;  // arrivals per second: `load` x what exclusive GPUs serve
+  std::exponential_distribution<double> gap(rate);
+  double t = 0;
+  for (int i = 0; i < n; ++i) {
+    const Family& f = fam[static_cast<size_t>(pick(rng))];
+    TraceJob j;
+    j.id = "job-" + std::to_string(i);
+    j.family = f.name;
+    est::Input& in = j.input;
+    in.config = f.cfg;
+    in.job.architecture = f.cfg.arch;
+    in.device = est::DeviceModel::cuda();
+    const bool vit = f.cfg.arch == Architecture::kViT, llama = f.cfg.arch == Architecture::kLlama;
+    in.job.task = vit ? memfit::spec::Task::kImageClassification
+                  : f.cfg.arch == Architecture::kRoberta ? memfit::spec::Task::kSequenceClassification
+                                                         : memfit::spec::Task::kCausalLM;
+    in.job.format = vit ? memfit::spec::DataFormat::kIdx
+                    : f.cfg.arch == Architecture::kRoberta ? memfit::spec::DataFormat::kJsonlClassification
+                                                           : memfit::spec::DataFormat::kText;
+    const bool small = params_of(f.cfg) <= 1600000000;
+    in.job.method = small && U(rng) < 0.2 ? memfit::spec::Method::kFull : memfit::spec::Method::kLora;
+    const double m = U(rng);
+    if (m < 0.4) {
+      in.job.memory.preset = "memfit_best";
+      in.job.memory.approx_activation = in.job.memory.memory_sharing_norm = in.job.memory.fused_loss = true;
+    } else if (m < 0.7) {
+      in.job.memory.approx_activation = in.job.memory.memory_sharing_norm = true;
+    }
+    const bool bf16 = llama || f.cfg.hidden >= 1280;
+    in.job.training.dtype = bf16 ? memfit::spec::DType::kBFloat16 : memfit::spec::DType::kFloat32;
+    std::vector<int64_t> lens = llama ? std::vector<int64_t>{512, 1024, 2048}
+                                : f.cfg.arch == Architecture::kGPT2 ? std::vector<int64_t>{256, 512, 1024}
+                                                                    : std::vector<int64_t>{128, 256, 512};
+    in.job.training.sequence_length = vit ? 197 : lens[static_cast<size_t>(U(rng) * 3.0)];
+    in.job.training.gradient_accumulation = 1 + static_cast<int64_t>(U(rng) * 4.0);
+    int bi = pick_batch(rng);
+    for (;; --bi) {
+      in.job.training.micro_batch = batches[static_cast<size_t>(std::max(bi, 0))];
+      j.estimate = est::estimate(in).peak_bytes;
+      if (j.estimate <= 75 * GiB || bi <= 0) break;
+    }
+    if (j.estimate > 75 * GiB) {
+      --i;  // even micro-batch 1 does not fit one GPU: a user would not submit it
+      continue;
+    }
+    const double e = std::clamp(N(rng), -0.06, 0.06);
+    j.true_peak = static_cast<int64_t>(static_cast<double>(j.estimate) * (1.0 + e));
+    j.work_s = 600.0 * std::exp(U(rng) * std::log(24.0));
+    const double T = static_cast<double>(in.job.training.micro_batch * in.job.training.sequence_length);
+    const double dd = static_cast<double>(f.cfg.hidden);
+    j.u = std::max(floor, 0.2 + 0.8 * std::min(1.0, T * dd * dd / (8192.0 * 4096.0 * 4096.0)));
+    t += gap(rng);
+    j.arrival_s = t;
+    j.key = est::Calibration::key_of(in);
+    out.push_back(std::move(j));
+  }
+  return out;
+}
+
+enum class Policy { kExclusive, kDeclared, kMemfit, kOracle };
+const char* policy_name(Policy p) {
+  switch (p) {
+    case Policy::kExclusive: return "one job per GPU";
+    case Policy::kDeclared: return "declared size (HAMi/shards)";
+    case Policy::kMemfit: return "memfit estimate";
+    case Policy::kOracle: return "oracle (true peaks)";
+  }
+  return "";
+}
+
+struct Result {
+  double makespan_h = 0, mean_jct_h = 0, mem_util = 0, mean_jobs_per_gpu = 0;
+  int oom = 0, failed = 0, done = 0;
+};
+
+Result simulate(const std::vector<TraceJob>& trace, int ndev, Policy policy) {
+  const int64_t dev_bytes = 80 * GiB;
+  std::vector<sched::Device> devs;
+  for (int d = 0; d < ndev; ++d) devs.push_back({"cuda:" + std::to_string(d), dev_bytes});
+  sched::Scheduler s(devs, {});
+  sched::ReservationPolicy rp;
+  est::Calibration cal;
+  struct Live {
+    double remaining = 0, oom_at = -1;
+    int device = -1;
+    int attempts = 0;
+    int64_t reservation = 0;
+    double finish = -1;
+  };
+  std::map<std::string, size_t> index;
+  for (size_t i = 0; i < trace.size(); ++i) index[trace[i].id] = i;
+  std::vector<Live> live(trace.size());
+  auto reserve = [&](const TraceJob& j) -> int64_t {
+    switch (policy) {
+      case Policy::kExclusive: return dev_bytes;
+      case Policy::kDeclared:
+        for (int64_t g : {10, 20, 40, 80}) {
+          if (static_cast<double>(g * GiB) >= 1.2 * static_cast<double>(j.true_peak)) return g * GiB;
+        }
+        return dev_bytes;
+      case Policy::kMemfit: return std::min(dev_bytes, rp.reserve(cal.apply(j.key, j.estimate)));
+      case Policy::kOracle: return j.true_peak;
+    }
+    return dev_bytes;
+  };
+  Result r;
+  size_t next_arrival = 0;
+  double t = 0, util_area = 0, jobs_area = 0;
+  double jct_sum = 0;
+  std::vector<std::vector<size_t>> on(static_cast<size_t>(ndev));
+  size_t finished = 0;
+  while (finished < trace.size()) {
+    for (const auto& p : s.schedule(static_cast<int64_t>(t * 1000.0))) {
+      const size_t i = index.at(p.job_id);
+      Live& L = live[i];
+      L.device = std::stoi(p.device.substr(5));
+      L.reservation = p.reservation_bytes;
+      if (L.remaining <= 0) L.remaining = trace[i].work_s;
+      L.oom_at = trace[i].true_peak > L.reservation ? t + 60.0 : -1;  // fails at its first peak
+      on[static_cast<size_t>(L.device)].push_back(i);
+    }
+    // Rates under processor sharing.
+    std::vector<double> rate(static_cast<size_t>(ndev), 1.0);
+    for (int d = 0; d < ndev; ++d) {
+      double su = 0;
+      for (size_t i : on[static_cast<size_t>(d)]) su += trace[i].u;
+      rate[static_cast<size_t>(d)] = 1.0 / std::max(1.0, su);
+    }
+    double next = next_arrival < trace.size() ? trace[next_arrival].arrival_s : 1e300;
+    for (int d = 0; d < ndev; ++d) {
+      for (size_t i : on[static_cast<size_t>(d)]) {
+        const Live& L = live[i];
+        next = std::min(next, L.oom_at >= 0 ? L.oom_at : t + L.remaining / rate[static_cast<size_t>(d)]);
+      }
+    }
+    const double dt = std::max(0.0, next - t);
+    for (int d = 0; d < ndev; ++d) {
+      for (size_t i : on[static_cast<size_t>(d)]) {
+        if (live[i].oom_at < 0) live[i].remaining -= dt * rate[static_cast<size_t>(d)];
+        util_area += dt * static_cast<double>(std::min(trace[i].true_peak, live[i].reservation));
+        jobs_area += dt;
+      }
+    }
+    t = next;
+    // Completions and out-of-memory failures.
+    for (int d = 0; d < ndev; ++d) {
+      auto& v = on[static_cast<size_t>(d)];
+      for (size_t k = 0; k < v.size();) {
+        const size_t i = v[k];
+        Live& L = live[i];
+        const bool oom = L.oom_at >= 0 && L.oom_at <= t + 1e-9;
+        const bool done = L.oom_at < 0 && L.remaining <= 1e-6;
+        if (!oom && !done) {
+          ++k;
+          continue;
+        }
+        s.release(trace[i].id);
+        v.erase(v.begin() + static_cast<long>(k));
+        if (done) {
+          ++finished;
+          ++r.done;
+          jct_sum += t - trace[i].arrival_s;
+          cal.add({trace[i].key, trace[i].estimate, trace[i].true_peak});
+          L.finish = t;
+        } else {
+          ++r.oom;
+          ++L.attempts;
+          if (policy == Policy::kMemfit) cal.add({trace[i].key, trace[i].estimate, L.reservation + 1});
+          const int64_t next_res = rp.after_oom(L.reservation, L.attempts, dev_bytes);
+          if (next_res <= 0) {
+            ++finished;
+            ++r.failed;
+          } else {
+            s.enqueue({trace[i].id, "u", 0, static_cast<int64_t>(trace[i].arrival_s * 1000.0), next_res});
+          }
+        }
+      }
+    }
+    while (next_arrival < trace.size() && trace[next_arrival].arrival_s <= t + 1e-9) {
+      const TraceJob& j = trace[next_arrival++];
+      const int64_t res = reserve(j);
+      if (!s.fits_alone(res)) {
+        ++finished;
+        ++r.failed;
+        continue;
+      }
+      s.enqueue({j.id, "u", 0, static_cast<int64_t>(j.arrival_s * 1000.0), res});
+    }
+  }
+  r.makespan_h = t / 3600.0;
+  r.mean_jct_h = r.done > 0 ? jct_sum / r.done / 3600.0 : 0;
+  r.mem_util = util_area / (static_cast<double>(ndev) * static_cast<double>(dev_bytes) * t);
+  r.mean_jobs_per_gpu = jobs_area / (static_cast<double>(ndev) * t);
+  return r;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int jobs = 600, devices = 8;
+  uint64_t seed = 1;
+  double floor = 0.2, load = 4.0;
+  for (int i = 1; i < argc; ++i) {
+    auto next = [&]() -> const char* {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "%s needs a value\n", argv[i]);
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (!std::strcmp(argv[i], "--jobs")) jobs = std::max(1, std::atoi(next()));
+    else if (!std::strcmp(argv[i], "--devices")) devices = std::max(1, std::atoi(next()));
+    else if (!std::strcmp(argv[i], "--seed")) seed = std::strtoull(next(), nullptr, 10);
+    else if (!std::strcmp(argv[i], "--floor")) floor = std::clamp(std::atof(next()), 0.0, 1.0);
+    else if (!std::strcmp(argv[i], "--load")) load = std::max(0.1, std::atof(next()));
+    else {
+      std::fprintf(stderr, "usage: memfit-bench-schedule [--jobs N] [--devices N] [--seed S] [--floor U] [--load X]\n");
+      return 2;
+    }
+  }
+  const auto trace = make_trace(jobs, devices, seed, floor, load);
+  std::map<std::string, int> mix;
+  double mean_peak = 0;
+  for (const auto& j : trace) {
+    ++mix[j.family];
+    mean_peak += static_cast<double>(j.true_peak) / GiB / static_cast<double>(trace.size());
+  }
+  std::printf("trace: %d jobs, seed %llu, %d x 80 GiB, arrivals at %.1fx what one job per GPU serves, compute floor u >= %.2f, "
+              "mean true peak %.1f GiB\n", jobs, static_cast<unsigned long long>(seed), devices, load, floor, mean_peak);
+  std::printf("mix:");
+  for (const auto& [k, v] : mix) std::printf(" %s %d;", k.c_str(), v);
+  std::printf("\n\n| reservation | makespan h | throughput vs one per GPU | mean JCT h | memory utilization | jobs per GPU | out-of-memory | failed |\n|---|---|---|---|---|---|---|---|\n");
+  Result base;
+  std::map<Policy, Result> all;
+  for (Policy p : {Policy::kExclusive, Policy::kDeclared, Policy::kMemfit, Policy::kOracle}) {
+    const Result r = simulate(trace, devices, p);
+    all[p] = r;
+    if (p == Policy::kExclusive) base = r;
+    std::printf("| %s | %.1f | %.2fx | %.1f | %.1f%% | %.2f | %d | %d |\n", policy_name(p), r.makespan_h,
+                base.makespan_h / r.makespan_h, r.mean_jct_h, 100.0 * r.mem_util, r.mean_jobs_per_gpu, r.oom, r.failed);
+  }
+  const double vs_oracle = all[Policy::kMemfit].makespan_h / all[Policy::kOracle].makespan_h;
+  std::printf("\nmemfit vs oracle makespan: %.3f (goal <= 1.10); vs one per GPU: %.2fx (goal >= 1.8); out-of-memory: %d (goal 0)\n",
+              vs_oracle, base.makespan_h / all[Policy::kMemfit].makespan_h, all[Policy::kMemfit].oom);
+  return 0;
+}
