@@ -16,6 +16,8 @@ packages=(
   libgtest-dev libgmock-dev
   libprotobuf-dev protobuf-compiler
   nlohmann-json3-dev libyaml-cpp-dev libicu-dev zlib1g-dev
+  libgrpc++-dev protobuf-compiler-grpc libsqlite3-dev prometheus-cpp-dev
+  prometheus
   python3-torch python3-numpy
 )
 # npm fetches data and tokenizers by package name (scripts/fetch_data.sh); any npm will
