@@ -10,6 +10,7 @@
 #include "estimator.h"
 #include "fit.h"
 #include "model_config.h"
+#include "report.h"
 #include "spec.h"
 
 namespace memfit::cli {
@@ -88,40 +89,6 @@ int64_t idx_side(const std::string& path) {
   return be(8) == be(12) ? be(8) : 0;
 }
 
-json estimate_json(const est::Estimate& e) {
-  json acts = json::array();
-  for (const auto& L : e.activations) {
-    json ops = json::array();
-    for (const auto& o : L.ops) ops.push_back({{"op", o.name}, {"bytes", o.bytes}});
-    acts.push_back({{"where", L.where}, {"bytes", L.bytes}, {"ops", ops}});
-  }
-  json phases = json::object();
-  for (const auto& [k, v] : e.phase_peaks) phases[k] = v;
-  return {{"peak_bytes", e.peak_bytes},
-          {"peak_phase", e.peak_phase},
-          {"allocated_peak_bytes", e.allocated_peak_bytes},
-          {"allocator_overhead_bytes", e.allocator_overhead_bytes},
-          {"context_bytes", e.context_bytes},
-          {"breakdown",
-           {{"weights_bytes", e.weights_bytes},
-            {"gradient_bytes", e.gradient_bytes},
-            {"optimizer_bytes", e.optimizer_bytes},
-            {"batch_bytes", e.batch_bytes},
-            {"activation_bytes", e.activation_bytes},
-            {"loss_bytes", e.loss_bytes},
-            {"backward_transient_bytes", e.backward_transient_bytes}}},
-          {"activations", acts},
-          {"phase_peaks", phases},
-          {"parameters", e.parameters},
-          {"trainable_parameters", e.trainable_parameters}};
-}
-
-json memory_json(const spec::Memory& m) {
-  return {{"approx_activation", m.approx_activation}, {"memory_sharing_norm", m.memory_sharing_norm},
-          {"fused_mlp", m.fused_mlp},                 {"fused_loss", m.fused_loss},
-          {"efficient_attention", m.efficient_attention}, {"checkpointing", m.checkpointing}};
-}
-
 void print_text(const spec::Job& job, const est::Input& in, const est::Estimate& e, const est::FitPlan* plan) {
   using est::format_size;
   const auto& t = job.training;
@@ -191,22 +158,14 @@ int estimate_cmd(const std::vector<std::string>& argv) {
     est::FitPlan plan;
     if (a.device_memory > 0) plan = est::fit(in, a.device_memory);
     if (a.json_out) {
-      json out = estimate_json(e);
+      json out = est::to_json(e);
       out["device"] = {{"kind", in.device.kind_name()},
                        {"threads", in.device.threads},
                        {"context_bytes", in.device.context_bytes},
                        {"alloc_granularity", in.device.alloc_granularity},
                        {"reserved_overhead", in.device.reserved_overhead}};
       if (a.device_memory > 0) {
-        out["fit"] = {{"fits", plan.fits},
-                      {"device_bytes", plan.device_bytes},
-                      {"micro_batch", plan.micro_batch},
-                      {"gradient_accumulation", plan.gradient_accumulation},
-                      {"level", plan.level},
-                      {"memory", memory_json(plan.memory)},
-                      {"peak_bytes", plan.estimate.peak_bytes},
-                      {"smallest_bytes", plan.smallest_bytes},
-                      {"reasons", plan.reasons}};
+        out["fit"] = est::to_json(plan);
       }
       std::cout << out.dump(2) << "\n";
     } else {

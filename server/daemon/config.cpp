@@ -1,0 +1,182 @@
+#include "config.h"
+
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <cstdlib>
+#include <filesystem>
+
+#include "estimator.h"
+
+namespace memfit::daemon {
+namespace {
+
+namespace fs = std::filesystem;
+
+int64_t size_of(const std::string& text, const std::string& what) {
+  try {
+    return estimator::parse_size(text, what);
+  } catch (const estimator::EstimateError& e) {
+    throw ConfigError(e.what());
+  }
+}
+
+double number(const std::string& text, const std::string& what, double lo, double hi) {
+  char* end = nullptr;
+  const double v = std::strtod(text.c_str(), &end);
+  if (text.empty() || *end != '\0' || !(v >= lo && v <= hi)) {
+    throw ConfigError(what + ": expected a number in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got '" +
+                      text + "'");
+  }
+  return v;
+}
+
+std::string scalar(const YAML::Node& n, const std::string& key) {
+  if (!n.IsScalar()) throw ConfigError(key + ": expected a value");
+  return n.as<std::string>();
+}
+
+bool boolean(const std::string& v, const std::string& key) {
+  if (v == "true" || v == "yes" || v == "on" || v == "auto") return true;
+  if (v == "false" || v == "no" || v == "off") return false;
+  throw ConfigError(key + ": expected true/false (or auto/off), got '" + v + "'");
+}
+
+void apply_yaml(Config& c, const std::string& path) {
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(path);
+  } catch (const YAML::Exception& e) {
+    throw ConfigError(path + ": " + e.what());
+  }
+  if (!root.IsMap()) throw ConfigError(path + ": expected a mapping of settings");
+  const std::string p = path + ": ";
+  for (const auto& kv : root) {
+    const std::string k = kv.first.as<std::string>();
+    const YAML::Node& v = kv.second;
+    if (k == "listen") c.listen = scalar(v, p + k);
+    else if (k == "metrics_listen") c.metrics_listen = v.IsNull() ? "" : scalar(v, p + k);
+    else if (k == "state_dir") c.state_dir = scalar(v, p + k);
+    else if (k == "worker") c.worker = scalar(v, p + k);
+    else if (k == "gpus") c.gpus = boolean(scalar(v, p + k), p + k);
+    else if (k == "cpu_devices") c.cpu_devices = static_cast<int>(number(scalar(v, p + k), p + k, 0, 64));
+    else if (k == "cpu_device_memory") c.cpu_device_memory = size_of(scalar(v, p + k), p + k);
+    else if (k == "worker_threads") c.worker_threads = static_cast<int>(number(scalar(v, p + k), p + k, 0, 1024));
+    else if (k == "tokens_file") c.tokens_file = scalar(v, p + k);
+    else if (k == "devices") {
+      if (!v.IsSequence()) throw ConfigError(p + "devices: expected a list");
+      for (size_t i = 0; i < v.size(); ++i) {
+        const std::string f = p + "devices[" + std::to_string(i) + "]";
+        if (!v[i]["name"] || !v[i]["memory"]) throw ConfigError(f + ": needs name and memory");
+        DeviceConfig d{scalar(v[i]["name"], f + ".name"), size_of(scalar(v[i]["memory"], f + ".memory"), f + ".memory")};
+        if (d.name.rfind("cpu:", 0) != 0 && d.name.rfind("cuda:", 0) != 0) {
+          throw ConfigError(f + ".name: expected cpu:N or cuda:N, got '" + d.name + "'");
+        }
+        c.devices.push_back(d);
+      }
+    } else if (k == "tls") {
+      if (v["cert"]) c.tls_cert = scalar(v["cert"], p + "tls.cert");
+      if (v["key"]) c.tls_key = scalar(v["key"], p + "tls.key");
+    } else if (k == "allowed_roots") {
+      if (!v.IsSequence()) throw ConfigError(p + "allowed_roots: expected a list of folders");
+      for (const auto& r : v) c.allowed_roots.push_back(scalar(r, p + k));
+    } else if (k == "limits") {
+      for (const auto& l : v) {
+        const std::string lk = l.first.as<std::string>(), f = p + "limits." + lk;
+        if (lk == "max_queued_per_user") c.max_queued_per_user = static_cast<int64_t>(number(scalar(l.second, f), f, 1, 1e9));
+        else if (lk == "max_message_bytes") c.max_message_bytes = size_of(scalar(l.second, f), f);
+        else throw ConfigError(f + ": unknown setting");
+      }
+    } else if (k == "scheduling") {
+      for (const auto& s : v) {
+        const std::string sk = s.first.as<std::string>(), f = p + "scheduling." + sk;
+        const std::string sv = scalar(s.second, f);
+        if (sk == "margin") c.margin = number(sv, f, 0, 10);
+        else if (sk == "oom_retries") c.oom_retries = static_cast<int>(number(sv, f, 0, 10));
+        else if (sk == "oom_growth") c.oom_growth = number(sv, f, 1.01, 10);
+        else if (sk == "starvation_minutes") c.starvation_minutes = number(sv, f, 0, 1e6);
+        else if (sk == "cancel_grace_seconds") c.cancel_grace_seconds = number(sv, f, 0, 86400);
+        else if (sk == "paused") c.paused = boolean(sv, f);
+        else throw ConfigError(f + ": unknown setting");
+      }
+    } else {
+      throw ConfigError(p + k + ": unknown setting");
+    }
+  }
+}
+
+std::string default_state_dir() {
+  if (const char* s = std::getenv("MEMFIT_STATE_DIR"); s && *s) return s;
+  if (const char* h = std::getenv("HOME"); h && *h) return std::string(h) + "/.local/state/memfit";
+  return "memfit-state";
+}
+
+}  // namespace
+
+std::string usage() {
+  return "usage: memfitd [--config FILE] [--listen HOST:PORT] [--metrics-listen HOST:PORT|off]\n"
+         "               [--state-dir DIR] [--worker PATH] [--gpus auto|off] [--cpu-devices N]\n"
+         "               [--cpu-device-memory SIZE] [--device NAME=SIZE]... [--worker-threads N]\n"
+         "               [--tokens FILE] [--tls-cert FILE --tls-key FILE] [--allowed-root DIR]...\n"
+         "               [--max-queued-per-user N] [--margin F] [--starvation-minutes M]\n"
+         "               [--cancel-grace-seconds S] [--paused]\n";
+}
+
+Config load_config(const std::vector<std::string>& args, const std::string& argv0) {
+  Config c;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--config") {
+      if (i + 1 >= args.size()) throw ConfigError("--config: needs a file");
+      apply_yaml(c, args[i + 1]);
+    }
+  }
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& f = args[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= args.size()) throw ConfigError(f + ": needs a value");
+      return args[++i];
+    };
+    if (f == "--config") ++i;
+    else if (f == "--listen") c.listen = value();
+    else if (f == "--metrics-listen") {
+      c.metrics_listen = value();
+      if (c.metrics_listen == "off") c.metrics_listen.clear();
+    } else if (f == "--state-dir") c.state_dir = value();
+    else if (f == "--worker") c.worker = value();
+    else if (f == "--gpus") c.gpus = boolean(value(), "--gpus");
+    else if (f == "--cpu-devices") c.cpu_devices = static_cast<int>(number(value(), f, 0, 64));
+    else if (f == "--cpu-device-memory") c.cpu_device_memory = size_of(value(), f);
+    else if (f == "--device") {
+      const std::string v = value();
+      const size_t eq = v.find('=');
+      if (eq == std::string::npos) throw ConfigError("--device: expected NAME=SIZE, got '" + v + "'");
+      DeviceConfig d{v.substr(0, eq), size_of(v.substr(eq + 1), "--device " + v.substr(0, eq))};
+      if (d.name.rfind("cpu:", 0) != 0 && d.name.rfind("cuda:", 0) != 0) {
+        throw ConfigError("--device: expected cpu:N or cuda:N, got '" + d.name + "'");
+      }
+      c.devices.push_back(d);
+    } else if (f == "--worker-threads") c.worker_threads = static_cast<int>(number(value(), f, 0, 1024));
+    else if (f == "--tokens") c.tokens_file = value();
+    else if (f == "--tls-cert") c.tls_cert = value();
+    else if (f == "--tls-key") c.tls_key = value();
+    else if (f == "--allowed-root") c.allowed_roots.push_back(value());
+    else if (f == "--max-queued-per-user") c.max_queued_per_user = static_cast<int64_t>(number(value(), f, 1, 1e9));
+    else if (f == "--margin") c.margin = number(value(), f, 0, 10);
+    else if (f == "--starvation-minutes") c.starvation_minutes = number(value(), f, 0, 1e6);
+    else if (f == "--cancel-grace-seconds") c.cancel_grace_seconds = number(value(), f, 0, 86400);
+    else if (f == "--paused") c.paused = true;
+    else throw ConfigError("unknown option '" + f + "'\n" + usage());
+  }
+  if (c.state_dir.empty()) c.state_dir = default_state_dir();
+  if (c.worker.empty()) {
+    std::error_code ec;
+    fs::path self = fs::read_symlink("/proc/self/exe", ec);
+    if (ec) self = fs::absolute(argv0);
+    c.worker = (self.parent_path() / "memfit-worker").string();
+  }
+  if (c.tls_cert.empty() != c.tls_key.empty()) throw ConfigError("tls: give both a certificate and a key");
+  for (auto& r : c.allowed_roots) r = fs::weakly_canonical(r).string();
+  return c;
+}
+
+}  // namespace memfit::daemon

@@ -1,0 +1,65 @@
+// memfitd's configuration: a YAML file plus flags (flags win), with embedded defaults
+// that run out of the box on a machine without GPUs.
+//
+//   listen: 127.0.0.1:7540            # gRPC
+//   metrics_listen: 127.0.0.1:9540    # Prometheus /metrics ("" = off)
+//   state_dir: /var/lib/memfit        # SQLite database, job folders
+//   worker: /usr/lib/memfit/memfit-worker
+//   gpus: auto                        # auto | off: NVML through dlopen
+//   cpu_devices: 2                    # when no GPU is found (or gpus: off)
+//   cpu_device_memory: 8GiB
+//   devices: [{name: cpu:0, memory: 4GiB}]   # explicit devices instead of the two above
+//   tokens_file: /etc/memfit/tokens   # "TOKEN USER [admin]" per line; absent = no auth
+//   tls: {cert: server.pem, key: server.key}
+//   allowed_roots: [/data, /models]   # spec paths must lie below one of these
+//   limits: {max_queued_per_user: 1000, max_message_bytes: 4MiB}
+//   scheduling: {margin: 0.08, oom_retries: 2, oom_growth: 1.25, starvation_minutes: 30,
+//                cancel_grace_seconds: 60, paused: false}
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace memfit::daemon {
+
+class ConfigError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct DeviceConfig {
+  std::string name;  // "cpu:0" or "cuda:0"
+  int64_t memory_bytes = 0;
+};
+
+struct Config {
+  std::string listen = "127.0.0.1:7540";
+  std::string metrics_listen = "127.0.0.1:9540";
+  std::string state_dir;          // default: $MEMFIT_STATE_DIR or ~/.local/state/memfit
+  std::string worker;             // default: memfit-worker next to memfitd
+  bool gpus = true;               // look for GPUs through NVML
+  int cpu_devices = 2;
+  int64_t cpu_device_memory = int64_t{8} << 30;
+  std::vector<DeviceConfig> devices;  // explicit devices (replace the CPU defaults)
+  int worker_threads = 0;         // CPU workers: 0 = cores / CPU devices
+  std::string tokens_file;
+  std::string tls_cert, tls_key;
+  std::vector<std::string> allowed_roots;
+  int64_t max_queued_per_user = 1000;
+  int64_t max_message_bytes = int64_t{4} << 20;
+  double margin = 0.08;
+  int oom_retries = 2;
+  double oom_growth = 1.25;
+  double starvation_minutes = 30;
+  double cancel_grace_seconds = 60;
+  bool paused = false;            // accept and queue jobs but start no worker (load tests)
+};
+
+// Defaults, then the YAML file (if given), then the flags. Throws ConfigError naming the
+// key or flag. `argv0` locates memfit-worker next to the daemon.
+Config load_config(const std::vector<std::string>& args, const std::string& argv0);
+std::string usage();
+
+}  // namespace memfit::daemon

@@ -1,0 +1,91 @@
+#include "service.h"
+
+#include <functional>
+
+namespace memfit::daemon {
+namespace {
+
+grpc::StatusCode code_of(Code c) {
+  switch (c) {
+    case Code::kInvalidArgument: return grpc::StatusCode::INVALID_ARGUMENT;
+    case Code::kNotFound: return grpc::StatusCode::NOT_FOUND;
+    case Code::kPermissionDenied: return grpc::StatusCode::PERMISSION_DENIED;
+    case Code::kFailedPrecondition: return grpc::StatusCode::FAILED_PRECONDITION;
+    case Code::kResourceExhausted: return grpc::StatusCode::RESOURCE_EXHAUSTED;
+    case Code::kInternal: return grpc::StatusCode::INTERNAL;
+  }
+  return grpc::StatusCode::UNKNOWN;
+}
+
+// Authenticates, runs fn, maps errors. Nothing escapes as an exception.
+grpc::Status call(grpc::ServerContext* ctx, const Auth& auth, const std::function<void(const Caller&)>& fn) {
+  std::string header;
+  const auto& md = ctx->client_metadata();
+  const auto it = md.find("authorization");
+  if (it != md.end()) header.assign(it->second.data(), it->second.size());
+  const auto caller = auth.caller(header);
+  if (!caller) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        header.empty() ? "missing authorization: Bearer TOKEN" : "unknown token");
+  }
+  try {
+    fn(*caller);
+    return grpc::Status::OK;
+  } catch (const CoreError& e) {
+    return grpc::Status(code_of(e.code), e.what());
+  } catch (const std::exception& e) {
+    return grpc::Status(grpc::StatusCode::INTERNAL, e.what());
+  }
+}
+
+}  // namespace
+
+grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* ctx, const v1::SubmitJobRequest* r, v1::Job* out) {
+  return call(ctx, auth_, [&](const Caller& c) { *out = core_.submit(c, *r); });
+}
+
+grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* ctx, const v1::GetJobRequest* r, v1::Job* out) {
+  return call(ctx, auth_, [&](const Caller& c) { *out = core_.get(c, r->id()); });
+}
+
+grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* ctx, const v1::ListJobsRequest* r,
+                                      v1::ListJobsResponse* out) {
+  return call(ctx, auth_, [&](const Caller& c) { *out = core_.list(c, *r); });
+}
+
+grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* ctx, const v1::CancelJobRequest* r, v1::Job* out) {
+  return call(ctx, auth_, [&](const Caller& c) { *out = core_.cancel(c, r->id()); });
+}
+
+grpc::Status JobServiceImpl::ListJobEvents(grpc::ServerContext* ctx, const v1::ListJobEventsRequest* r,
+                                           v1::ListJobEventsResponse* out) {
+  return call(ctx, auth_, [&](const Caller& c) { *out = core_.events(c, *r); });
+}
+
+grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* ctx, const v1::WatchJobRequest* r,
+                                      grpc::ServerWriter<v1::JobEvent>* w) {
+  return call(ctx, auth_, [&](const Caller& c) {
+    int64_t after = r->after_seq();
+    for (;;) {
+      if (ctx->IsCancelled()) return;
+      bool done = false;
+      for (const auto& e : core_.watch(c, r->id(), after, 1000, &done)) {
+        if (!w->Write(e)) return;  // the client went away
+        after = e.seq();
+      }
+      if (done) return;
+    }
+  });
+}
+
+grpc::Status ClusterServiceImpl::ListDevices(grpc::ServerContext* ctx, const v1::ListDevicesRequest*,
+                                             v1::ListDevicesResponse* out) {
+  return call(ctx, auth_, [&](const Caller&) { *out = core_.devices(); });
+}
+
+grpc::Status ClusterServiceImpl::EstimateJob(grpc::ServerContext* ctx, const v1::EstimateJobRequest* r,
+                                             v1::EstimateJobResponse* out) {
+  return call(ctx, auth_, [&](const Caller& c) { *out = core_.estimate(c, *r); });
+}
+
+}  // namespace memfit::daemon
