@@ -152,6 +152,17 @@ Core::Admission Core::admit(const v1::JobSpec& spec_in, const std::string& job_i
   } catch (const estimator::EstimateError& e) {
     throw CoreError(Code::kInvalidArgument, e.what());
   }
+  // What memfit's ops save: the same job with the stock ops (checkpointing as asked).
+  try {
+    estimator::Input stock = in;
+    stock.job.memory = spec::Memory{};
+    stock.job.memory.efficient_attention = false;
+    stock.job.memory.checkpointing = in.job.memory.checkpointing;
+    a.plan.set_exact_activation_bytes(estimator::estimate(stock).activation_bytes);
+  } catch (const estimator::EstimateError&) {
+    a.plan.set_exact_activation_bytes(a.estimate.activation_bytes);
+  }
+  a.plan.set_activation_bytes(a.estimate.activation_bytes);
   a.key = estimator::Calibration::key_of(in);
   int64_t calibrated = 0;
   {
@@ -162,6 +173,17 @@ Core::Admission Core::admit(const v1::JobSpec& spec_in, const std::string& job_i
   a.plan.set_estimated_peak_bytes(a.estimate.peak_bytes);
   a.plan.set_calibrated_peak_bytes(calibrated);
   a.plan.set_reserved_bytes(policy_.reserve(calibrated));
+  if (!s.resources().memory().empty()) {
+    try {
+      const int64_t declared = estimator::parse_size(s.resources().memory(), "resources.memory");
+      if (declared <= 0) throw CoreError(Code::kInvalidArgument, "resources.memory: must be more than 0");
+      a.plan.set_reserved_bytes(declared);
+      a.plan.add_reasons("resources.memory: " + size(declared) + " reserved as declared (the estimate with margin is " +
+                         size(policy_.reserve(calibrated)) + ")");
+    } catch (const estimator::EstimateError& e) {
+      throw CoreError(Code::kInvalidArgument, e.what());
+    }
+  }
   a.plan.set_micro_batch(in.job.training.micro_batch);
   a.plan.set_gradient_accumulation(in.job.training.gradient_accumulation);
   *a.plan.mutable_memory() = memory_spec(in.job.memory);
@@ -366,7 +388,8 @@ Snapshot Core::snapshot() {
     g.estimated = j.plan().estimated_peak_bytes();
     g.reserved = j.plan().reserved_bytes();
     g.measured_peak = j.progress().peak_memory_bytes();
-    g.activation_bytes = j.progress().activation_bytes();
+    g.activation_bytes = j.progress().activation_bytes() > 0 ? j.progress().activation_bytes() : j.plan().activation_bytes();
+    g.activation_saved = std::max<int64_t>(0, j.plan().exact_activation_bytes() - j.plan().activation_bytes());
     g.step = j.progress().step();
     g.total_steps = j.progress().total_steps();
     g.loss = j.progress().loss();
@@ -553,6 +576,7 @@ void Core::poll(const std::string& id, Active& a) {
       pr->set_loss(e.value("loss", 0.0));
       pr->set_learning_rate(e.value("lr", 0.0));
       pr->set_samples_per_second(e.value("samples_per_second", 0.0));
+      pr->set_tokens_per_second(e.value("tokens_per_second", 0.0));
       pr->set_memory_bytes(e.value("memory_bytes", int64_t{0}));
       pr->set_peak_memory_bytes(std::max(pr->peak_memory_bytes(), e.value("peak_memory_bytes", int64_t{0})));
       if (e.contains("activation_bytes")) pr->set_activation_bytes(e.value("activation_bytes", int64_t{0}));

@@ -1,0 +1,184 @@
+#include "metrics.h"
+
+#include <prometheus/collectable.h>
+#include <prometheus/exposer.h>
+#include <prometheus/metric_family.h>
+
+#include <algorithm>
+#include <array>
+#include <mutex>
+#include <stdexcept>
+
+#include "core.h"
+
+namespace memfit::daemon {
+namespace {
+
+using prometheus::ClientMetric;
+using prometheus::MetricFamily;
+using prometheus::MetricType;
+
+const char* state_name(int s) {
+  switch (s) {
+    case v1::QUEUED: return "queued";
+    case v1::RUNNING: return "running";
+    case v1::CANCELLING: return "cancelling";
+    case v1::SUCCEEDED: return "succeeded";
+    case v1::FAILED: return "failed";
+    case v1::CANCELLED: return "cancelled";
+    default: return "unknown";
+  }
+}
+
+MetricFamily family(const char* name, const char* help, MetricType t) {
+  MetricFamily f;
+  f.name = name;
+  f.help = help;
+  f.type = t;
+  return f;
+}
+
+ClientMetric gauge(double v, std::vector<ClientMetric::Label> labels) {
+  ClientMetric m;
+  m.label = std::move(labels);
+  m.gauge.value = v;
+  return m;
+}
+
+// A cumulative histogram kept across scrapes (the snapshot hands over new samples only).
+struct Histogram {
+  std::vector<double> bounds;
+  std::vector<uint64_t> counts;  // per bucket, not cumulative; last = +Inf
+  uint64_t n = 0;
+  double sum = 0;
+  explicit Histogram(std::vector<double> b) : bounds(std::move(b)), counts(bounds.size() + 1, 0) {}
+  void add(double v) {
+    const size_t i = static_cast<size_t>(std::lower_bound(bounds.begin(), bounds.end(), v) - bounds.begin());
+    ++counts[i];
+    ++n;
+    sum += v;
+  }
+  ClientMetric metric() const {
+    ClientMetric m;
+    m.histogram.sample_count = n;
+    m.histogram.sample_sum = sum;
+    uint64_t c = 0;
+    for (size_t i = 0; i < bounds.size(); ++i) {
+      c += counts[i];
+      m.histogram.bucket.push_back({c, bounds[i]});
+    }
+    m.histogram.bucket.push_back({n, std::numeric_limits<double>::infinity()});
+    return m;
+  }
+};
+
+}  // namespace
+
+class MetricsCollector : public prometheus::Collectable {
+ public:
+  explicit MetricsCollector(Core& core) : core_(core) {}
+
+  std::vector<MetricFamily> Collect() const override {
+    Snapshot s = core_.snapshot();
+    std::lock_guard<std::mutex> lock(mu_);
+    for (double r : s.estimate_ratios) ratios_.add(r);
+    for (double p : s.placement_seconds) placement_.add(p);
+
+    std::vector<MetricFamily> out;
+    auto dev_total = family("memfit_device_memory_total_bytes", "Memory of the device that memfitd schedules on.",
+                            MetricType::Gauge);
+    auto dev_reserved = family("memfit_device_memory_reserved_bytes",
+                               "Memory reserved on the device by the jobs placed on it.", MetricType::Gauge);
+    auto dev_used = family("memfit_device_memory_used_bytes",
+                           "Memory measured in use on the device (NVML for GPUs; the workers' meters for CPU devices).",
+                           MetricType::Gauge);
+    for (const auto& d : s.devices) {
+      const std::vector<ClientMetric::Label> l{{"device", d.name}, {"kind", d.kind}};
+      dev_total.metric.push_back(gauge(static_cast<double>(d.total), l));
+      dev_reserved.metric.push_back(gauge(static_cast<double>(d.reserved), l));
+      dev_used.metric.push_back(gauge(static_cast<double>(std::max<int64_t>(0, d.used)), l));
+    }
+    out.push_back(std::move(dev_total));
+    out.push_back(std::move(dev_reserved));
+    out.push_back(std::move(dev_used));
+
+    auto est = family("memfit_job_estimated_peak_bytes", "The estimator's peak memory for a running job (before calibration).",
+                      MetricType::Gauge);
+    auto res = family("memfit_job_reserved_bytes", "Memory reserved for a running job.", MetricType::Gauge);
+    auto peak = family("memfit_job_measured_peak_bytes", "Peak memory a running job's worker has measured so far.",
+                       MetricType::Gauge);
+    auto act = family("memfit_job_activation_bytes", "Activation bytes a running job keeps for backward.",
+                      MetricType::Gauge);
+    auto saved = family("memfit_job_activation_saved_bytes",
+                        "Activation bytes memfit's ops save for a running job against the stock ops (estimated).",
+                        MetricType::Gauge);
+    auto steps = family("memfit_job_steps", "Optimizer steps a running job has done.", MetricType::Gauge);
+    auto total = family("memfit_job_steps_total_planned", "Optimizer steps a running job will do.", MetricType::Gauge);
+    auto loss = family("memfit_job_loss", "A running job's last training loss.", MetricType::Gauge);
+    for (const auto& j : s.jobs) {
+      const std::vector<ClientMetric::Label> l{{"job", j.id}, {"owner", j.owner}, {"device", j.device}};
+      est.metric.push_back(gauge(static_cast<double>(j.estimated), l));
+      res.metric.push_back(gauge(static_cast<double>(j.reserved), l));
+      peak.metric.push_back(gauge(static_cast<double>(j.measured_peak), l));
+      act.metric.push_back(gauge(static_cast<double>(j.activation_bytes), l));
+      saved.metric.push_back(gauge(static_cast<double>(j.activation_saved), l));
+      steps.metric.push_back(gauge(static_cast<double>(j.step), l));
+      total.metric.push_back(gauge(static_cast<double>(j.total_steps), l));
+      loss.metric.push_back(gauge(j.loss, l));
+    }
+    for (auto* f : {&est, &res, &peak, &act, &saved, &steps, &total, &loss}) out.push_back(std::move(*f));
+
+    auto states = family("memfit_jobs", "Jobs in the store by state.", MetricType::Gauge);
+    for (const auto& [st, n] : s.jobs_by_state) states.metric.push_back(gauge(static_cast<double>(n), {{"state", state_name(st)}}));
+    out.push_back(std::move(states));
+    auto queue = family("memfit_queue_length", "Jobs waiting for a placement.", MetricType::Gauge);
+    queue.metric.push_back(gauge(static_cast<double>(s.queue_length), {}));
+    out.push_back(std::move(queue));
+    auto ooms = family("memfit_oom_retries_total", "Jobs put back in the queue with a larger reservation after running out of memory.",
+                       MetricType::Counter);
+    ClientMetric c;
+    c.counter.value = static_cast<double>(s.oom_retries_total);
+    ooms.metric.push_back(c);
+    out.push_back(std::move(ooms));
+
+    auto ratio = family("memfit_estimate_error_ratio", "Measured peak / estimated peak of finished jobs.",
+                        MetricType::Histogram);
+    ratio.metric.push_back(ratios_.metric());
+    out.push_back(std::move(ratio));
+    auto place = family("memfit_placement_latency_seconds", "Time from submission (or requeue) to placement on a device.",
+                        MetricType::Histogram);
+    place.metric.push_back(placement_.metric());
+    out.push_back(std::move(place));
+    return out;
+  }
+
+ private:
+  Core& core_;
+  mutable std::mutex mu_;
+  mutable Histogram ratios_{{0.5, 0.8, 0.9, 0.95, 0.98, 1.0, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0}};
+  mutable Histogram placement_{{0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600.0, 24 * 3600.0}};
+};
+
+MetricsExporter::MetricsExporter(const std::string& address, Core& core) {
+  const auto colon = address.rfind(':');
+  if (colon == std::string::npos) throw std::runtime_error("metrics_listen: expected HOST:PORT, got '" + address + "'");
+  host_ = address.substr(0, colon);
+  try {
+    exposer_ = std::make_unique<prometheus::Exposer>(address, 2);
+  } catch (const std::exception& e) {
+    throw std::runtime_error("cannot listen on " + address + ": " + e.what());
+  }
+  collector_ = std::make_shared<MetricsCollector>(core);
+  exposer_->RegisterCollectable(collector_, "/metrics");
+}
+
+MetricsExporter::~MetricsExporter() {
+  if (exposer_) exposer_->RemoveCollectable(collector_, "/metrics");
+}
+
+std::string MetricsExporter::address() const {
+  const auto ports = exposer_->GetListeningPorts();
+  return host_ + ":" + (ports.empty() ? std::string("?") : std::to_string(ports.front()));
+}
+
+}  // namespace memfit::daemon
