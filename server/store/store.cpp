@@ -124,12 +124,14 @@ std::unique_ptr<Store> Store::open(const std::string& state_dir) {
   s->exec("PRAGMA journal_mode=WAL");
   s->exec("PRAGMA synchronous=NORMAL");
   s->exec("PRAGMA foreign_keys=ON");
+  s->exec("PRAGMA cache_size=-65536");  // 64 MiB of pages: a busy queue's rows stay in memory
   s->exec(
       "CREATE TABLE IF NOT EXISTS jobs(id TEXT PRIMARY KEY, owner TEXT NOT NULL, request_id TEXT NOT NULL, "
       "state INTEGER NOT NULL, created_ms INTEGER NOT NULL, next_seq INTEGER NOT NULL, job BLOB NOT NULL);"
       "CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs(owner, request_id) WHERE request_id <> '';"
       "CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, id);"
       "CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);"
+      "CREATE INDEX IF NOT EXISTS jobs_owner_state ON jobs(owner, state);"
       "CREATE TABLE IF NOT EXISTS events(job_id TEXT NOT NULL REFERENCES jobs(id), seq INTEGER NOT NULL, "
       "event BLOB NOT NULL, PRIMARY KEY(job_id, seq)) WITHOUT ROWID;"
       "CREATE TABLE IF NOT EXISTS workers(job_id TEXT PRIMARY KEY REFERENCES jobs(id), pid INTEGER NOT NULL, "
