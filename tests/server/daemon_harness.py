@@ -49,8 +49,10 @@ def gpt2_spec(tmp, steps=12, lora=True, preset=None, memory=None, **over):
 
 
 class Daemon:
-    def __init__(self, name, devices=("cpu:0=256MiB",), tokens=None, extra=(), state=None):
-        self.dir = state or tempfile.mkdtemp(prefix=f"memfitd-{name}-")
+    def __init__(self, name, devices=("cpu:0=256MiB",), tokens=None, extra=(), state=None, tls_root=None,
+                 dir=None):
+        self.dir = dir or state or tempfile.mkdtemp(prefix=f"memfitd-{name}-")
+        self.tls_root = tls_root  # PEM: connect with TLS, trusting this certificate
         self.devices = devices
         self.tokens_file = None
         if tokens:
@@ -88,7 +90,12 @@ class Daemon:
             raise RuntimeError("memfitd did not start:\n" + "".join(self.log))
         self.drain = threading.Thread(target=self._drain, args=(self.proc,), daemon=True)
         self.drain.start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        if self.tls_root:
+            creds = grpc.ssl_channel_credentials(root_certificates=self.tls_root)
+            self.channel = grpc.secure_channel(f"127.0.0.1:{self.port}", creds,
+                                               options=(("grpc.ssl_target_name_override", "localhost"),))
+        else:
+            self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.jobs = rpc.JobServiceStub(self.channel)
         self.cluster = rpc.ClusterServiceStub(self.channel)
 
@@ -148,6 +155,13 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def run_memfitd(*args):
+    """memfitd run to completion (bad configurations): (exit code, stderr)."""
+    r = subprocess.run([MEMFITD, "--listen", "127.0.0.1:0", "--metrics-listen", "off", *args],
+                       capture_output=True, text=True, timeout=30)
+    return r.returncode, r.stderr
 
 
 def metric_value(text, name, **labels):

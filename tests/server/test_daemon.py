@@ -383,6 +383,72 @@ class Api(unittest.TestCase):
             d.stop()
 
 
+class Configuration(unittest.TestCase):
+    def test_bad_configuration_is_refused_naming_the_setting(self):
+        tmp = tempfile.mkdtemp(prefix="memfitd-config-")
+        state = ["--state-dir", os.path.join(tmp, "state")]
+
+        def yaml(text, n=[0]):
+            n[0] += 1
+            path = os.path.join(tmp, f"memfitd-{n[0]}.yaml")
+            with open(path, "w") as f:
+                f.write(text)
+            return ["--config", path]
+
+        tokens = os.path.join(tmp, "tokens")
+        with open(tokens, "w") as f:
+            f.write("short alice\n")
+        for args, needle in ((["--bogus"], "unknown option '--bogus'"),
+                             (["--margin", "-1"], "--margin"),
+                             (["--device", "gpu0=8GiB"], "expected cpu:N or cuda:N"),
+                             (["--device", "cpu:0=lots"], "--device cpu:0"),
+                             (["--tls-cert", "/nonexistent.pem"], "tls: give both"),
+                             (["--tokens", tokens], "tokens need at least 16 characters"),
+                             (["--tokens", os.path.join(tmp, "missing")], "tokens_file: cannot read"),
+                             (yaml("scheduling: {margin: 0.1, bogus: 1}\n"), "scheduling.bogus: unknown setting"),
+                             (yaml("limits: {max_message_bytes: huge}\n"), "limits.max_message_bytes"),
+                             (yaml("devices: [{name: cpu:0}]\n"), "devices[0]: needs name and memory"),
+                             (yaml("listen: [1, 2\n"), "memfitd-4.yaml: yaml-cpp")):
+            code, err = D.run_memfitd(*state, *args)
+            self.assertEqual(code, 2, (args, err))
+            self.assertIn(needle, err.splitlines()[0], args)  # said on the first line
+
+    def test_yaml_file_limits_and_tls(self):
+        tmp = tempfile.mkdtemp(prefix="memfitd-tls-")
+        cert, key = os.path.join(tmp, "server.pem"), os.path.join(tmp, "server.key")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                        "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                        "-keyout", key, "-out", cert], check=True, capture_output=True)
+        with open(os.path.join(tmp, "memfitd.yaml"), "w") as f:
+            f.write(f"tls: {{cert: {cert}, key: {key}}}\n"
+                    "cpu_devices: 3\ncpu_device_memory: 300MiB\n"
+                    "limits: {max_message_bytes: 16KiB}\nscheduling: {paused: true, margin: 0.25}\n")
+        with open(cert, "rb") as f:
+            root = f.read()
+        d = D.Daemon("tls", devices=(), dir=tmp, tls_root=root, extra=["--config", os.path.join(tmp, "memfitd.yaml")])
+        try:
+            self.assertIn("(TLS)", "".join(d.log))
+            devs = d.devices_now()
+            self.assertEqual([x.name for x in devs], ["cpu:0", "cpu:1", "cpu:2"])
+            self.assertEqual({x.total_bytes for x in devs}, {300 * MiB})
+            spec = D.gpt2_spec(os.path.join(tmp, "a"))
+            j = d.submit(spec)
+            self.assertAlmostEqual(j.plan.reserved_bytes / j.plan.calibrated_peak_bytes, 1.25, delta=0.001)
+            time.sleep(0.5)
+            self.assertEqual(d.get(j.id).state, pb.QUEUED)  # paused: accepted, never started
+            spec.name = "x" * 20000
+            with self.assertRaises(grpc.RpcError) as e:
+                d.submit(spec)
+            self.assertEqual(e.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+            plain = grpc.insecure_channel(f"127.0.0.1:{d.port}")
+            with self.assertRaises(grpc.RpcError) as e:
+                D.rpc.JobServiceStub(plain).GetJob(pb.GetJobRequest(id=j.id), timeout=5)
+            self.assertEqual(e.exception.code(), grpc.StatusCode.UNAVAILABLE)
+            plain.close()
+        finally:
+            d.stop()
+
+
 class Metrics(unittest.TestCase):
     def test_metrics_follow_a_running_job_and_pass_promtool(self):
         promtool = shutil.which("promtool")
