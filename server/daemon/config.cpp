@@ -3,6 +3,7 @@
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 
@@ -119,7 +120,41 @@ std::string usage() {
          "               [--cpu-device-memory SIZE] [--device NAME=SIZE]... [--worker-threads N]\n"
          "               [--tokens FILE] [--tls-cert FILE --tls-key FILE] [--allowed-root DIR]...\n"
          "               [--max-queued-per-user N] [--margin F] [--starvation-minutes M]\n"
-         "               [--cancel-grace-seconds S] [--paused]\n";
+         "               [--cancel-grace-seconds S] [--paused] [--check-config]\n"
+         "--check-config reads the configuration, prints it as memfitd will use it, and exits.\n";
+}
+
+std::string describe(const Config& c) {
+  auto q = [](const std::string& s) { return "\"" + s + "\""; };
+  std::string o;
+  o += "listen: " + q(c.listen) + "\n";
+  o += "metrics_listen: " + (c.metrics_listen.empty() ? std::string("off") : q(c.metrics_listen)) + "\n";
+  o += "state_dir: " + q(c.state_dir) + "\n";
+  o += "worker: " + q(c.worker) + "\n";
+  o += std::string("gpus: ") + (c.gpus ? "auto" : "off") + "\n";
+  if (c.devices.empty()) {
+    o += "cpu_devices: " + std::to_string(c.cpu_devices) + "\n";
+    o += "cpu_device_memory: " + std::to_string(c.cpu_device_memory) + "\n";
+  } else {
+    o += "devices:\n";
+    for (const auto& d : c.devices) o += "  - {name: " + q(d.name) + ", memory: " + std::to_string(d.memory_bytes) + "}\n";
+  }
+  o += "worker_threads: " + std::to_string(c.worker_threads) + "\n";
+  if (!c.tokens_file.empty()) o += "tokens_file: " + q(c.tokens_file) + "\n";
+  if (!c.tls_cert.empty()) o += "tls: {cert: " + q(c.tls_cert) + ", key: " + q(c.tls_key) + "}\n";
+  if (!c.allowed_roots.empty()) {
+    o += "allowed_roots:\n";
+    for (const auto& r : c.allowed_roots) o += "  - " + q(r) + "\n";
+  }
+  o += "limits: {max_queued_per_user: " + std::to_string(c.max_queued_per_user) +
+       ", max_message_bytes: " + std::to_string(c.max_message_bytes) + "}\n";
+  char buf[256];
+  std::snprintf(buf, sizeof buf,
+                "scheduling: {margin: %g, oom_retries: %d, oom_growth: %g, starvation_minutes: %g, "
+                "cancel_grace_seconds: %g, paused: %s}\n",
+                c.margin, c.oom_retries, c.oom_growth, c.starvation_minutes, c.cancel_grace_seconds,
+                c.paused ? "true" : "false");
+  return o + buf;
 }
 
 Config load_config(const std::vector<std::string>& args, const std::string& argv0) {

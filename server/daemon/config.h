@@ -61,5 +61,7 @@ struct Config {
 // key or flag. `argv0` locates memfit-worker next to the daemon.
 Config load_config(const std::vector<std::string>& args, const std::string& argv0);
 std::string usage();
+// The effective configuration as YAML (`memfitd --check-config`).
+std::string describe(const Config& c);
 
 }  // namespace memfit::daemon

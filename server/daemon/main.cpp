@@ -4,6 +4,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -54,8 +55,14 @@ int main(int argc, char** argv) {
   Auth auth;
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
   std::string devlog;
+  const bool check_only = std::find(args.begin(), args.end(), "--check-config") != args.end();
+  if (check_only) args.erase(std::find(args.begin(), args.end(), "--check-config"));
   try {
     cfg = load_config(args, argv[0]);
+    if (check_only) {
+      std::fputs(describe(cfg).c_str(), stdout);
+      return 0;
+    }
     store = memfit::store::Store::open(cfg.state_dir);
     devices = DeviceMonitor::create(cfg, &devlog);
     auth = Auth::load(cfg.tokens_file);

@@ -1,0 +1,24 @@
+#!/bin/bash
+# The deploy/ files are valid: Prometheus accepts the scrape config and the rules, and
+# memfitd reads the example configuration with the values it says.
+# usage: check_deploy.sh MEMFITD REPO
+set -euo pipefail
+memfitd=$1
+repo=$2
+if ! command -v promtool >/dev/null; then
+  echo "promtool missing (Debian: prometheus)"
+  exit 1
+fi
+promtool check config "$repo/deploy/prometheus/prometheus.yml"
+promtool check rules "$repo/deploy/prometheus/memfit_rules.yml"
+out=$("$memfitd" --config "$repo/deploy/memfitd.yaml" --check-config)
+echo "$out"
+for want in 'listen: "127.0.0.1:7540"' 'state_dir: "/var/lib/memfit"' 'tokens_file: "/etc/memfit/tokens"' \
+            'cpu_device_memory: 17179869184' 'margin: 0.08' 'cancel_grace_seconds: 60'; do
+  grep -qF "$want" <<<"$out" || { echo "memfitd --check-config: missing '$want'"; exit 1; }
+done
+# The stop timeout must outlast the workers' grace period.
+grace=$(sed -n 's/^ *cancel_grace_seconds: *\([0-9]*\).*/\1/p' "$repo/deploy/memfitd.yaml")
+stop=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)/\1/p' "$repo/deploy/systemd/memfitd.service")
+[ "$stop" -gt "$grace" ] || { echo "TimeoutStopSec=$stop must exceed cancel_grace_seconds=$grace"; exit 1; }
+echo "deploy files OK"
