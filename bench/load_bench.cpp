@@ -243,6 +243,7 @@ int main(int argc, char** argv) {
       ctx.AddMetadata("authorization", "Bearer " + token);
       v1::ListJobsRequest r;
       r.set_page_size(page_size);
+      r.set_all_users(token == "load-admin-token-0000000");
       if (queued_only) r.add_states(v1::QUEUED);
       v1::ListJobsResponse out;
       const auto s0 = Clock::now();
@@ -273,6 +274,7 @@ int main(int argc, char** argv) {
     ctx.AddMetadata("authorization", "Bearer load-admin-token-0000000");
     v1::ListJobsRequest r;
     r.set_page_size(1000);
+    r.set_all_users(true);
     r.set_page_token(page);
     v1::ListJobsResponse out;
     const grpc::Status st = stub2->ListJobs(&ctx, r, &out);

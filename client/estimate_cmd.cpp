@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "commands.h"
+#include "remote.h"
 #include "estimator.h"
 #include "fit.h"
 #include "model_config.h"
@@ -27,6 +28,7 @@ struct Args {
   bool json_out = false;
   int64_t cuda_context = -1;     // -1: DeviceModel's default
   double reserved_overhead = -1;  // -1: DeviceModel's default
+  std::vector<std::string> remote;  // --server/--token/--tls-ca given: ask memfitd
 };
 
 class Usage : public std::runtime_error {
@@ -71,6 +73,9 @@ Args parse(const std::vector<std::string>& a) {
       const std::string v = value(i, f);
       if (v != "json" && v != "text") throw Usage(f + ": expected json or text, got '" + v + "'");
       r.json_out = v == "json";
+    } else if (f == "--server" || f == "--token" || f == "--tls-ca") {
+      r.remote.push_back(f);
+      r.remote.push_back(value(i, f));
     } else {
       throw Usage("unknown option '" + f + "'");
     }
@@ -135,9 +140,50 @@ void print_text(const spec::Job& job, const est::Input& in, const est::Estimate&
 
 }  // namespace
 
+// The daemon's estimate: its devices, worker threads and calibration apply.
+int estimate_remote(const Args& a) {
+  std::vector<std::string> flags = a.remote;
+  const Common c = parse_common(flags);
+  Remote r(c);
+  const spec::Job job = spec::load_job(a.spec);
+  v1::EstimateJobRequest req;
+  v1::JobSpec s = spec::read_spec_file(a.spec);
+  s.mutable_model()->set_config_path(job.config_path);
+  s.mutable_model()->set_weights_path(job.weights_path);
+  s.mutable_data()->set_train_path(job.train_path);
+  s.mutable_data()->set_validation_path(job.validation_path);
+  s.mutable_data()->set_tokenizer_path(job.tokenizer_path);
+  s.mutable_data()->set_train_labels_path(job.train_labels_path);
+  s.mutable_data()->set_validation_labels_path(job.validation_labels_path);
+  *req.mutable_spec() = s;
+  req.set_device_bytes(a.device_memory);
+  v1::EstimateJobResponse out;
+  auto ctx = r.context();
+  r.check(r.cluster().EstimateJob(ctx.get(), req, &out), "estimate");
+  if (a.json_out) {
+    json e = json::parse(out.estimate_json());
+    e["plan"] = json::parse(to_json(out.plan(), false));
+    e["fits"] = out.fits();
+    std::cout << e.dump(2) << "\n";
+  } else {
+    const auto& p = out.plan();
+    std::printf("%s on memfitd at %s\n", job.name.c_str(), r.address().c_str());
+    std::printf("  estimated peak   %12s\n", est::format_size(p.estimated_peak_bytes()).c_str());
+    std::printf("  calibrated       %12s   (%s)\n", est::format_size(p.calibrated_peak_bytes()).c_str(),
+                p.calibration_key().c_str());
+    std::printf("  would reserve    %12s   %s\n", est::format_size(p.reserved_bytes()).c_str(),
+                out.fits() ? "fits" : "does not fit");
+    std::printf("  activations      %12s   (%s with the stock ops)\n", est::format_size(p.activation_bytes()).c_str(),
+                est::format_size(p.exact_activation_bytes()).c_str());
+    for (const auto& why : p.reasons()) std::printf("  - %s\n", why.c_str());
+  }
+  return kExitOk;
+}
+
 int estimate_cmd(const std::vector<std::string>& argv) {
   try {
     const Args a = parse(argv);
+    if (!a.remote.empty()) return estimate_remote(a);
     const spec::Job job = spec::load_job(a.spec);
     est::Input in;
     in.job = job;
@@ -175,6 +221,9 @@ int estimate_cmd(const std::vector<std::string>& argv) {
   } catch (const Usage& e) {
     std::cerr << "memfit estimate: " << e.what() << "\n";
     return kExitBadInput;
+  } catch (const CliError& e) {
+    std::cerr << "memfit estimate: " << e.what() << "\n";
+    return e.code;
   } catch (const spec::SpecError& e) {
     std::cerr << "memfit estimate: " << e.what() << "\n";
     return kExitBadInput;

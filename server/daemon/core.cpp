@@ -266,7 +266,11 @@ v1::Job Core::get(const Caller& c, const std::string& id) {
 v1::ListJobsResponse Core::list(const Caller& c, const v1::ListJobsRequest& r) {
   std::string owner = r.owner();
   if (!c.admin) {
-    if (!owner.empty() && owner != c.user) throw CoreError(Code::kPermissionDenied, "only admins list other users' jobs");
+    if (r.all_users() || (!owner.empty() && owner != c.user)) {
+      throw CoreError(Code::kPermissionDenied, "only admins list other users' jobs");
+    }
+    owner = c.user;
+  } else if (owner.empty() && !r.all_users()) {
     owner = c.user;
   }
   std::vector<v1::JobState> states;
@@ -309,6 +313,35 @@ std::vector<v1::JobEvent> Core::watch(const Caller& c, const std::string& id, in
   }
   *done = terminal(j.state()) && ev.empty();
   return ev;
+}
+
+v1::ReadJobLogResponse Core::read_log(const Caller& c, const v1::ReadJobLogRequest& r) {
+  check_access(c, load(r.id()));
+  const std::string stream = r.stream().empty() ? "stdout" : r.stream();
+  if (stream != "stdout" && stream != "stderr") {
+    throw CoreError(Code::kInvalidArgument, "stream: expected stdout or stderr, got '" + stream + "'");
+  }
+  if (r.offset() < 0) throw CoreError(Code::kInvalidArgument, "offset: must be 0 or more");
+  const int64_t limit = r.limit() <= 0 ? 64 * 1024 : std::min<int64_t>(r.limit(), 1 << 20);
+  const fs::path path = fs::path(cfg_.state_dir) / "jobs" / r.id() / (stream == "stdout" ? "worker.out" : "worker.err");
+  v1::ReadJobLogResponse out;
+  std::ifstream f(path, std::ios::binary);
+  if (!f) {
+    out.set_next_offset(r.offset());
+    return out;  // not started yet
+  }
+  f.seekg(0, std::ios::end);
+  const int64_t size = static_cast<int64_t>(f.tellg());
+  out.set_size(size);
+  const int64_t from = std::min(r.offset(), size);
+  const int64_t n = std::min(limit, size - from);
+  std::string data(static_cast<size_t>(n), '\0');
+  f.seekg(from);
+  f.read(data.data(), n);
+  data.resize(static_cast<size_t>(f.gcount()));
+  out.set_next_offset(from + static_cast<int64_t>(data.size()));
+  out.set_data(std::move(data));
+  return out;
 }
 
 v1::ListDevicesResponse Core::devices() {
@@ -571,6 +604,7 @@ void Core::poll(const std::string& id, Active& a) {
       pr->set_total_steps(e.value("total_steps", int64_t{0}));
       msg = "training " + std::to_string(pr->total_steps()) + " steps";
     } else if (kind == "step") {
+      ++a.steps;
       pr->set_step(e.value("step", int64_t{0}));
       pr->set_total_steps(e.value("total_steps", pr->total_steps()));
       pr->set_loss(e.value("loss", 0.0));
@@ -661,7 +695,8 @@ void Core::finish(const std::string& id, Active& a) {
     // reserved bytes plus the context the estimate counts).
     const bool cuda = device_model().kind == estimator::DeviceModel::Kind::kCUDA;
     const int64_t measured = cuda ? a.measured_reserved + estimator::DeviceModel::kCudaContextBytes : a.measured_peak;
-    if (est > 0 && measured > 0) {
+    // Only a run that trained measured the whole step (a resume at the last step did not).
+    if (est > 0 && measured > 0 && a.steps > 0) {
       if (!key.empty()) {
         calibration_.add({key, est, measured});
         store_.add_calibration({key, est, measured, now()});

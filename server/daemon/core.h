@@ -82,6 +82,7 @@ class Core {
   // Events after `after_seq`, waiting up to `wait_ms` for one; `done` is set when the job
   // has reached a final state and every event was returned.
   std::vector<v1::JobEvent> watch(const Caller& c, const std::string& id, int64_t after_seq, int wait_ms, bool* done);
+  v1::ReadJobLogResponse read_log(const Caller& c, const v1::ReadJobLogRequest& r);
   v1::ListDevicesResponse devices();
   v1::EstimateJobResponse estimate(const Caller& c, const v1::EstimateJobRequest& r);
   Snapshot snapshot();
@@ -98,6 +99,7 @@ class Core {
     std::string terminal;            // the worker's last terminal event: finished, failed, stopped
     std::string fail_reason, fail_message;
     int64_t measured_peak = 0, measured_reserved = 0;
+    int64_t steps = 0;  // step events of this attempt (a resumed, already finished run has none)
   };
   struct Admission {
     v1::JobSpec worker_spec;  // what the worker runs (auto options applied)

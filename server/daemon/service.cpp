@@ -62,6 +62,11 @@ grpc::Status JobServiceImpl::ListJobEvents(grpc::ServerContext* ctx, const v1::L
   return call(ctx, auth_, [&](const Caller& c) { *out = core_.events(c, *r); });
 }
 
+grpc::Status JobServiceImpl::ReadJobLog(grpc::ServerContext* ctx, const v1::ReadJobLogRequest* r,
+                                        v1::ReadJobLogResponse* out) {
+  return call(ctx, auth_, [&](const Caller& c) { *out = core_.read_log(c, *r); });
+}
+
 grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* ctx, const v1::WatchJobRequest* r,
                                       grpc::ServerWriter<v1::JobEvent>* w) {
   return call(ctx, auth_, [&](const Caller& c) {

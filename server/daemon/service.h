@@ -21,6 +21,8 @@ class JobServiceImpl final : public v1::JobService::Service {
                         grpc::ServerWriter<v1::JobEvent>* w) override;
   grpc::Status ListJobEvents(grpc::ServerContext* ctx, const v1::ListJobEventsRequest* r,
                              v1::ListJobEventsResponse* out) override;
+  grpc::Status ReadJobLog(grpc::ServerContext* ctx, const v1::ReadJobLogRequest* r,
+                          v1::ReadJobLogResponse* out) override;
 
  private:
   Core& core_;

@@ -303,8 +303,13 @@ class Api(unittest.TestCase):
                 self.assertEqual(e.exception.code(), grpc.StatusCode.PERMISSION_DENIED)
             mine = d.jobs.ListJobs(pb.ListJobsRequest(), metadata=d.md(self.BOB), timeout=30).jobs
             self.assertEqual([j.id for j in mine], [b.id])
-            every = d.jobs.ListJobs(pb.ListJobsRequest(), metadata=d.md(self.ROOT), timeout=30).jobs
+            every = d.jobs.ListJobs(pb.ListJobsRequest(all_users=True), metadata=d.md(self.ROOT), timeout=30).jobs
             self.assertEqual(sorted(j.id for j in every), sorted([a.id, b.id]))
+            own = d.jobs.ListJobs(pb.ListJobsRequest(), metadata=d.md(self.ROOT), timeout=30).jobs
+            self.assertEqual(list(own), [])  # an admin's own jobs unless all_users
+            with self.assertRaises(grpc.RpcError) as e:
+                d.jobs.ListJobs(pb.ListJobsRequest(all_users=True), metadata=d.md(self.BOB), timeout=30)
+            self.assertEqual(e.exception.code(), grpc.StatusCode.PERMISSION_DENIED)
             self.assertEqual(d.get(a.id, token=self.ROOT).owner, "alice")
             c = d.jobs.CancelJob(pb.CancelJobRequest(id=a.id), metadata=d.md(self.ROOT), timeout=30)
             self.assertEqual(c.state, pb.CANCELLED)

@@ -1,0 +1,526 @@
+// The daemon verbs: submit, get, list, cancel, watch, events, logs, devices.
+#include <google/protobuf/util/time_util.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "commands.h"
+#include "remote.h"
+#include "spec.h"
+
+namespace memfit::cli {
+namespace {
+
+using json = nlohmann::json;
+using google::protobuf::util::TimeUtil;
+
+const std::map<std::string, std::string>& helps() {
+  static const std::map<std::string, std::string> h = {
+      {"submit",
+       "usage: memfit submit -f SPEC [--watch] [--priority N] [--request-id ID] [-o table|json]\n"
+       "  Send a job spec (JSON or YAML) to memfitd. It is checked here first, then by the\n"
+       "  daemon, which estimates its memory and queues it. --watch follows it to the end.\n"
+       "  example: memfit submit -f lora.yaml --watch\n"},
+      {"get",
+       "usage: memfit get JOB [-o table|json|yaml]\n"
+       "  One job: state, device, memory plan, progress, result. -o yaml prints its spec as\n"
+       "  memfitd runs it (a file you can submit again).\n"
+       "  example: memfit get j0001732810000000-000042 -o json\n"},
+      {"list",
+       "usage: memfit list [--state S]... [--all-users | --owner USER] [--limit N] [-o table|json]\n"
+       "  Jobs, newest first. S: queued, running, cancelling, succeeded, failed, cancelled.\n"
+       "  example: memfit list --state running --state queued\n"},
+      {"cancel",
+       "usage: memfit cancel JOB [-o table|json]\n"
+       "  A queued job is cancelled at once; a running one checkpoints and stops.\n"
+       "  example: memfit cancel j0001732810000000-000042\n"},
+      {"watch",
+       "usage: memfit watch JOB\n"
+       "  Follow a job until it ends: a live progress line on a terminal (step, loss, speed,\n"
+       "  ETA, peak memory against the reservation, memory saved by memfit's ops), plain\n"
+       "  lines otherwise. Exit code: 0 succeeded, 10 failed, 11 cancelled.\n"
+       "  example: memfit watch j0001732810000000-000042\n"},
+      {"events",
+       "usage: memfit events JOB [-o table|json]\n"
+       "  Every event of the job with its time: submitted, placed, steps, evals, checkpoints,\n"
+       "  out-of-memory retries, the end.\n"
+       "  example: memfit events j0001732810000000-000042 -o json\n"},
+      {"logs",
+       "usage: memfit logs JOB [--stderr] [-f|--follow]\n"
+       "  The worker's output (its JSON-lines events; --stderr: its error stream).\n"
+       "  example: memfit logs j0001732810000000-000042 --follow\n"},
+      {"devices",
+       "usage: memfit devices [-o table|json]\n"
+       "  Each device: total, reserved and measured memory, and its jobs.\n"
+       "  example: memfit devices\n"},
+  };
+  return h;
+}
+
+const char* kCommonFlags =
+    "common: --server HOST:PORT (MEMFIT_SERVER, default 127.0.0.1:7540), --token T (MEMFIT_TOKEN),\n"
+    "        --tls-ca FILE (MEMFIT_TLS_CA) or --tls for a TLS server\n";
+
+std::string one_arg(const std::vector<std::string>& a, const std::string& what) {
+  if (a.empty()) throw CliError(kExitBadInput, what + " is required");
+  if (a.size() > 1) throw CliError(kExitBadInput, "unexpected argument '" + a[1] + "'");
+  if (!a[0].empty() && a[0][0] == '-') throw CliError(kExitBadInput, "unknown option '" + a[0] + "'");
+  return a[0];
+}
+
+double secs(const google::protobuf::Timestamp& t) { return static_cast<double>(t.seconds()) + t.nanos() / 1e9; }
+
+std::string when(const google::protobuf::Timestamp& t) {
+  if (t.seconds() == 0) return "-";
+  const std::time_t s = t.seconds();
+  std::tm tm{};
+  localtime_r(&s, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S", &tm);
+  return buf;
+}
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+std::string age(const v1::Job& j) {
+  if (j.has_finished_at() && j.has_started_at()) return human_duration(secs(j.finished_at()) - secs(j.started_at()));
+  if (j.has_started_at()) return human_duration(now_s() - secs(j.started_at()));
+  return human_duration(now_s() - secs(j.created_at()));
+}
+
+int64_t saved_bytes(const v1::Job& j) {
+  return std::max<int64_t>(0, j.plan().exact_activation_bytes() - j.plan().activation_bytes());
+}
+
+void print_job(const v1::Job& j) {
+  const auto& p = j.plan();
+  std::printf("job         %s  (%s)\n", j.id().c_str(), j.name().c_str());
+  std::printf("owner       %s\n", j.owner().c_str());
+  std::printf("state       %s%s\n", state_name(j.state()).c_str(),
+              j.device().empty() ? "" : (" on " + j.device()).c_str());
+  std::printf("created     %s   started %s   finished %s   attempts %d\n", when(j.created_at()).c_str(),
+              when(j.started_at()).c_str(), when(j.finished_at()).c_str(), j.attempts());
+  std::printf("memory      estimated %s, reserved %s (micro-batch %lld x %lld)\n",
+              human_size(p.estimated_peak_bytes()).c_str(), human_size(p.reserved_bytes()).c_str(),
+              static_cast<long long>(p.micro_batch()), static_cast<long long>(p.gradient_accumulation()));
+  std::printf("            activations %s kept, %s saved by memfit's ops\n", human_size(p.activation_bytes()).c_str(),
+              human_size(saved_bytes(j)).c_str());
+  const auto& m = p.memory();
+  std::printf("options     activation %s, norm %s, attention %s%s%s%s\n", m.activation().c_str(), m.norm().c_str(),
+              m.attention().c_str(), m.fused_mlp() ? ", fused MLP" : "", m.fused_loss() ? ", fused loss" : "",
+              m.activation_checkpointing() ? ", checkpointing" : "");
+  if (!p.level().empty()) std::printf("auto        %s\n", p.level().c_str());
+  for (const auto& r : p.reasons()) std::printf("            - %s\n", r.c_str());
+  const auto& pr = j.progress();
+  if (pr.total_steps() > 0) {
+    std::printf("progress    step %lld/%lld, loss %.4f, peak %s\n", static_cast<long long>(pr.step()),
+                static_cast<long long>(pr.total_steps()), pr.loss(), human_size(pr.peak_memory_bytes()).c_str());
+  }
+  if (j.state() == v1::SUCCEEDED) {
+    const auto& r = j.result();
+    std::printf("result      measured peak %s (estimate %+.2f%%)", human_size(r.measured_peak_bytes()).c_str(),
+                p.estimated_peak_bytes() > 0
+                    ? 100.0 * (static_cast<double>(p.estimated_peak_bytes()) / static_cast<double>(r.measured_peak_bytes()) - 1.0)
+                    : 0.0);
+    if (r.eval_loss() != 0) std::printf(", eval loss %.4f", r.eval_loss());
+    if (r.eval_accuracy() != 0) std::printf(", accuracy %.2f%%", 100 * r.eval_accuracy());
+    std::printf("\n");
+    if (!r.adapter_dir().empty()) std::printf("output      %s\n", r.adapter_dir().c_str());
+    if (!r.model_dir().empty()) std::printf("output      %s\n", r.model_dir().c_str());
+  }
+  if (j.state() == v1::FAILED) {
+    std::printf("failure     %s (%s): %s\n", j.failure().kind() == v1::USER_INPUT ? "your input" : "system",
+                j.failure().reason().c_str(), j.failure().message().c_str());
+  }
+}
+
+// ---- watch ----
+
+class Watcher {
+ public:
+  Watcher(Remote& r, bool tty) : r_(r), tty_(tty) {}
+
+  int run(const std::string& id) {
+    id_ = id;
+    v1::Job j = get(id);
+    reserved_ = j.plan().reserved_bytes();
+    saved_ = saved_bytes(j);
+    if (!tty_) std::printf("%s %s: %s\n", j.id().c_str(), j.name().c_str(), state_name(j.state()).c_str());
+    auto ctx = r_.context(0);
+    v1::WatchJobRequest req;
+    req.set_id(id);
+    auto reader = r_.jobs().WatchJob(ctx.get(), req);
+    v1::JobEvent e;
+    while (reader->Read(&e)) show(e);
+    r_.check(reader->Finish(), "job " + id);
+    if (tty_ && line_open_) std::printf("\n");
+    j = get(id);
+    std::printf("%s %s", j.id().c_str(), state_name(j.state()).c_str());
+    if (j.state() == v1::SUCCEEDED) {
+      std::printf(": measured peak %s, estimated %s, reserved %s", human_size(j.result().measured_peak_bytes()).c_str(),
+                  human_size(j.plan().estimated_peak_bytes()).c_str(), human_size(j.plan().reserved_bytes()).c_str());
+      if (j.result().eval_loss() != 0) std::printf(", eval loss %.4f", j.result().eval_loss());
+      if (j.result().eval_accuracy() != 0) std::printf(", accuracy %.2f%%", 100 * j.result().eval_accuracy());
+    } else if (j.state() == v1::FAILED) {
+      std::printf(": %s", j.failure().message().c_str());
+    }
+    std::printf("\n");
+    std::fflush(stdout);
+    return exit_code_of(j.state());
+  }
+
+ private:
+  v1::Job get(const std::string& id) {
+    v1::GetJobRequest g;
+    g.set_id(id);
+    v1::Job j;
+    auto ctx = r_.context();
+    r_.check(r_.jobs().GetJob(ctx.get(), g, &j), "job " + id);
+    return j;
+  }
+
+  void say(const std::string& text) {
+    if (tty_ && line_open_) std::printf("\r\033[K");
+    line_open_ = false;
+    std::printf("%s\n", text.c_str());
+    std::fflush(stdout);
+  }
+
+  void show(const v1::JobEvent& e) {
+    const std::string t = when(e.time()).substr(11);
+    if (e.kind() == "step") {
+      json d = json::parse(e.data_json(), nullptr, false);
+      if (d.is_discarded()) return;
+      const int64_t step = d.value("step", int64_t{0}), total = d.value("total_steps", int64_t{0});
+      const double now = secs(e.time());
+      if (first_step_time_ < 0 || step < last_step_) {
+        first_step_time_ = now;
+        first_step_ = step;
+      }
+      last_step_ = step;
+      peak_ = std::max(peak_, d.value("peak_memory_bytes", int64_t{0}));
+      const double rate = now > first_step_time_ ? static_cast<double>(step - first_step_) / (now - first_step_time_) : 0;
+      char speed[48] = "";
+      if (d.contains("tokens_per_second")) std::snprintf(speed, sizeof speed, "%.0f tok/s", d.value("tokens_per_second", 0.0));
+      else if (d.contains("samples_per_second")) std::snprintf(speed, sizeof speed, "%.1f samples/s", d.value("samples_per_second", 0.0));
+      const std::string eta = rate > 0 ? human_duration(static_cast<double>(total - step) / rate) : "-";
+      char buf[320];
+      if (tty_) {
+        const int width = 20;
+        const int filled = total > 0 ? static_cast<int>(width * step / total) : 0;
+        std::snprintf(buf, sizeof buf, "[%s%s] step %lld/%lld  loss %.4f  %s  ETA %s  peak %s / %s reserved  saved %s",
+                      std::string(static_cast<size_t>(filled), '#').c_str(),
+                      std::string(static_cast<size_t>(width - filled), '.').c_str(), static_cast<long long>(step),
+                      static_cast<long long>(total), d.value("loss", 0.0), speed, eta.c_str(), human_size(peak_).c_str(),
+                      human_size(reserved_).c_str(), human_size(saved_).c_str());
+        std::printf("\r\033[K%s", buf);
+        line_open_ = true;
+        std::fflush(stdout);
+      } else {
+        std::snprintf(buf, sizeof buf, "%s step %lld/%lld loss %.4f %s ETA %s peak %s of %s reserved", t.c_str(),
+                      static_cast<long long>(step), static_cast<long long>(total), d.value("loss", 0.0), speed,
+                      eta.c_str(), human_size(peak_).c_str(), human_size(reserved_).c_str());
+        say(buf);
+      }
+      return;
+    }
+    if (e.kind() == "placed") {
+      // The reservation may have grown (out-of-memory retry).
+      reserved_ = get(id_).plan().reserved_bytes();
+    }
+    say(t + " " + e.kind() + ": " + e.message());
+  }
+
+  Remote& r_;
+  std::string id_;
+  bool tty_;
+  bool line_open_ = false;
+  int64_t reserved_ = 0, saved_ = 0, peak_ = 0;
+  double first_step_time_ = -1;
+  int64_t first_step_ = 0, last_step_ = 0;
+};
+
+// ---- verbs ----
+
+int submit(Remote& r, const Common& c, std::vector<std::string> a) {
+  std::string file, request_id;
+  int priority = 0;
+  bool watch = false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    auto value = [&]() -> std::string {
+      if (i + 1 >= a.size()) throw CliError(kExitBadInput, a[i] + ": needs a value");
+      return a[++i];
+    };
+    if (a[i] == "-f" || a[i] == "--file") file = value();
+    else if (a[i] == "--watch" || a[i] == "-w") watch = true;
+    else if (a[i] == "--request-id") request_id = value();
+    else if (a[i] == "--priority") {
+      const std::string v = value();
+      char* end = nullptr;
+      const long p = std::strtol(v.c_str(), &end, 10);
+      if (v.empty() || *end != '\0' || p < -1000 || p > 1000) throw CliError(kExitBadInput, "--priority: expected -1000..1000, got '" + v + "'");
+      priority = static_cast<int>(p);
+    } else throw CliError(kExitBadInput, "unknown option '" + a[i] + "'");
+  }
+  if (file.empty()) throw CliError(kExitBadInput, "-f SPEC is required");
+  v1::SubmitJobRequest req;
+  try {
+    // Checked here first (the same reader as the worker), so a typo is named before any
+    // network; relative paths become absolute (the daemon runs elsewhere).
+    const spec::Job job = spec::load_job(file);
+    v1::JobSpec s = spec::read_spec_file(file);
+    s.mutable_model()->set_config_path(job.config_path);
+    s.mutable_model()->set_weights_path(job.weights_path);
+    s.mutable_data()->set_train_path(job.train_path);
+    s.mutable_data()->set_validation_path(job.validation_path);
+    s.mutable_data()->set_tokenizer_path(job.tokenizer_path);
+    s.mutable_data()->set_train_labels_path(job.train_labels_path);
+    s.mutable_data()->set_validation_labels_path(job.validation_labels_path);
+    if (!s.output_dir().empty()) s.set_output_dir(job.output_dir);
+    *req.mutable_spec() = s;
+  } catch (const spec::SpecError& e) {
+    throw CliError(kExitBadInput, e.what());
+  }
+  req.set_priority(priority);
+  req.set_request_id(request_id);
+  v1::Job j;
+  auto ctx = r.context();
+  r.check(r.jobs().SubmitJob(ctx.get(), req, &j), "submit " + file);
+  if (c.output == Output::kJson) {
+    std::printf("%s\n", to_json(j).c_str());
+  } else {
+    std::printf("%s queued: estimated peak %s, reserving %s\n", j.id().c_str(),
+                human_size(j.plan().estimated_peak_bytes()).c_str(), human_size(j.plan().reserved_bytes()).c_str());
+    if (!j.plan().level().empty()) std::printf("  memory auto: %s\n", j.plan().level().c_str());
+  }
+  std::fflush(stdout);
+  if (!watch) return kExitOk;
+  Watcher w(r, isatty(STDOUT_FILENO) != 0);
+  return w.run(j.id());
+}
+
+int get(Remote& r, const Common& c, const std::vector<std::string>& a) {
+  const std::string id = one_arg(a, "JOB");
+  v1::GetJobRequest g;
+  g.set_id(id);
+  v1::Job j;
+  auto ctx = r.context();
+  r.check(r.jobs().GetJob(ctx.get(), g, &j), "job " + id);
+  if (c.output == Output::kJson) std::printf("%s\n", to_json(j).c_str());
+  else if (c.output == Output::kYaml) std::printf("%s", json_to_yaml(to_json(j.spec())).c_str());
+  else print_job(j);
+  return kExitOk;
+}
+
+int list(Remote& r, const Common& c, const std::vector<std::string>& a) {
+  v1::ListJobsRequest req;
+  int64_t limit = 1000000;
+  bool all = false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    auto value = [&]() -> std::string {
+      if (i + 1 >= a.size()) throw CliError(kExitBadInput, a[i] + ": needs a value");
+      return a[++i];
+    };
+    if (a[i] == "--state") {
+      const std::string s = value();
+      v1::JobState st;
+      std::string upper;
+      for (char ch : s) upper += static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+      if (!v1::JobState_Parse(upper, &st) || st == v1::JOB_STATE_UNSPECIFIED) {
+        throw CliError(kExitBadInput, "--state: expected queued, running, cancelling, succeeded, failed or cancelled, got '" + s + "'");
+      }
+      req.add_states(st);
+    } else if (a[i] == "--all-users") all = true;
+    else if (a[i] == "--owner") req.set_owner(value());
+    else if (a[i] == "--limit") {
+      const std::string v = value();
+      char* end = nullptr;
+      limit = std::strtoll(v.c_str(), &end, 10);
+      if (v.empty() || *end != '\0' || limit < 1) throw CliError(kExitBadInput, "--limit: expected a positive number, got '" + v + "'");
+    } else throw CliError(kExitBadInput, "unknown option '" + a[i] + "'");
+  }
+  req.set_all_users(all && req.owner().empty());
+  std::vector<v1::Job> jobs;
+  std::string page;
+  do {
+    req.set_page_size(static_cast<int>(std::min<int64_t>(1000, limit - static_cast<int64_t>(jobs.size()))));
+    req.set_page_token(page);
+    v1::ListJobsResponse out;
+    auto ctx = r.context();
+    r.check(r.jobs().ListJobs(ctx.get(), req, &out), "list");
+    for (const auto& j : out.jobs()) jobs.push_back(j);
+    page = out.next_page_token();
+  } while (!page.empty() && static_cast<int64_t>(jobs.size()) < limit);
+  if (c.output == Output::kJson) {
+    std::printf("[");
+    for (size_t i = 0; i < jobs.size(); ++i) std::printf("%s%s", i ? ",\n" : "\n", to_json(jobs[i], false).c_str());
+    std::printf("%s]\n", jobs.empty() ? "" : "\n");
+    return kExitOk;
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& j : jobs) {
+    const auto& p = j.progress();
+    rows.push_back({j.id(), j.name(), j.owner(), state_name(j.state()), j.device().empty() ? "-" : j.device(),
+                    p.total_steps() > 0 ? std::to_string(p.step()) + "/" + std::to_string(p.total_steps()) : "-",
+                    human_size(j.plan().reserved_bytes()),
+                    j.result().measured_peak_bytes() > 0 ? human_size(j.result().measured_peak_bytes())
+                    : p.peak_memory_bytes() > 0         ? human_size(p.peak_memory_bytes())
+                                                        : "-",
+                    age(j)});
+  }
+  std::printf("%s", table({"JOB", "NAME", "OWNER", "STATE", "DEVICE", "STEP", "RESERVED", "PEAK", "TIME"}, rows).c_str());
+  return kExitOk;
+}
+
+int cancel(Remote& r, const Common& c, const std::vector<std::string>& a) {
+  const std::string id = one_arg(a, "JOB");
+  v1::CancelJobRequest req;
+  req.set_id(id);
+  v1::Job j;
+  auto ctx = r.context();
+  r.check(r.jobs().CancelJob(ctx.get(), req, &j), "cancel " + id);
+  if (c.output == Output::kJson) std::printf("%s\n", to_json(j).c_str());
+  else std::printf("%s %s\n", j.id().c_str(), state_name(j.state()).c_str());
+  return kExitOk;
+}
+
+int events(Remote& r, const Common& c, const std::vector<std::string>& a) {
+  const std::string id = one_arg(a, "JOB");
+  std::vector<v1::JobEvent> all;
+  std::string page;
+  do {
+    v1::ListJobEventsRequest req;
+    req.set_id(id);
+    req.set_page_size(1000);
+    req.set_page_token(page);
+    v1::ListJobEventsResponse out;
+    auto ctx = r.context();
+    r.check(r.jobs().ListJobEvents(ctx.get(), req, &out), "job " + id);
+    for (const auto& e : out.events()) all.push_back(e);
+    page = out.next_page_token();
+  } while (!page.empty());
+  if (c.output == Output::kJson) {
+    std::printf("[");
+    for (size_t i = 0; i < all.size(); ++i) std::printf("%s%s", i ? ",\n" : "\n", to_json(all[i], false).c_str());
+    std::printf("%s]\n", all.empty() ? "" : "\n");
+    return kExitOk;
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& e : all) rows.push_back({std::to_string(e.seq()), when(e.time()), e.kind(), state_name(e.state()), e.message()});
+  std::printf("%s", table({"SEQ", "TIME", "EVENT", "STATE", "MESSAGE"}, rows).c_str());
+  return kExitOk;
+}
+
+int logs(Remote& r, const Common&, const std::vector<std::string>& a) {
+  std::string id;
+  bool err = false, follow = false;
+  for (const auto& x : a) {
+    if (x == "--stderr") err = true;
+    else if (x == "-f" || x == "--follow") follow = true;
+    else if (!x.empty() && x[0] == '-') throw CliError(kExitBadInput, "unknown option '" + x + "'");
+    else if (id.empty()) id = x;
+    else throw CliError(kExitBadInput, "unexpected argument '" + x + "'");
+  }
+  if (id.empty()) throw CliError(kExitBadInput, "JOB is required");
+  int64_t offset = 0;
+  for (;;) {
+    v1::ReadJobLogRequest req;
+    req.set_id(id);
+    req.set_stream(err ? "stderr" : "stdout");
+    req.set_offset(offset);
+    req.set_limit(1 << 20);
+    v1::ReadJobLogResponse out;
+    auto ctx = r.context();
+    r.check(r.jobs().ReadJobLog(ctx.get(), req, &out), "job " + id);
+    std::fwrite(out.data().data(), 1, out.data().size(), stdout);
+    std::fflush(stdout);
+    offset = out.next_offset();
+    if (!out.data().empty()) continue;
+    if (!follow) return kExitOk;
+    v1::GetJobRequest g;
+    g.set_id(id);
+    v1::Job j;
+    auto gctx = r.context();
+    r.check(r.jobs().GetJob(gctx.get(), g, &j), "job " + id);
+    if (j.state() == v1::SUCCEEDED || j.state() == v1::FAILED || j.state() == v1::CANCELLED) {
+      if (offset >= out.size()) return kExitOk;
+      continue;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  }
+}
+
+int devices(Remote& r, const Common& c, const std::vector<std::string>& a) {
+  if (!a.empty()) throw CliError(kExitBadInput, "unexpected argument '" + a[0] + "'");
+  v1::ListDevicesResponse out;
+  auto ctx = r.context();
+  r.check(r.cluster().ListDevices(ctx.get(), v1::ListDevicesRequest(), &out), "devices");
+  if (c.output == Output::kJson) {
+    std::printf("%s\n", to_json(out).c_str());
+    return kExitOk;
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& d : out.devices()) {
+    const int width = 24;
+    const double total = static_cast<double>(std::max<int64_t>(1, d.total_bytes()));
+    const int res = std::min(width, static_cast<int>(std::lround(width * static_cast<double>(d.reserved_bytes()) / total)));
+    const int used = std::min(res, static_cast<int>(std::lround(width * static_cast<double>(d.used_bytes()) / total)));
+    // '#' measured in use, '+' reserved but not (yet) used, '.' free
+    const std::string bar = "[" + std::string(static_cast<size_t>(used), '#') + std::string(static_cast<size_t>(res - used), '+') +
+                            std::string(static_cast<size_t>(width - res), '.') + "]";
+    std::string jobs;
+    for (const auto& id : d.job_ids()) jobs += (jobs.empty() ? "" : ",") + id;
+    rows.push_back({d.name(), d.model(), human_size(d.total_bytes()), human_size(d.reserved_bytes()),
+                    human_size(d.used_bytes()), bar, jobs.empty() ? "-" : jobs});
+  }
+  std::printf("%s", table({"DEVICE", "MODEL", "TOTAL", "RESERVED", "USED", "MEMORY (# used, + reserved)", "JOBS"}, rows).c_str());
+  return kExitOk;
+}
+
+}  // namespace
+
+std::string remote_help(const std::string& verb) {
+  const auto it = helps().find(verb);
+  return it == helps().end() ? "" : it->second + kCommonFlags;
+}
+
+int remote_cmd(const std::string& verb, std::vector<std::string> args) {
+  if (helps().count(verb) == 0) return -1;
+  try {
+    const Common c = parse_common(args);
+    if (c.help) {
+      std::printf("%s", remote_help(verb).c_str());
+      return kExitOk;
+    }
+    Remote r(c);
+    if (verb == "submit") return submit(r, c, args);
+    if (verb == "get") return get(r, c, args);
+    if (verb == "list") return list(r, c, args);
+    if (verb == "cancel") return cancel(r, c, args);
+    if (verb == "watch") {
+      Watcher w(r, isatty(STDOUT_FILENO) != 0);
+      return w.run(one_arg(args, "JOB"));
+    }
+    if (verb == "events") return events(r, c, args);
+    if (verb == "logs") return logs(r, c, args);
+    return devices(r, c, args);
+  } catch (const CliError& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "memfit %s: %s\n", verb.c_str(), e.what());
+    return e.code;
+  } catch (const std::exception& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "memfit %s: %s\n", verb.c_str(), e.what());
+    return kExitError;
+  }
+}
+
+}  // namespace memfit::cli

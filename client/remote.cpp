@@ -1,0 +1,202 @@
+#include "remote.h"
+
+#include <google/protobuf/util/json_util.h>
+#include <yaml-cpp/yaml.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+namespace memfit::cli {
+namespace {
+
+std::string env(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? v : "";
+}
+
+void emit_yaml(YAML::Emitter& out, const nlohmann::ordered_json& j) {
+  if (j.is_object()) {
+    out << YAML::BeginMap;
+    for (auto it = j.begin(); it != j.end(); ++it) {
+      out << YAML::Key << it.key() << YAML::Value;
+      emit_yaml(out, it.value());
+    }
+    out << YAML::EndMap;
+  } else if (j.is_array()) {
+    out << YAML::BeginSeq;
+    for (const auto& x : j) emit_yaml(out, x);
+    out << YAML::EndSeq;
+  } else if (j.is_string()) {
+    out << j.get<std::string>();
+  } else if (j.is_boolean()) {
+    out << j.get<bool>();
+  } else if (j.is_number_integer()) {
+    out << j.get<int64_t>();
+  } else if (j.is_number()) {
+    out << j.dump();  // the shortest text that reads back as the same double
+  } else {
+    out << YAML::Null;
+  }
+}
+
+}  // namespace
+
+Common parse_common(std::vector<std::string>& args) {
+  Common c;
+  c.server = env("MEMFIT_SERVER");
+  c.token = env("MEMFIT_TOKEN");
+  c.tls_ca = env("MEMFIT_TLS_CA");
+  std::vector<std::string> rest;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& f = args[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= args.size()) throw CliError(kExitBadInput, f + ": needs a value");
+      return args[++i];
+    };
+    if (f == "--server" || f == "-s") c.server = value();
+    else if (f == "--token") c.token = value();
+    else if (f == "--tls-ca") c.tls_ca = value();
+    else if (f == "--tls") c.tls = true;
+    else if (f == "-o" || f == "--output") {
+      const std::string v = value();
+      if (v == "json") c.output = Output::kJson;
+      else if (v == "yaml") c.output = Output::kYaml;
+      else if (v == "table" || v == "text") c.output = Output::kTable;
+      else throw CliError(kExitBadInput, f + ": expected table, json or yaml, got '" + v + "'");
+    } else if (f == "-h" || f == "--help") c.help = true;
+    else rest.push_back(f);
+  }
+  if (c.server.empty()) c.server = "127.0.0.1:7540";
+  args = rest;
+  return c;
+}
+
+Remote::Remote(const Common& c) : address_(c.server), token_(c.token) {
+  std::shared_ptr<grpc::ChannelCredentials> creds;
+  if (!c.tls_ca.empty()) {
+    std::ifstream f(c.tls_ca);
+    if (!f) throw CliError(kExitBadInput, "--tls-ca: cannot read " + c.tls_ca);
+    std::stringstream ss;
+    ss << f.rdbuf();
+    grpc::SslCredentialsOptions o;
+    o.pem_root_certs = ss.str();
+    creds = grpc::SslCredentials(o);
+  } else if (c.tls) {
+    creds = grpc::SslCredentials(grpc::SslCredentialsOptions());
+  } else {
+    creds = grpc::InsecureChannelCredentials();
+  }
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(64 << 20);
+  channel_ = grpc::CreateCustomChannel(address_, creds, args);
+  jobs_ = v1::JobService::NewStub(channel_);
+  cluster_ = v1::ClusterService::NewStub(channel_);
+}
+
+std::unique_ptr<grpc::ClientContext> Remote::context(int seconds) const {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  if (!token_.empty()) ctx->AddMetadata("authorization", "Bearer " + token_);
+  if (seconds > 0) ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(seconds));
+  return ctx;
+}
+
+void Remote::check(const grpc::Status& s, const std::string& what) const {
+  if (s.ok()) return;
+  const std::string msg = what + ": " + s.error_message();
+  switch (s.error_code()) {
+    case grpc::StatusCode::UNAVAILABLE:
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      throw CliError(kExitUnreachable, "cannot reach memfitd at " + address_ + " (" + s.error_message() +
+                                           "); start it, or set --server / MEMFIT_SERVER");
+    case grpc::StatusCode::UNAUTHENTICATED:
+      throw CliError(kExitRefused, msg + " (set --token or MEMFIT_TOKEN)");
+    case grpc::StatusCode::PERMISSION_DENIED: throw CliError(kExitRefused, msg);
+    case grpc::StatusCode::NOT_FOUND: throw CliError(kExitNotFound, msg);
+    case grpc::StatusCode::INVALID_ARGUMENT:
+    case grpc::StatusCode::FAILED_PRECONDITION:
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: throw CliError(kExitBadInput, msg);
+    default: throw CliError(kExitError, msg);
+  }
+}
+
+std::string human_size(int64_t b) {
+  const double x = static_cast<double>(b);
+  char buf[32];
+  if (b < 0) return "-";
+  if (x >= 1024.0 * 1024 * 1024) std::snprintf(buf, sizeof buf, "%.2f GiB", x / (1024.0 * 1024 * 1024));
+  else if (x >= 1024.0 * 1024) std::snprintf(buf, sizeof buf, "%.1f MiB", x / (1024.0 * 1024));
+  else if (x >= 1024.0) std::snprintf(buf, sizeof buf, "%.1f KiB", x / 1024.0);
+  else std::snprintf(buf, sizeof buf, "%lld B", static_cast<long long>(b));
+  return buf;
+}
+
+std::string human_duration(double s) {
+  if (!(s >= 0) || std::isinf(s)) return "-";
+  const auto t = static_cast<long long>(std::llround(s));
+  char buf[32];
+  if (t >= 3600) std::snprintf(buf, sizeof buf, "%lldh%02lldm", t / 3600, (t % 3600) / 60);
+  else if (t >= 60) std::snprintf(buf, sizeof buf, "%lldm%02llds", t / 60, t % 60);
+  else std::snprintf(buf, sizeof buf, "%llds", t);
+  return buf;
+}
+
+std::string state_name(v1::JobState s) {
+  switch (s) {
+    case v1::QUEUED: return "queued";
+    case v1::RUNNING: return "running";
+    case v1::CANCELLING: return "cancelling";
+    case v1::SUCCEEDED: return "succeeded";
+    case v1::FAILED: return "failed";
+    case v1::CANCELLED: return "cancelled";
+    default: return "unknown";
+  }
+}
+
+int exit_code_of(v1::JobState s) {
+  if (s == v1::SUCCEEDED) return kExitOk;
+  if (s == v1::CANCELLED) return kExitJobCancelled;
+  return kExitJobFailed;
+}
+
+std::string to_json(const google::protobuf::Message& m, bool pretty) {
+  google::protobuf::util::JsonPrintOptions o;
+  o.preserve_proto_field_names = true;
+  o.add_whitespace = pretty;
+  std::string out;
+  (void)google::protobuf::util::MessageToJsonString(m, &out, o);
+  return out;
+}
+
+std::string json_to_yaml(const std::string& json) {
+  YAML::Emitter out;
+  emit_yaml(out, nlohmann::ordered_json::parse(json));
+  return std::string(out.c_str()) + "\n";
+}
+
+std::string table(const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows) {
+  std::vector<size_t> w(header.size(), 0);
+  for (size_t i = 0; i < header.size(); ++i) w[i] = header[i].size();
+  for (const auto& r : rows) {
+    for (size_t i = 0; i < r.size() && i < w.size(); ++i) w[i] = std::max(w[i], r[i].size());
+  }
+  std::string out;
+  auto line = [&](const std::vector<std::string>& r) {
+    std::string l;
+    for (size_t i = 0; i < w.size(); ++i) {
+      const std::string cell = i < r.size() ? r[i] : "";
+      l += cell;
+      if (i + 1 < w.size()) l += std::string(w[i] - cell.size() + 2, ' ');
+    }
+    while (!l.empty() && l.back() == ' ') l.pop_back();
+    out += l + "\n";
+  };
+  line(header);
+  for (const auto& r : rows) line(r);
+  return out;
+}
+
+}  // namespace memfit::cli

@@ -1,0 +1,68 @@
+// What the CLI's daemon verbs share: the connection (address, token, TLS from flags or
+// MEMFIT_SERVER / MEMFIT_TOKEN / MEMFIT_TLS_CA), gRPC status -> exit code, and the
+// formatting of sizes, durations, tables and protobuf messages as JSON/YAML.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "commands.h"
+#include "memfit/v1/service.grpc.pb.h"
+
+namespace memfit::cli {
+
+// A failure with its exit code and a one-line reason.
+class CliError : public std::runtime_error {
+ public:
+  CliError(int code, const std::string& m) : std::runtime_error(m), code(code) {}
+  int code;
+};
+
+enum class Output { kTable, kJson, kYaml };
+
+// Flags every daemon verb takes; parse_common() removes them from args.
+struct Common {
+  std::string server;   // host:port
+  std::string token;
+  std::string tls_ca;   // PEM file: TLS, trusting it
+  bool tls = false;     // TLS with the system's roots
+  Output output = Output::kTable;
+  bool help = false;
+};
+Common parse_common(std::vector<std::string>& args);
+
+class Remote {
+ public:
+  explicit Remote(const Common& c);
+  v1::JobService::Stub& jobs() { return *jobs_; }
+  v1::ClusterService::Stub& cluster() { return *cluster_; }
+  // A context with the token and a deadline (0: none, for streams).
+  std::unique_ptr<grpc::ClientContext> context(int seconds = 30) const;
+  // Throws CliError for a non-OK status (what: "submit", "job j123").
+  void check(const grpc::Status& s, const std::string& what) const;
+  const std::string& address() const { return address_; }
+
+ private:
+  std::string address_, token_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::JobService::Stub> jobs_;
+  std::unique_ptr<v1::ClusterService::Stub> cluster_;
+};
+
+std::string human_size(int64_t bytes);      // "1.23 GiB"
+std::string human_duration(double seconds); // "1h02m", "3m05s", "12s"
+std::string state_name(v1::JobState s);     // "queued", "running", ...
+// Exit code of `watch` for a final state: 0 succeeded, 10 failed, 11 cancelled.
+int exit_code_of(v1::JobState s);
+std::string to_json(const google::protobuf::Message& m, bool pretty = true);
+std::string json_to_yaml(const std::string& json);
+
+// A plain text table: header row, then rows; columns padded to their widest cell.
+std::string table(const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows);
+
+}  // namespace memfit::cli

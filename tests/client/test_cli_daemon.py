@@ -1,0 +1,249 @@
+#!/usr/bin/python3
+"""The `memfit` CLI as a process against a real memfitd with real workers: every verb,
+`-o json` parsed and checked, exit codes, the error paths (unreachable server, wrong
+token, unknown job, invalid spec), and `memfit watch` under a pseudo-terminal. Needs the
+data from scripts/fetch_data.sh (exit 77 = skipped without it)."""
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "server"))
+import daemon_harness as D  # noqa: E402
+
+CLI = os.environ.get("MEMFIT_CLI", os.path.join(D.REPO, "build", "bin", "memfit"))
+TOKEN, OTHER, ADMIN = "cli-alice-token-000000", "cli-bob-token-0000000000", "cli-root-token-00000000"
+
+
+def spec_file(tmp, name, steps=6, **over):
+    """A tiny GPT-2 LoRA spec file (relative paths: the CLI makes them absolute)."""
+    d = os.path.join(tmp, name)
+    os.makedirs(d, exist_ok=True)
+    over.setdefault("method", {"kind": "lora", "lora": {"rank": 4, "alpha": 8}})
+    training = {"steps": steps}
+    training.update(over.pop("training", {}))
+    path = D.W.gpt2_job(d, training=training, **over)
+    with open(path) as f:
+        spec = json.load(f)
+    spec["name"] = name
+    spec["model"]["config_path"] = "config.json"  # relative to the spec file
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    return path
+
+
+class Cli(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.d = D.Daemon("cli", devices=("cpu:0=512MiB",),
+                         tokens=[(TOKEN, "alice", False), (OTHER, "bob", False), (ADMIN, "root", True)])
+        cls.env = dict(os.environ, MEMFIT_SERVER=f"127.0.0.1:{cls.d.port}", MEMFIT_TOKEN=TOKEN)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.d.stop()
+
+    def memfit(self, *args, token=None, env=None, timeout=300):
+        e = dict(env or self.env)
+        if token is not None:
+            e["MEMFIT_TOKEN"] = token
+        return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, env=e)
+
+    def json_of(self, *args, **kw):
+        r = self.memfit(*args, "-o", "json", **kw)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return json.loads(r.stdout)
+
+    def test_submit_watch_get_list_events_logs_devices(self):
+        spec = spec_file(self.d.dir, "one", steps=5)
+        r = self.memfit("submit", "-f", spec, "--watch")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        job_id = re.match(r"(j\S+) queued: estimated peak [\d.]+ MiB, reserving [\d.]+ MiB", r.stdout).group(1)
+        lines = r.stdout.splitlines()
+        self.assertIn("placed: running on cpu:0", r.stdout)
+        self.assertEqual(len([x for x in lines if re.search(r" step \d/5 loss ", x)]), 5)  # not a terminal: lines
+        self.assertRegex(lines[-1], rf"^{job_id} succeeded: measured peak [\d.]+ MiB, estimated [\d.]+ MiB, "
+                                    r"reserved [\d.]+ MiB, eval loss \d+\.\d{4}$")
+
+        j = self.json_of("get", job_id)
+        self.assertEqual(j["id"], job_id)
+        self.assertEqual(j["state"], "SUCCEEDED")
+        self.assertEqual(j["owner"], "alice")
+        self.assertEqual(j["spec"]["model"]["config_path"], os.path.join(self.d.dir, "one", "config.json"))
+        self.assertGreater(int(j["result"]["measured_peak_bytes"]), 0)
+        self.assertEqual(int(j["progress"]["step"]), 5)
+        text = self.memfit("get", job_id).stdout
+        self.assertIn("state       succeeded on cpu:0", text)
+        self.assertIn("output      " + os.path.join(self.d.dir, "one", "out", "adapter"), text)
+        # -o yaml is the spec as memfitd ran it: it can be submitted again
+        y = self.memfit("get", job_id, "-o", "yaml")
+        self.assertEqual(y.returncode, 0)
+        again = os.path.join(self.d.dir, "again.yaml")
+        with open(again, "w") as f:
+            # a new output folder: the old one holds the first run's checkpoints
+            f.write(y.stdout.replace("steps: 5", "steps: 2").replace("/one/out", "/again-out"))
+        self.assertIn("learning_rate: 0.003\n", y.stdout)
+        r2 = self.memfit("submit", "-f", again, "-o", "json")
+        self.assertEqual(r2.returncode, 0, r2.stderr)
+        second = json.loads(r2.stdout)["id"]
+        self.assertEqual(self.memfit("watch", second).returncode, 0)
+
+        listed = self.json_of("list")
+        self.assertEqual([x["id"] for x in listed][:2], [second, job_id])  # newest first
+        table = self.memfit("list", "--state", "succeeded").stdout.splitlines()
+        self.assertEqual(table[0].split(), ["JOB", "NAME", "OWNER", "STATE", "DEVICE", "STEP", "RESERVED", "PEAK", "TIME"])
+        self.assertTrue(any(line.startswith(job_id) and "succeeded" in line and " 5/5 " in line for line in table))
+        self.assertEqual(self.json_of("list", "--state", "queued"), [])
+
+        ev = self.json_of("events", job_id)
+        self.assertEqual([int(e["seq"]) for e in ev], list(range(1, len(ev) + 1)))
+        self.assertEqual(ev[0]["kind"], "submitted")
+        self.assertEqual(ev[-1]["state"], "SUCCEEDED")
+        logs = self.memfit("logs", job_id)
+        self.assertEqual(logs.returncode, 0)
+        worker = [json.loads(x) for x in logs.stdout.splitlines()]
+        self.assertEqual(worker[0]["event"], "started")
+        self.assertEqual(worker[-1]["event"], "finished")
+
+        dev = self.json_of("devices")["devices"]
+        self.assertEqual(dev[0]["name"], "cpu:0")
+        self.assertEqual(int(dev[0]["total_bytes"]), 512 << 20)
+        out = self.memfit("devices").stdout.splitlines()
+        self.assertEqual(out[0].split()[:5], ["DEVICE", "MODEL", "TOTAL", "RESERVED", "USED"])
+        self.assertRegex(out[1], r"^cpu:0\s+configured\s+512\.0 MiB\s+.*\[[#+.]{24}\]")
+
+        est = self.memfit("estimate", "-f", spec, "--server", self.env["MEMFIT_SERVER"], "-o", "json")
+        self.assertEqual(est.returncode, 0, est.stderr)
+        e = json.loads(est.stdout)
+        self.assertTrue(e["fits"])
+        self.assertTrue(e["plan"]["calibration_key"].startswith("gpt2|"))
+        self.assertGreater(int(e["plan"]["reserved_bytes"]), e["peak_bytes"])
+
+    def test_cancel_and_watch_exit_codes(self):
+        spec = spec_file(self.d.dir, "long", steps=100000, training={"checkpoint_interval": 100000})
+        job = json.loads(self.memfit("submit", "-f", spec, "-o", "json").stdout)
+        self.d.wait(job["id"], lambda x: x.progress.step >= 1, token=TOKEN)
+        c = self.json_of("cancel", job["id"])
+        self.assertEqual(c["state"], "CANCELLING")
+        w = self.memfit("watch", job["id"])
+        self.assertEqual(w.returncode, 11, w.stdout + w.stderr)
+        self.assertTrue(w.stdout.strip().endswith(f"{job['id']} cancelled"))
+        # a job that fails on its input: watch exits 10 and says why
+        bad = spec_file(self.d.dir, "bad", steps=2)
+        with open(bad) as f:
+            s = json.load(f)
+        s["data"]["train_path"] = os.path.join(self.d.dir, "bad", "empty.txt")
+        open(s["data"]["train_path"], "w").close()
+        with open(bad, "w") as f:
+            json.dump(s, f)
+        r = self.memfit("submit", "-f", bad, "--watch")
+        self.assertEqual(r.returncode, 10, r.stdout + r.stderr)
+        self.assertIn(" failed: ", r.stdout.splitlines()[-1])
+        fj = json.loads(self.memfit("get", r.stdout.split()[0], "-o", "json").stdout)
+        self.assertEqual(fj["failure"]["kind"], "USER_INPUT")
+
+    def test_error_paths_have_distinct_exit_codes(self):
+        spec = spec_file(self.d.dir, "err")
+        unreachable = dict(self.env, MEMFIT_SERVER="127.0.0.1:1")
+        cases = [
+            (["list"], {"env": unreachable}, 3, "cannot reach memfitd at 127.0.0.1:1"),
+            (["list"], {"token": "wrong-token-0000000000"}, 4, "unknown token"),
+            (["list"], {"token": ""}, 4, "missing authorization"),
+            (["get", "j0000000000000-000000"], {}, 5, "no job j0000000000000-000000"),
+            (["get"], {}, 2, "JOB is required"),
+            (["list", "--state", "sleeping"], {}, 2, "--state: expected queued"),
+            (["submit", "-f", "/nonexistent.yaml"], {}, 2, "/nonexistent.yaml"),
+            (["submit"], {}, 2, "-f SPEC is required"),
+            (["frobnicate"], {}, 2, "unknown command 'frobnicate'"),
+        ]
+        for args, kw, code, needle in cases:
+            r = self.memfit(*args, **kw)
+            self.assertEqual(r.returncode, code, (args, r.stderr))
+            self.assertIn(needle, r.stderr, args)
+            if args[0] != "frobnicate":
+                self.assertEqual(len(r.stderr.strip().splitlines()), 1, (args, r.stderr))  # one line
+        # an invalid spec names the field, before any network
+        with open(spec) as f:
+            s = json.load(f)
+        s["training"]["micro_batch"] = 0
+        bad = os.path.join(self.d.dir, "err", "bad.json")
+        with open(bad, "w") as f:
+            json.dump(s, f)
+        r = self.memfit("submit", "-f", bad, env=unreachable)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("training.micro_batch", r.stderr)
+        # another user's job: refused
+        mine = json.loads(self.memfit("submit", "-f", spec, "-o", "json").stdout)["id"]
+        r = self.memfit("cancel", mine, token=OTHER)
+        self.assertEqual(r.returncode, 4)
+        self.assertIn("belongs to another user", r.stderr)
+        self.assertIn(mine, [x["id"] for x in self.json_of("list", "--all-users", token=ADMIN)])
+        self.assertNotIn(mine, [x["id"] for x in self.json_of("list", token=OTHER)])
+        self.assertNotIn(mine, [x["id"] for x in self.json_of("list", token=ADMIN)])  # an admin's own jobs
+        r = self.memfit("list", "--all-users", token=OTHER)
+        self.assertEqual(r.returncode, 4)
+        self.assertIn("only admins", r.stderr)
+        self.memfit("cancel", mine)
+
+    def test_help_on_every_verb(self):
+        for verb in ("submit", "get", "list", "cancel", "watch", "events", "logs", "devices"):
+            r = self.memfit(verb, "--help")
+            self.assertEqual(r.returncode, 0, verb)
+            self.assertTrue(r.stdout.startswith(f"usage: memfit {verb}"), verb)
+            self.assertIn("example: memfit " + verb, r.stdout)
+            self.assertIn("MEMFIT_SERVER", r.stdout)
+        r = self.memfit("--help")
+        self.assertEqual(r.returncode, 0)
+        for verb in ("submit", "watch", "devices", "estimate"):
+            self.assertIn(f"  {verb}", r.stdout)
+
+    def test_watch_on_a_terminal_updates_one_progress_line(self):
+        spec = spec_file(self.d.dir, "tty", steps=30)
+        job = json.loads(self.memfit("submit", "-f", spec, "-o", "json").stdout)
+        master, slave = pty.openpty()
+        p = subprocess.Popen([CLI, "watch", job["id"]], stdout=slave, stderr=subprocess.PIPE, env=self.env)
+        os.close(slave)
+        data = b""
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            ready, _, _ = select.select([master], [], [], 1)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                data += chunk
+            elif p.poll() is not None:
+                break
+        p.wait(timeout=30)
+        err = p.stderr.read().decode()
+        p.stderr.close()
+        os.close(master)
+        text = data.decode()
+        self.assertEqual(p.returncode, 0, text + err)
+        updates = re.findall(r"\r\x1b\[K\[[#.]{20}\] step (\d+)/30  loss [\d.]+  \d+ tok/s  ETA \S+  peak [\d.]+ MiB / "
+                             r"[\d.]+ MiB reserved  saved [\d.]+ (?:KiB|MiB|B)", text)
+        self.assertGreaterEqual(len(updates), 10)  # one line, rewritten in place
+        self.assertEqual(updates[-1], "30")
+        self.assertNotRegex(text, r"\n[^\n]*step 1/30 loss")  # no plain step lines on a terminal
+        self.assertRegex(text.replace("\r\n", "\n").rstrip().splitlines()[-1],
+                         rf"^{job['id']} succeeded: measured peak")
+
+
+if __name__ == "__main__":
+    for path, what in ((D.MEMFITD, "memfitd"), (D.WORKER, "memfit-worker"), (CLI, "memfit")):
+        if not os.path.exists(path):
+            print(f"{what} not built at {path}")
+            sys.exit(1)
+    if not D.W.have_data():
+        print(f"data missing in {D.W.DATA}: run scripts/fetch_data.sh (skipped)")
+        sys.exit(77)
+    unittest.main(verbosity=2)
