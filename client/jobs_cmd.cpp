@@ -1,5 +1,6 @@
 // The daemon verbs: submit, get, list, cancel, watch, events, logs, devices.
 #include <google/protobuf/util/time_util.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -221,7 +222,13 @@ class Watcher {
                       std::string(static_cast<size_t>(width - filled), '.').c_str(), static_cast<long long>(step),
                       static_cast<long long>(total), d.value("loss", 0.0), speed, eta.c_str(), human_size(peak_).c_str(),
                       human_size(reserved_).c_str(), human_size(saved_).c_str());
-        std::printf("\r\033[K%s", buf);
+        // One line, cut to the terminal's width so that \r rewrites all of it.
+        std::string line = buf;
+        winsize ws{};
+        if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 10 && line.size() >= ws.ws_col) {
+          line.resize(ws.ws_col - 1);
+        }
+        std::printf("\r\033[K%s", line.c_str());
         line_open_ = true;
         std::fflush(stdout);
       } else {

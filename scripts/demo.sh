@@ -1,10 +1,157 @@
 #!/usr/bin/env bash
-# memfit's main command: sets up, builds and runs the op benchmark, which prints memfit's
-# memory-efficient ops next to the stock LibTorch ops and transformer blocks in four
-# memory modes (docs/PERFORMANCE.md explains the table). Extra arguments go to the
-# benchmark, e.g. --json or --reps 3.
+# memfit's main command: install what is missing, build, start memfitd on its embedded
+# defaults (two 8 GiB CPU devices, SQLite state under .memfit/demo, loopback), and run
+# real jobs through the `memfit` CLI:
+#   1. a small GPT-2-shaped model pretrained from scratch on Moby-Dick (GPT-2 tokenizer),
+#      next to a ViT trained on Fashion-MNIST, both on memfit's ops;
+#   2. LoRA fine-tuning of that checkpoint on later chapters, twice at once: stock ops
+#      (exact) and memfit's ops (memfit_best), same seed;
+# then print each job's estimated vs measured peak memory, the activation memory memfit's
+# ops saved, the final validation metrics and where the outputs are, and stop memfitd.
+# A few minutes on 2 cores once built. Options: --keep (leave memfitd running).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
-scripts/build.sh memfit-bench-ops
-exec build/bin/memfit-bench-ops "$@"
+keep=false
+for a in "$@"; do
+  case $a in
+    --keep) keep=true ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "demo: unknown option '$a' (--keep)" >&2; exit 2 ;;
+  esac
+done
+
+if [[ -z ${MEMFIT_DEMO_PREBUILT:-} ]]; then  # set by the CTest that runs this demo
+  scripts/setup.sh
+  scripts/fetch_data.sh
+  scripts/build.sh memfitd memfit memfit-worker
+fi
+
+root=$PWD
+data=${MEMFIT_DATA_DIR:-$root/.memfit/data}
+demo=${MEMFIT_DEMO_DIR:-$root/.memfit/demo}
+build=${MEMFIT_BUILD_DIR:-build}
+[[ $build == /* ]] || build=$root/$build
+bin=$build/bin
+rm -rf "$demo"
+mkdir -p "$demo/specs" "$demo/data"
+
+# The data: chapters 1-100 to pretrain, 101-130 to fine-tune, 131-135 to validate.
+cat_chapters() { for i in $(seq "$1" "$2"); do cat "$data/moby-dick/chapter_$i.txt"; done; }
+cat_chapters 1 100 > "$demo/data/pretrain.txt"
+cat_chapters 101 130 > "$demo/data/finetune.txt"
+cat_chapters 131 135 > "$demo/data/validation.txt"
+cat > "$demo/specs/gpt2-small.json" <<JSON
+{"model_type": "gpt2", "vocab_size": 50257, "n_embd": 128, "n_layer": 4, "n_head": 4,
+ "n_positions": 128, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}
+JSON
+cat > "$demo/specs/vit-tiny.json" <<JSON
+{"model_type": "vit", "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+ "intermediate_size": 128, "image_size": 28, "patch_size": 7, "num_channels": 1,
+ "hidden_act": "gelu", "layer_norm_eps": 1e-12, "num_labels": 10}
+JSON
+cat > "$demo/specs/pretrain.yaml" <<YAML
+name: gpt2-pretrain-moby-dick
+model: {architecture: gpt2, config_path: $demo/specs/gpt2-small.json, init_seed: 1}
+data:
+  train_path: $demo/data/pretrain.txt
+  validation_path: $demo/data/validation.txt
+  format: text
+  tokenizer_path: $data/gpt2
+method: {kind: full}
+memory: {preset: memfit_best}
+training: {steps: 300, micro_batch: 8, sequence_length: 64, learning_rate: 0.004, warmup_steps: 15,
+           eval_interval: 100, eval_batches: 16, seed: 11, log_interval: 5}
+output_dir: $demo/out/pretrain
+YAML
+cat > "$demo/specs/vit.yaml" <<YAML
+name: vit-fashion-mnist
+model: {architecture: vit, config_path: $demo/specs/vit-tiny.json, init_seed: 1}
+data:
+  train_path: $data/fashion-mnist/train-images-idx3-ubyte
+  train_labels_path: $data/fashion-mnist/train-labels-idx1-ubyte
+  validation_path: $data/fashion-mnist/t10k-images-idx3-ubyte
+  validation_labels_path: $data/fashion-mnist/t10k-labels-idx1-ubyte
+  format: idx
+method: {kind: full}
+memory: {preset: memfit_best}
+training: {steps: 700, micro_batch: 64, learning_rate: 0.002, warmup_steps: 30, weight_decay: 0.01,
+           eval_batches: 40, seed: 3, log_interval: 20}
+output_dir: $demo/out/vit
+YAML
+for mode in exact memfit; do
+  if [[ $mode == exact ]]; then memory="{activation: exact, norm: exact, attention: standard}"
+  else memory="{preset: memfit_best}"; fi
+  cat > "$demo/specs/lora-$mode.yaml" <<YAML
+name: gpt2-lora-$mode
+model: {architecture: gpt2, config_path: $demo/out/pretrain/model/config.json,
+        weights_path: $demo/out/pretrain/model/model.safetensors}
+data:
+  train_path: $demo/data/finetune.txt
+  validation_path: $demo/data/validation.txt
+  format: text
+  tokenizer_path: $data/gpt2
+method: {kind: lora, lora: {rank: 8, alpha: 16}}
+memory: $memory
+training: {steps: 100, micro_batch: 8, sequence_length: 64, learning_rate: 0.01, warmup_steps: 6,
+           eval_batches: 16, seed: 11, log_interval: 5}
+output_dir: $demo/out/lora-$mode
+YAML
+done
+
+# memfitd on its embedded defaults, on free loopback ports.
+"$bin/memfitd" --state-dir "$demo/state" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+  2> "$demo/memfitd.log" &
+daemon=$!
+stop_daemon() {
+  if kill -0 "$daemon" 2>/dev/null; then
+    kill -TERM "$daemon"
+    wait "$daemon" || true
+    echo "demo: memfitd stopped (its log: $demo/memfitd.log)"
+  fi
+}
+$keep || trap stop_daemon EXIT
+for _ in $(seq 100); do
+  grep -q "listening on" "$demo/memfitd.log" 2>/dev/null && break
+  kill -0 "$daemon" 2>/dev/null || { cat "$demo/memfitd.log" >&2; exit 1; }
+  sleep 0.1
+done
+export MEMFIT_SERVER
+MEMFIT_SERVER=$(sed -n 's/^memfitd: listening on \([^ ]*\).*/\1/p' "$demo/memfitd.log")
+metrics=$(sed -n 's|^memfitd: metrics on \(.*\)|\1|p' "$demo/memfitd.log")
+echo
+echo "== memfitd is listening on $MEMFIT_SERVER (metrics: $metrics)"
+sed -n '/^device /p' "$demo/memfitd.log"
+memfit() { "$bin/memfit" "$@"; }
+
+echo
+echo "== 1. pretrain a GPT-2-shaped model on Moby-Dick, and a ViT on Fashion-MNIST, side by side"
+pre=$(memfit submit -f "$demo/specs/pretrain.yaml" | tee /dev/stderr | cut -d' ' -f1)
+vit=$(memfit submit -f "$demo/specs/vit.yaml" | tee /dev/stderr | cut -d' ' -f1)
+sleep 2
+memfit devices
+echo
+memfit watch "$pre"
+
+echo
+echo "== 2. LoRA on that checkpoint: stock ops and memfit's ops, at once"
+exact=$(memfit submit -f "$demo/specs/lora-exact.yaml" | tee /dev/stderr | cut -d' ' -f1)
+mine=$(memfit submit -f "$demo/specs/lora-memfit.yaml" | tee /dev/stderr | cut -d' ' -f1)
+sleep 2
+memfit devices
+echo
+memfit watch "$mine"
+memfit watch "$exact" > /dev/null
+memfit watch "$vit" > /dev/null || true
+
+echo
+echo "== jobs"
+memfit list
+echo
+echo "== memory and results"
+memfit list -o json | /usr/bin/python3 "$root/scripts/demo_summary.py"
+echo
+echo "estimated = memfitd's estimate before the job ran; measured = the worker's peak; saved ="
+echo "activation memory memfit's ops keep less than the stock ops would (estimated, per step)."
+if $keep; then
+  echo "memfitd keeps running (pid $daemon): MEMFIT_SERVER=$MEMFIT_SERVER $bin/memfit list"
+fi

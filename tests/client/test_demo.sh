@@ -1,0 +1,31 @@
+#!/bin/bash
+# scripts/demo.sh end to end in a temporary folder: every job succeeds, estimates are
+# within 3% of the measured peaks, memfit's LoRA run keeps less than the stock one, the
+# outputs exist, and memfitd is stopped at the end.
+set -euo pipefail
+repo=$1
+[[ -f $repo/.memfit/data/gpt2/encoder.json && -f $repo/.memfit/data/fashion-mnist/t10k-labels-idx1-ubyte ]] ||
+  { echo "data missing: run scripts/fetch_data.sh (skipped)"; exit 77; }
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+export MEMFIT_DEMO_DIR=$dir/demo
+out=$("$repo/scripts/demo.sh" 2>&1) || { echo "$out"; echo "demo.sh failed"; exit 1; }
+echo "$out"
+fail() { echo "FAIL: $*"; exit 1; }
+table=$(sed -n '/^job  *state/,/^$/p' <<<"$out")
+[[ $(grep -c " succeeded " <<<"$table") == 4 ]] || fail "expected 4 succeeded jobs"
+for name in gpt2-pretrain-moby-dick vit-fashion-mnist gpt2-lora-exact gpt2-lora-memfit; do
+  row=$(grep "^$name " <<<"$table") || fail "no row for $name"
+  err=$(awk '{for (i = 1; i <= NF; i++) if ($i ~ /%$/ && $i ~ /^[+-]/) {print $i; exit}}' <<<"$row")
+  awk -v e="${err%\%}" 'BEGIN {exit !(e >= -3 && e <= 3)}' || fail "$name: estimate off by $err"
+done
+grep -q "^vit-fashion-mnist .*accuracy [0-9.]*%" <<<"$table" || fail "no ViT accuracy"
+exact=$(grep "^gpt2-lora-exact " <<<"$table" | awk '{print $5}')
+mine=$(grep "^gpt2-lora-memfit " <<<"$table" | awk '{print $5}')
+awk -v a="$mine" -v b="$exact" 'BEGIN {exit !(a < b)}' || fail "memfit LoRA peak $mine MiB not below exact $exact MiB"
+for d in pretrain/model vit/model lora-exact/adapter lora-memfit/adapter; do
+  [[ -d $dir/demo/out/$d ]] || fail "no output $d"
+done
+grep -q "^demo: memfitd stopped" <<<"$out" || fail "memfitd not stopped"
+grep -q "^memfitd: stopped" "$dir/demo/memfitd.log" || fail "memfitd did not stop cleanly"
+echo "demo OK: exact LoRA peak $exact MiB, memfit LoRA peak $mine MiB"
