@@ -180,7 +180,23 @@ int estimate_remote(const Args& a) {
   return kExitOk;
 }
 
+const char* kEstimateHelp =
+    "usage: memfit estimate -f SPEC [--device-memory SIZE] [--device cpu|cuda] [--threads N]\n"
+    "                       [--cuda-context SIZE] [--reserved-overhead FRACTION] [-o text|json]\n"
+    "                       [--server HOST:PORT [--token T] [--tls-ca FILE]]\n"
+    "  Predict the job's peak device memory with a breakdown, without running it. With\n"
+    "  --device-memory, also the largest micro-batch and cheapest memory options that fit.\n"
+    "  With --server, memfitd answers: its devices, worker threads and calibration apply,\n"
+    "  and it says what it would reserve. Sizes: 16GiB, 800MiB, 80GB or plain bytes.\n"
+    "  example: memfit estimate -f lora.yaml --device cuda --device-memory 80GiB\n";
+
 int estimate_cmd(const std::vector<std::string>& argv) {
+  for (const auto& a : argv) {
+    if (a == "-h" || a == "--help") {
+      std::cout << kEstimateHelp;
+      return kExitOk;
+    }
+  }
   try {
     const Args a = parse(argv);
     if (!a.remote.empty()) return estimate_remote(a);

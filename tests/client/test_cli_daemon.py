@@ -192,12 +192,13 @@ class Cli(unittest.TestCase):
         self.memfit("cancel", mine)
 
     def test_help_on_every_verb(self):
-        for verb in ("submit", "get", "list", "cancel", "watch", "events", "logs", "devices"):
+        for verb in ("submit", "get", "list", "cancel", "watch", "events", "logs", "devices", "estimate"):
             r = self.memfit(verb, "--help")
             self.assertEqual(r.returncode, 0, verb)
             self.assertTrue(r.stdout.startswith(f"usage: memfit {verb}"), verb)
             self.assertIn("example: memfit " + verb, r.stdout)
-            self.assertIn("MEMFIT_SERVER", r.stdout)
+            if verb != "estimate":
+                self.assertIn("MEMFIT_SERVER", r.stdout)
         r = self.memfit("--help")
         self.assertEqual(r.returncode, 0)
         for verb in ("submit", "watch", "devices", "estimate"):
@@ -236,6 +237,32 @@ class Cli(unittest.TestCase):
         self.assertNotRegex(text, r"\n[^\n]*step 1/30 loss")  # no plain step lines on a terminal
         self.assertRegex(text.replace("\r\n", "\n").rstrip().splitlines()[-1],
                          rf"^{job['id']} succeeded: measured peak")
+
+
+class CliTls(unittest.TestCase):
+    def test_the_cli_talks_tls_with_a_ca_file(self):
+        tmp = D.tempfile.mkdtemp(prefix="memfit-cli-tls-")
+        cert, key = os.path.join(tmp, "server.pem"), os.path.join(tmp, "server.key")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                        "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                        "-keyout", key, "-out", cert], check=True, capture_output=True)
+        with open(cert, "rb") as f:
+            root = f.read()
+        d = D.Daemon("cli-tls", dir=tmp, tls_root=root, extra=["--tls-cert", cert, "--tls-key", key, "--paused"])
+        try:
+            env = dict(os.environ, MEMFIT_SERVER=f"localhost:{d.port}")
+            env.pop("MEMFIT_TOKEN", None)
+            r = subprocess.run([CLI, "devices", "-o", "json"], capture_output=True, text=True, env=env, timeout=60)
+            self.assertEqual(r.returncode, 3, r.stderr)  # plaintext against TLS: unreachable
+            env["MEMFIT_TLS_CA"] = cert
+            r = subprocess.run([CLI, "devices", "-o", "json"], capture_output=True, text=True, env=env, timeout=60)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertEqual(json.loads(r.stdout)["devices"][0]["name"], "cpu:0")
+            r = subprocess.run([CLI, "list", "--tls-ca", "/nonexistent.pem"], capture_output=True, text=True, env=env)
+            self.assertEqual(r.returncode, 2)
+            self.assertIn("--tls-ca: cannot read /nonexistent.pem", r.stderr)
+        finally:
+            d.stop()
 
 
 if __name__ == "__main__":
