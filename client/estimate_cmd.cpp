@@ -147,15 +147,7 @@ int estimate_remote(const Args& a) {
   Remote r(c);
   const spec::Job job = spec::load_job(a.spec);
   v1::EstimateJobRequest req;
-  v1::JobSpec s = spec::read_spec_file(a.spec);
-  s.mutable_model()->set_config_path(job.config_path);
-  s.mutable_model()->set_weights_path(job.weights_path);
-  s.mutable_data()->set_train_path(job.train_path);
-  s.mutable_data()->set_validation_path(job.validation_path);
-  s.mutable_data()->set_tokenizer_path(job.tokenizer_path);
-  s.mutable_data()->set_train_labels_path(job.train_labels_path);
-  s.mutable_data()->set_validation_labels_path(job.validation_labels_path);
-  *req.mutable_spec() = s;
+  *req.mutable_spec() = spec_for_daemon(a.spec);
   req.set_device_bytes(a.device_memory);
   v1::EstimateJobResponse out;
   auto ctx = r.context();

@@ -282,17 +282,7 @@ int submit(Remote& r, const Common& c, std::vector<std::string> a) {
   try {
     // Checked here first (the same reader as the worker), so a typo is named before any
     // network; relative paths become absolute (the daemon runs elsewhere).
-    const spec::Job job = spec::load_job(file);
-    v1::JobSpec s = spec::read_spec_file(file);
-    s.mutable_model()->set_config_path(job.config_path);
-    s.mutable_model()->set_weights_path(job.weights_path);
-    s.mutable_data()->set_train_path(job.train_path);
-    s.mutable_data()->set_validation_path(job.validation_path);
-    s.mutable_data()->set_tokenizer_path(job.tokenizer_path);
-    s.mutable_data()->set_train_labels_path(job.train_labels_path);
-    s.mutable_data()->set_validation_labels_path(job.validation_labels_path);
-    if (!s.output_dir().empty()) s.set_output_dir(job.output_dir);
-    *req.mutable_spec() = s;
+    *req.mutable_spec() = spec_for_daemon(file);
   } catch (const spec::SpecError& e) {
     throw CliError(kExitBadInput, e.what());
   }

@@ -1,5 +1,7 @@
 #include "remote.h"
 
+#include "spec.h"
+
 #include <google/protobuf/util/json_util.h>
 #include <yaml-cpp/yaml.h>
 
@@ -123,6 +125,20 @@ void Remote::check(const grpc::Status& s, const std::string& what) const {
   }
 }
 
+v1::JobSpec spec_for_daemon(const std::string& file) {
+  const spec::Job job = spec::load_job(file);
+  v1::JobSpec s = spec::read_spec_file(file);
+  s.mutable_model()->set_config_path(job.config_path);
+  s.mutable_model()->set_weights_path(job.weights_path);
+  s.mutable_data()->set_train_path(job.train_path);
+  s.mutable_data()->set_validation_path(job.validation_path);
+  s.mutable_data()->set_tokenizer_path(job.tokenizer_path);
+  s.mutable_data()->set_train_labels_path(job.train_labels_path);
+  s.mutable_data()->set_validation_labels_path(job.validation_labels_path);
+  if (!s.output_dir().empty()) s.set_output_dir(job.output_dir);
+  return s;
+}
+
 std::string human_size(int64_t b) {
   const double x = static_cast<double>(b);
   char buf[32];
@@ -145,15 +161,9 @@ std::string human_duration(double s) {
 }
 
 std::string state_name(v1::JobState s) {
-  switch (s) {
-    case v1::QUEUED: return "queued";
-    case v1::RUNNING: return "running";
-    case v1::CANCELLING: return "cancelling";
-    case v1::SUCCEEDED: return "succeeded";
-    case v1::FAILED: return "failed";
-    case v1::CANCELLED: return "cancelled";
-    default: return "unknown";
-  }
+  std::string n = v1::JobState_Name(s);
+  for (char& ch : n) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return n;
 }
 
 int exit_code_of(v1::JobState s) {

@@ -54,6 +54,10 @@ class Remote {
   std::unique_ptr<v1::ClusterService::Stub> cluster_;
 };
 
+// A spec file for the daemon: validated here (the worker's reader; SpecError names the
+// field) with every path made absolute against the file's folder.
+v1::JobSpec spec_for_daemon(const std::string& file);
+
 std::string human_size(int64_t bytes);      // "1.23 GiB"
 std::string human_duration(double seconds); // "1h02m", "3m05s", "12s"
 std::string state_name(v1::JobState s);     // "queued", "running", ...

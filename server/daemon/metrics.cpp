@@ -18,16 +18,10 @@ using prometheus::ClientMetric;
 using prometheus::MetricFamily;
 using prometheus::MetricType;
 
-const char* state_name(int s) {
-  switch (s) {
-    case v1::QUEUED: return "queued";
-    case v1::RUNNING: return "running";
-    case v1::CANCELLING: return "cancelling";
-    case v1::SUCCEEDED: return "succeeded";
-    case v1::FAILED: return "failed";
-    case v1::CANCELLED: return "cancelled";
-    default: return "unknown";
-  }
+std::string state_name(int s) {
+  std::string n = v1::JobState_Name(static_cast<v1::JobState>(s));
+  for (char& ch : n) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return n;
 }
 
 MetricFamily family(const char* name, const char* help, MetricType t) {

@@ -242,12 +242,7 @@ class Cli(unittest.TestCase):
 class CliTls(unittest.TestCase):
     def test_the_cli_talks_tls_with_a_ca_file(self):
         tmp = D.tempfile.mkdtemp(prefix="memfit-cli-tls-")
-        cert, key = os.path.join(tmp, "server.pem"), os.path.join(tmp, "server.key")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                        "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                        "-keyout", key, "-out", cert], check=True, capture_output=True)
-        with open(cert, "rb") as f:
-            root = f.read()
+        cert, key, root = D.self_signed(tmp)
         d = D.Daemon("cli-tls", dir=tmp, tls_root=root, extra=["--tls-cert", cert, "--tls-key", key, "--paused"])
         try:
             env = dict(os.environ, MEMFIT_SERVER=f"localhost:{d.port}")

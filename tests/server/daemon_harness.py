@@ -157,6 +157,16 @@ class Daemon:
         return self.proc.returncode
 
 
+def self_signed(tmp):
+    """A certificate for localhost and 127.0.0.1 and its key: (cert path, key path, PEM bytes)."""
+    cert, key = os.path.join(tmp, "server.pem"), os.path.join(tmp, "server.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    with open(cert, "rb") as f:
+        return cert, key, f.read()
+
+
 def run_memfitd(*args):
     """memfitd run to completion (bad configurations): (exit code, stderr)."""
     r = subprocess.run([MEMFITD, "--listen", "127.0.0.1:0", "--metrics-listen", "off", *args],

@@ -420,16 +420,11 @@ class Configuration(unittest.TestCase):
 
     def test_yaml_file_limits_and_tls(self):
         tmp = tempfile.mkdtemp(prefix="memfitd-tls-")
-        cert, key = os.path.join(tmp, "server.pem"), os.path.join(tmp, "server.key")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                        "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                        "-keyout", key, "-out", cert], check=True, capture_output=True)
+        cert, key, root = D.self_signed(tmp)
         with open(os.path.join(tmp, "memfitd.yaml"), "w") as f:
             f.write(f"tls: {{cert: {cert}, key: {key}}}\n"
                     "cpu_devices: 3\ncpu_device_memory: 300MiB\n"
                     "limits: {max_message_bytes: 16KiB}\nscheduling: {paused: true, margin: 0.25}\n")
-        with open(cert, "rb") as f:
-            root = f.read()
         d = D.Daemon("tls", devices=(), dir=tmp, tls_root=root, extra=["--config", os.path.join(tmp, "memfitd.yaml")])
         try:
             self.assertIn("(TLS)", "".join(d.log))
