@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -355,6 +356,25 @@ class Api(unittest.TestCase):
                 d.submit(good)
             self.assertEqual(e.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
             self.assertIn("max_queued_per_user", e.exception.details())
+            # the limit holds under concurrent submits too
+            other = D.Daemon("limit", extra=["--paused", "--max-queued-per-user", "3"])
+            try:
+                results = []
+
+                def one():
+                    try:
+                        results.append(other.submit(good).id)
+                    except grpc.RpcError as err:
+                        results.append(err.code())
+                threads = [threading.Thread(target=one) for _ in range(12)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                self.assertEqual(len([x for x in results if isinstance(x, str)]), 3)
+                self.assertEqual(results.count(grpc.StatusCode.RESOURCE_EXHAUSTED), 9)
+            finally:
+                other.stop()
             with self.assertRaises(grpc.RpcError) as e:
                 d.get("j0000000000000-000000")
             self.assertEqual(e.exception.code(), grpc.StatusCode.NOT_FOUND)
