@@ -222,14 +222,13 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
   j.set_request_id(r.request_id());
   const std::string msg = "queued: estimated peak " + size(a.plan.estimated_peak_bytes()) + ", reserving " +
                           size(a.plan.reserved_bytes());
-  // The limit check and the insert as one step: concurrent submits cannot pass it.
-  std::lock_guard<std::mutex> admission(submit_mu_);
-  if (store_.count(v1::QUEUED, c.user) >= cfg_.max_queued_per_user) {
-    throw CoreError(Code::kResourceExhausted, "user " + c.user + " already has " + std::to_string(cfg_.max_queued_per_user) +
-                                                  " queued jobs (limits.max_queued_per_user)");
-  }
   try {
-    store_.insert_job(j, event("submitted", v1::QUEUED, msg, a.estimate_json));
+    // The limit is checked in the insert's transaction: concurrent submits cannot pass it.
+    if (!store_.insert_job(j, event("submitted", v1::QUEUED, msg, a.estimate_json), cfg_.max_queued_per_user)) {
+      throw CoreError(Code::kResourceExhausted, "user " + c.user + " already has " +
+                                                    std::to_string(cfg_.max_queued_per_user) +
+                                                    " queued jobs (limits.max_queued_per_user)");
+    }
   } catch (const store::StoreError&) {
     if (!r.request_id().empty()) {
       if (auto prev = store_.find_by_request(c.user, r.request_id())) return *prev;  // a concurrent twin won

@@ -130,7 +130,6 @@ class Core {
   sched::ReservationPolicy policy_;
   estimator::Calibration calibration_;
   std::mutex mu_;
-  std::mutex submit_mu_;  // per-user limit check + insert
   std::condition_variable events_cv_;
   std::condition_variable wake_;
   std::map<std::string, Active> active_;

@@ -156,9 +156,15 @@ void Store::exec(const char* sql) {
   }
 }
 
-void Store::insert_job(const v1::Job& job, const v1::JobEvent& first) {
+bool Store::insert_job(const v1::Job& job, const v1::JobEvent& first, int64_t max_queued) {
   std::lock_guard<std::mutex> lock(mu_);
   Tx tx(db_);
+  if (max_queued > 0) {
+    Stmt s(db_, "SELECT COUNT(*) FROM jobs WHERE state = ?1 AND owner = ?2");
+    s.bind(1, static_cast<int64_t>(v1::QUEUED)).bind(2, job.owner());
+    s.step();
+    if (s.i64(0) >= max_queued) return false;  // rolled back
+  }
   {
     Stmt s(db_, "INSERT INTO jobs(id, owner, request_id, state, created_ms, next_seq, job) VALUES(?,?,?,?,?,2,?)");
     s.bind(1, job.id()).bind(2, job.owner()).bind(3, job.request_id()).bind(4, static_cast<int64_t>(job.state()));
@@ -174,6 +180,7 @@ void Store::insert_job(const v1::Job& job, const v1::JobEvent& first) {
     s.step();
   }
   tx.commit();
+  return true;
 }
 
 std::optional<v1::Job> Store::find_by_request(const std::string& owner, const std::string& request_id) {

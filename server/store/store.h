@@ -58,8 +58,10 @@ class Store {
   Store(const Store&) = delete;
   Store& operator=(const Store&) = delete;
 
-  // A new job with its first event (seq 1). Throws StoreError if the id exists.
-  void insert_job(const v1::Job& job, const v1::JobEvent& first);
+  // A new job with its first event (seq 1). Throws StoreError if the id exists. With
+  // max_queued > 0, inserts only if the owner has fewer QUEUED jobs (checked in the same
+  // transaction) and returns false otherwise.
+  bool insert_job(const v1::Job& job, const v1::JobEvent& first, int64_t max_queued = 0);
   // The job submitted earlier by `owner` with this request id, if any.
   std::optional<v1::Job> find_by_request(const std::string& owner, const std::string& request_id);
   std::optional<v1::Job> get(const std::string& id);

@@ -41,6 +41,21 @@ v1::JobEvent event(const std::string& kind) {
   return e;
 }
 
+TEST(Store, QueuedLimitIsCheckedInTheInsert) {
+  auto st = Store::open(tmpdir());
+  EXPECT_TRUE(st->insert_job(job("a1", "alice", v1::QUEUED, 1), event("submitted"), 2));
+  EXPECT_TRUE(st->insert_job(job("a2", "alice", v1::QUEUED, 2), event("submitted"), 2));
+  EXPECT_FALSE(st->insert_job(job("a3", "alice", v1::QUEUED, 3), event("submitted"), 2));
+  EXPECT_FALSE(st->get("a3"));  // nothing half-written
+  EXPECT_TRUE(st->events("a3", 0, 10).empty());
+  EXPECT_TRUE(st->insert_job(job("b1", "bob", v1::QUEUED, 4), event("submitted"), 2));  // per owner
+  v1::Job a1 = *st->get("a1");
+  a1.set_state(v1::RUNNING);  // no longer queued: room again
+  st->append_event(a1, event("state"));
+  EXPECT_TRUE(st->insert_job(job("a3", "alice", v1::QUEUED, 3), event("submitted"), 2));
+  EXPECT_EQ(st->count(v1::QUEUED, "alice"), 2);
+}
+
 TEST(Store, JobsEventsAndRequestIds) {
   auto st = Store::open(tmpdir());
   st->insert_job(job("j1", "alice", v1::QUEUED, 1, "req-1"), event("submitted"));
