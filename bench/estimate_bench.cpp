@@ -19,11 +19,13 @@
 #include <vector>
 
 #include "estimator.h"
+#include "reference_configs.h"
 #include "fit.h"
 
 namespace {
 
 namespace est = memfit::estimator;
+namespace ref = memfit::estimator::reference;
 using memfit::spec::Architecture;
 
 struct Model {
@@ -35,56 +37,24 @@ struct Model {
   bool bf16;
 };
 
-memfit::model::ModelConfig base(Architecture a, int64_t d, int64_t L, int64_t H, int64_t I) {
-  memfit::model::ModelConfig c;
-  c.arch = a;
-  c.hidden = d;
-  c.layers = L;
-  c.heads = H;
-  c.kv_heads = H;
-  c.intermediate = I;
-  return c;
-}
-
 std::vector<Model> models() {
   std::vector<Model> m;
   {
-    auto c = base(Architecture::kGPT2, 768, 12, 12, 3072);
-    c.vocab_size = 50257;
-    c.max_positions = 1024;
-    c.activation = "gelu_new";
+    auto c = ref::gpt2(768, 12, 12);
     m.push_back({"GPT-2 124M", "causal LM, batch 8 x 1024 tokens, fp32", c, memfit::spec::Task::kCausalLM, 8, 1024, false});
   }
   {
-    auto c = base(Architecture::kViT, 768, 12, 12, 3072);
-    c.image_size = 224;
-    c.patch_size = 16;
-    c.channels = 3;
-    c.max_positions = 197;
-    c.activation = "gelu";
-    c.num_labels = 100;
+    auto c = ref::vit(768, 12, 12);
     m.push_back({"ViT-B/16", "CIFAR-100, batch 64, 224x224, fp32", c, memfit::spec::Task::kImageClassification, 64, 197,
                  false});
   }
   {
-    auto c = base(Architecture::kRoberta, 768, 12, 12, 3072);
-    c.vocab_size = 50265;
-    c.max_positions = 514;
-    c.type_vocab_size = 1;
-    c.pad_token_id = 1;
-    c.activation = "gelu";
-    c.num_labels = 2;
+    auto c = ref::roberta(768, 12, 12);
     m.push_back({"RoBERTa-base", "GLUE, batch 32 x 128 tokens, fp32", c, memfit::spec::Task::kSequenceClassification, 32,
                  128, false});
   }
   {
-    auto c = base(Architecture::kLlama, 4096, 32, 32, 11008);
-    c.vocab_size = 32000;
-    c.max_positions = 4096;
-    c.activation = "silu";
-    c.tie_word_embeddings = false;
-    c.qkv_bias = false;
-    c.mlp_bias = false;
+    auto c = ref::llama(4096, 32, 32, 32, 11008);
     m.push_back({"LLaMA-7B", "Alpaca, batch 4 x 512 tokens, bf16", c, memfit::spec::Task::kCausalLM, 4, 512, true});
   }
   return m;

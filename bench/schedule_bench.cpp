@@ -40,11 +40,13 @@
 
 #include "calibration.h"
 #include "estimator.h"
+#include "reference_configs.h"
 #include "scheduler.h"
 
 namespace {
 
 namespace est = memfit::estimator;
+namespace ref = memfit::estimator::reference;
 namespace sched = memfit::sched;
 using memfit::spec::Architecture;
 
@@ -56,60 +58,24 @@ struct Family {
   double weight;
 };
 
-memfit::model::ModelConfig cfg(Architecture a, int64_t d, int64_t L, int64_t H, int64_t I) {
-  memfit::model::ModelConfig c;
-  c.arch = a;
-  c.hidden = d;
-  c.layers = L;
-  c.heads = H;
-  c.kv_heads = H;
-  c.intermediate = I;
-  return c;
-}
-
 std::vector<Family> families() {
   std::vector<Family> f;
   for (auto [n, d, L, H] : std::vector<std::tuple<const char*, int, int, int>>{
            {"gpt2-124m", 768, 12, 12}, {"gpt2-355m", 1024, 24, 16}, {"gpt2-774m", 1280, 36, 20}, {"gpt2-1.5b", 1600, 48, 25}}) {
-    auto c = cfg(Architecture::kGPT2, d, L, H, 4 * d);
-    c.vocab_size = 50257;
-    c.max_positions = 1024;
-    c.activation = "gelu_new";
-    f.push_back({n, c, 0.075});
+    f.push_back({n, ref::gpt2(d, L, H), 0.075});
   }
   for (auto [n, d, L, H, kv, I, w] : std::vector<std::tuple<const char*, int, int, int, int, int, double>>{
            {"llama-1.1b", 2048, 22, 32, 4, 5632, 0.12}, {"llama-7b", 4096, 32, 32, 32, 11008, 0.12},
            {"llama-13b", 5120, 40, 40, 40, 13824, 0.06}}) {
-    auto c = cfg(Architecture::kLlama, d, L, H, I);
-    c.kv_heads = kv;
-    c.vocab_size = 32000;
-    c.max_positions = 4096;
-    c.activation = "silu";
-    c.tie_word_embeddings = false;
-    c.qkv_bias = c.mlp_bias = false;
-    f.push_back({n, c, w});
+    f.push_back({n, ref::llama(d, L, H, kv, I), w});
   }
   for (auto [n, d, L, H, w] : std::vector<std::tuple<const char*, int, int, int, double>>{
            {"vit-b16", 768, 12, 12, 0.12}, {"vit-l16", 1024, 24, 16, 0.08}}) {
-    auto c = cfg(Architecture::kViT, d, L, H, 4 * d);
-    c.image_size = 224;
-    c.patch_size = 16;
-    c.channels = 3;
-    c.max_positions = 197;
-    c.activation = "gelu";
-    c.num_labels = 100;
-    f.push_back({n, c, w});
+    f.push_back({n, ref::vit(d, L, H), w});
   }
   for (auto [n, d, L, H, w] : std::vector<std::tuple<const char*, int, int, int, double>>{
            {"roberta-base", 768, 12, 12, 0.12}, {"roberta-large", 1024, 24, 16, 0.08}}) {
-    auto c = cfg(Architecture::kRoberta, d, L, H, 4 * d);
-    c.vocab_size = 50265;
-    c.max_positions = 514;
-    c.type_vocab_size = 1;
-    c.pad_token_id = 1;
-    c.activation = "gelu";
-    c.num_labels = 2;
-    f.push_back({n, c, w});
+    f.push_back({n, ref::roberta(d, L, H), w});
   }
   return f;
 }

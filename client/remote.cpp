@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -126,8 +127,8 @@ void Remote::check(const grpc::Status& s, const std::string& what) const {
 }
 
 v1::JobSpec spec_for_daemon(const std::string& file) {
-  const spec::Job job = spec::load_job(file);
   v1::JobSpec s = spec::read_spec_file(file);
+  const spec::Job job = spec::resolve(s, file, std::filesystem::absolute(file).parent_path().string());
   s.mutable_model()->set_config_path(job.config_path);
   s.mutable_model()->set_weights_path(job.weights_path);
   s.mutable_data()->set_train_path(job.train_path);

@@ -133,6 +133,7 @@ Core::Admission Core::admit(const v1::JobSpec& spec_in, const std::string& job_i
   in.device = device_model();
   in.validation = !job.validation_path.empty();
   in.load_weights = !job.weights_path.empty();
+  a.input = in;
   try {
     a.estimate = estimator::estimate(in);
     if (auto_memory) {
@@ -374,22 +375,11 @@ v1::EstimateJobResponse Core::estimate(const Caller&, const v1::EstimateJobReque
   const Admission a = admit(r.spec(), "estimate", dev);
   v1::EstimateJobResponse out;
   json e = json::parse(a.estimate_json);
-  {
-    // The fit plan for the device size, as `memfit estimate --device-memory` gives it.
-    estimator::Input in;
-    try {
-      v1::JobSpec s = r.spec();
-      if (s.memory().preset() == "auto") s.mutable_memory()->set_preset("");
-      if (s.output_dir().empty()) s.set_output_dir("/tmp");
-      in.job = spec::resolve(s, "spec", "/");
-      in.config = model::load_config(in.job.config_path, in.job.architecture);
-      in.device = device_model();
-      in.validation = !in.job.validation_path.empty();
-      in.load_weights = !in.job.weights_path.empty();
-      e["fit"] = json::parse(estimator::to_json(estimator::fit(in, dev)).dump());
-    } catch (const std::exception& ex) {
-      throw CoreError(Code::kInvalidArgument, ex.what());
-    }
+  // The fit plan for the device size, as `memfit estimate --device-memory` gives it.
+  try {
+    e["fit"] = json::parse(estimator::to_json(estimator::fit(a.input, dev)).dump());
+  } catch (const estimator::EstimateError& ex) {
+    throw CoreError(Code::kInvalidArgument, ex.what());
   }
   out.set_estimate_json(e.dump());
   out.set_peak_bytes(a.estimate.peak_bytes);

@@ -107,6 +107,7 @@ class Core {
     std::string key;          // calibration kind
     estimator::Estimate estimate;
     std::string estimate_json;
+    estimator::Input input;   // the job as submitted (before `auto` options), for a fit plan
   };
 
   Admission admit(const v1::JobSpec& spec, const std::string& job_id, int64_t device_bytes);

@@ -9,6 +9,7 @@
 #include "calibration.h"
 #include "estimator.h"
 #include "fit.h"
+#include "reference_configs.h"
 
 namespace {
 
@@ -17,53 +18,9 @@ using memfit::spec::Architecture;
 using memfit::spec::Method;
 using memfit::spec::Task;
 
-memfit::model::ModelConfig gpt2_small() {
-  memfit::model::ModelConfig c;
-  c.arch = Architecture::kGPT2;
-  c.vocab_size = 50257;
-  c.hidden = 768;
-  c.layers = 12;
-  c.heads = 12;
-  c.kv_heads = 12;
-  c.intermediate = 3072;
-  c.max_positions = 1024;
-  c.activation = "gelu_new";
-  return c;
-}
-
-memfit::model::ModelConfig llama_7b() {
-  memfit::model::ModelConfig c;
-  c.arch = Architecture::kLlama;
-  c.vocab_size = 32000;
-  c.hidden = 4096;
-  c.layers = 32;
-  c.heads = 32;
-  c.kv_heads = 32;
-  c.intermediate = 11008;
-  c.max_positions = 4096;
-  c.activation = "silu";
-  c.tie_word_embeddings = false;
-  c.qkv_bias = false;
-  c.mlp_bias = false;
-  return c;
-}
-
-memfit::model::ModelConfig vit_base() {
-  memfit::model::ModelConfig c;
-  c.arch = Architecture::kViT;
-  c.hidden = 768;
-  c.layers = 12;
-  c.heads = 12;
-  c.kv_heads = 12;
-  c.intermediate = 3072;
-  c.image_size = 224;
-  c.patch_size = 16;
-  c.channels = 3;
-  c.max_positions = 197;
-  c.activation = "gelu";
-  c.num_labels = 100;
-  return c;
-}
+memfit::model::ModelConfig gpt2_small() { return est::reference::gpt2(768, 12, 12); }
+memfit::model::ModelConfig llama_7b() { return est::reference::llama(4096, 32, 32, 32, 11008); }
+memfit::model::ModelConfig vit_base() { return est::reference::vit(768, 12, 12); }
 
 est::Input input(const memfit::model::ModelConfig& c, Method m, int64_t micro, int64_t seq) {
   est::Input in;
