@@ -2,17 +2,27 @@
 //
 //   memfit-worker run --spec FILE [--device cpu|cuda:N] [--memory-limit SIZE]
 //                     [--max-steps N] [--threads N]
+//                     [--input-root DIR]... [--output-root DIR [--job-id ID]]
+//
+// memfitd confines every worker it starts: inputs are opened only beneath the
+// --input-root folders, outputs only beneath the output folder, itself opened beneath
+// --output-root without following links (proto/spec/confined.h); with --job-id the
+// output folder must carry that job's marker (.memfit-job), written when memfitd
+// accepted the job. A run by hand without these flags reads and writes where it is told.
 //
 // SIZE: bytes, or with a unit: 800MiB, 16GiB, 2GB. Exit codes: 0 finished, 1 internal
 // error, 2 bad input, 3 out of memory, 4 stopped by SIGTERM/SIGINT after a checkpoint
 // (run the same spec again to resume).
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <vector>
 
+#include "confined.h"
 #include "spec.h"
 #include "train/events.h"
 #include "train/trainer.h"
@@ -68,7 +78,8 @@ int main(int argc, char** argv) {
     }
     return usage("expected the 'run' command");
   }
-  std::string spec_path;
+  std::string spec_path, output_root, job_id;
+  std::vector<std::string> input_roots;
   memfit::train::RunOptions opts;
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
@@ -81,6 +92,12 @@ int main(int argc, char** argv) {
       if (!parse_size(argv[++i], &opts.memory_limit)) {
         return usage(std::string("--memory-limit: '") + argv[i] + "' is not a size (e.g. 800MiB, 16GiB, 1048576)");
       }
+    } else if (a == "--input-root" && has_value) {
+      input_roots.push_back(argv[++i]);
+    } else if (a == "--output-root" && has_value) {
+      output_root = argv[++i];
+    } else if (a == "--job-id" && has_value) {
+      job_id = argv[++i];
     } else if ((a == "--max-steps" || a == "--threads") && has_value) {
       char* end = nullptr;
       const long long v = std::strtoll(argv[++i], &end, 10);
@@ -108,6 +125,32 @@ int main(int argc, char** argv) {
   } catch (const memfit::spec::SpecError& e) {
     events.emit({{"event", "failed"}, {"reason", "bad_input"}, {"message", e.what()}});
     return memfit::train::kExitBadInput;
+  }
+  // Confinement, before any input or output is touched.
+  try {
+    if (!input_roots.empty()) memfit::fsx::set_input_roots(input_roots);
+    if (!output_root.empty()) {
+      memfit::fsx::set_output_root(output_root, job.output_dir);
+      if (!job_id.empty()) {
+        std::string marker;
+        try {
+          marker = memfit::fsx::read_output(job.output_dir + "/.memfit-job", 4096);
+        } catch (const memfit::fsx::FsError&) {
+        }
+        while (!marker.empty() && (marker.back() == '\n' || marker.back() == ' ')) marker.pop_back();
+        if (marker != job_id) {
+          events.emit({{"event", "failed"},
+                       {"reason", "bad_input"},
+                       {"message", "output_dir: " + job.output_dir + " is not this job's folder (its marker .memfit-job " +
+                                       (marker.empty() ? std::string("is missing") : "names another job") + ")"}});
+          return memfit::train::kExitBadInput;
+        }
+      }
+    }
+  } catch (const memfit::fsx::FsError& e) {
+    const bool user = e.errno_value == ELOOP || e.errno_value == EXDEV || e.errno_value == ENOTDIR;
+    events.emit({{"event", "failed"}, {"reason", user ? "bad_input" : "io"}, {"message", std::string("output_dir: ") + e.what()}});
+    return user ? memfit::train::kExitBadInput : memfit::train::kExitIo;
   }
   return memfit::train::run_job(job, spec_text, opts, events);
 }

@@ -1,5 +1,7 @@
 #include "model_config.h"
 
+#include "confined.h"
+
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -52,13 +54,27 @@ constexpr int64_t kBig = int64_t{1} << 24;  // 16M: no real dimension is larger
 }  // namespace
 
 ModelConfig load_config(const std::string& path, spec::Architecture arch, int64_t num_labels_hint) {
-  std::ifstream in(path);
-  if (!in) throw ConfigError(path + ": cannot read the model config (" + std::strerror(errno) + ")");
+  std::string text;
+  try {
+    fsx::InputFile f(path);
+    if (f.size() > (int64_t{16} << 20)) throw ConfigError(path + ": a model config larger than 16 MiB");
+    text = f.read_all(int64_t{16} << 20);
+  } catch (const fsx::FsError& e) {
+    throw ConfigError(std::string("cannot read the model config: ") + e.what());
+  }
+  return parse_config(text, path, arch, num_labels_hint);
+}
+
+ModelConfig parse_config(const std::string& text, const std::string& path, spec::Architecture arch,
+                         int64_t num_labels_hint) {
   json j;
   try {
-    j = json::parse(in);
-  } catch (const json::exception& e) {
-    throw ConfigError(path + ": not valid JSON: " + e.what());
+    j = json::parse(text);
+  } catch (const json::parse_error& e) {
+    // The byte offset only: the message of a parse error quotes the text.
+    throw ConfigError(path + ": not valid JSON (error at byte " + std::to_string(e.byte) + ")");
+  } catch (const json::exception&) {
+    throw ConfigError(path + ": not valid JSON");
   }
   if (!j.is_object()) throw ConfigError(path + ": not a JSON object");
   const Reader r{j, path};

@@ -40,6 +40,10 @@ struct ModelConfig {
 
 // Reads config.json for the given architecture. num_labels_hint (> 0) overrides the
 // config's label count (id2label / num_labels) for classification tasks.
+// The file is opened through fsx::open_input (beneath the worker's input roots, if set).
 ModelConfig load_config(const std::string& path, spec::Architecture arch, int64_t num_labels_hint = 0);
+// The same from the file's text; `origin` names it in errors. Errors never quote the text.
+ModelConfig parse_config(const std::string& text, const std::string& origin, spec::Architecture arch,
+                         int64_t num_labels_hint = 0);
 
 }  // namespace memfit::model

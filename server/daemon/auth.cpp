@@ -1,5 +1,8 @@
 #include "auth.h"
 
+#include <sys/stat.h>
+
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 
@@ -8,6 +11,14 @@ namespace memfit::daemon {
 Auth Auth::load(const std::string& tokens_file) {
   Auth a;
   if (tokens_file.empty()) return a;
+  struct stat st {};
+  if (::stat(tokens_file.c_str(), &st) != 0) throw ConfigError("tokens_file: cannot read " + tokens_file);
+  if ((st.st_mode & 077) != 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%03o", st.st_mode & 0777);
+    throw ConfigError("tokens_file: " + tokens_file + " is readable by others (mode " + mode +
+                      "); it holds secrets: chmod 600 it");
+  }
   std::ifstream f(tokens_file);
   if (!f) throw ConfigError("tokens_file: cannot read " + tokens_file);
   a.enabled_ = true;
@@ -26,6 +37,10 @@ Auth Auth::load(const std::string& tokens_file) {
       throw ConfigError(tokens_file + ":" + std::to_string(n) + ": expected TOKEN USER [admin]");
     }
     if (token.size() < 16) throw ConfigError(tokens_file + ":" + std::to_string(n) + ": tokens need at least 16 characters");
+    if (a.tokens_.count(token)) {
+      throw ConfigError(tokens_file + ":" + std::to_string(n) + ": this token is already given on an earlier line; "
+                        "each token must be unique");
+    }
     a.tokens_[token] = Caller{user, role == "admin"};
   }
   if (a.tokens_.empty()) throw ConfigError(tokens_file + ": no tokens");

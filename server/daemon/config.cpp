@@ -1,5 +1,6 @@
 #include "config.h"
 
+#include <pwd.h>
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
@@ -80,12 +81,36 @@ void apply_yaml(Config& c, const std::string& path) {
       if (v["key"]) c.tls_key = scalar(v["key"], p + "tls.key");
     } else if (k == "allowed_roots") {
       if (!v.IsSequence()) throw ConfigError(p + "allowed_roots: expected a list of folders");
-      for (const auto& r : v) c.allowed_roots.push_back(scalar(r, p + k));
+      for (const auto& r : v) {
+        c.read_roots.push_back(scalar(r, p + k));
+        c.write_roots.push_back(c.read_roots.back());
+      }
+    } else if (k == "paths") {
+      if (!v.IsMap()) throw ConfigError(p + "paths: expected read_roots and write_roots");
+      for (const auto& l : v) {
+        const std::string lk = l.first.as<std::string>(), f = p + "paths." + lk;
+        if (lk != "read_roots" && lk != "write_roots") throw ConfigError(f + ": unknown setting");
+        if (!l.second.IsSequence()) throw ConfigError(f + ": expected a list of folders");
+        for (const auto& r : l.second) (lk == "read_roots" ? c.read_roots : c.write_roots).push_back(scalar(r, f));
+      }
     } else if (k == "limits") {
       for (const auto& l : v) {
         const std::string lk = l.first.as<std::string>(), f = p + "limits." + lk;
         if (lk == "max_queued_per_user") c.max_queued_per_user = static_cast<int64_t>(number(scalar(l.second, f), f, 1, 1e9));
         else if (lk == "max_message_bytes") c.max_message_bytes = size_of(scalar(l.second, f), f);
+        else if (lk == "max_input_bytes") c.max_input_bytes = size_of(scalar(l.second, f), f);
+        else if (lk == "max_weights_bytes") c.max_weights_bytes = size_of(scalar(l.second, f), f);
+        else if (lk == "max_name_bytes") c.max_name_bytes = static_cast<int64_t>(number(scalar(l.second, f), f, 1, 65536));
+        else if (lk == "max_user_priority") c.max_user_priority = static_cast<int>(number(scalar(l.second, f), f, 0, 2147483647));
+        else throw ConfigError(f + ": unknown setting");
+      }
+    } else if (k == "workers") {
+      if (!v.IsMap()) throw ConfigError(p + "workers: expected user, memory_allowance, cgroup");
+      for (const auto& l : v) {
+        const std::string lk = l.first.as<std::string>(), f = p + "workers." + lk;
+        if (lk == "user") c.worker_user = scalar(l.second, f);
+        else if (lk == "memory_allowance") c.worker_memory_allowance = size_of(scalar(l.second, f), f);
+        else if (lk == "cgroup") c.worker_cgroup = scalar(l.second, f);
         else throw ConfigError(f + ": unknown setting");
       }
     } else if (k == "scheduling") {
@@ -94,6 +119,7 @@ void apply_yaml(Config& c, const std::string& path) {
         const std::string sv = scalar(s.second, f);
         if (sk == "margin") c.margin = number(sv, f, 0, 10);
         else if (sk == "oom_retries") c.oom_retries = static_cast<int>(number(sv, f, 0, 10));
+        else if (sk == "crash_retries") c.crash_retries = static_cast<int>(number(sv, f, 0, 100));
         else if (sk == "oom_growth") c.oom_growth = number(sv, f, 1.01, 10);
         else if (sk == "starvation_minutes") c.starvation_minutes = number(sv, f, 0, 1e6);
         else if (sk == "cancel_grace_seconds") c.cancel_grace_seconds = number(sv, f, 0, 86400);
@@ -119,6 +145,8 @@ std::string usage() {
          "               [--state-dir DIR] [--worker PATH] [--gpus auto|off] [--cpu-devices N]\n"
          "               [--cpu-device-memory SIZE] [--device NAME=SIZE]... [--worker-threads N]\n"
          "               [--tokens FILE] [--tls-cert FILE --tls-key FILE] [--allowed-root DIR]...\n"
+         "               [--read-root DIR]... [--write-root DIR]... [--worker-user NAME]\n"
+         "               [--worker-memory-allowance SIZE] [--worker-cgroup DIR] [--crash-retries N]\n"
          "               [--max-queued-per-user N] [--margin F] [--starvation-minutes M]\n"
          "               [--cancel-grace-seconds S] [--paused] [--check-config]\n"
          "--check-config reads the configuration, prints it as memfitd will use it, and exits.\n";
@@ -142,17 +170,24 @@ std::string describe(const Config& c) {
   o += "worker_threads: " + std::to_string(c.worker_threads) + "\n";
   if (!c.tokens_file.empty()) o += "tokens_file: " + q(c.tokens_file) + "\n";
   if (!c.tls_cert.empty()) o += "tls: {cert: " + q(c.tls_cert) + ", key: " + q(c.tls_key) + "}\n";
-  if (!c.allowed_roots.empty()) {
-    o += "allowed_roots:\n";
-    for (const auto& r : c.allowed_roots) o += "  - " + q(r) + "\n";
-  }
+  o += "paths:\n  read_roots: [";
+  for (size_t i = 0; i < c.read_roots.size(); ++i) o += (i ? ", " : "") + q(c.read_roots[i]);
+  o += "]\n  write_roots: [";
+  for (size_t i = 0; i < c.write_roots.size(); ++i) o += (i ? ", " : "") + q(c.write_roots[i]);
+  o += "]\n";
   o += "limits: {max_queued_per_user: " + std::to_string(c.max_queued_per_user) +
-       ", max_message_bytes: " + std::to_string(c.max_message_bytes) + "}\n";
+       ", max_message_bytes: " + std::to_string(c.max_message_bytes) +
+       ", max_input_bytes: " + std::to_string(c.max_input_bytes) +
+       ", max_weights_bytes: " + std::to_string(c.max_weights_bytes) +
+       ", max_name_bytes: " + std::to_string(c.max_name_bytes) +
+       ", max_user_priority: " + std::to_string(c.max_user_priority) + "}\n";
+  o += "workers: {user: " + q(c.worker_user) + ", memory_allowance: " + std::to_string(c.worker_memory_allowance) +
+       ", cgroup: " + q(c.worker_cgroup) + "}\n";
   char buf[256];
   std::snprintf(buf, sizeof buf,
-                "scheduling: {margin: %g, oom_retries: %d, oom_growth: %g, starvation_minutes: %g, "
+                "scheduling: {margin: %g, oom_retries: %d, crash_retries: %d, oom_growth: %g, starvation_minutes: %g, "
                 "cancel_grace_seconds: %g, paused: %s}\n",
-                c.margin, c.oom_retries, c.oom_growth, c.starvation_minutes, c.cancel_grace_seconds,
+                c.margin, c.oom_retries, c.crash_retries, c.oom_growth, c.starvation_minutes, c.cancel_grace_seconds,
                 c.paused ? "true" : "false");
   return o + buf;
 }
@@ -194,7 +229,16 @@ Config load_config(const std::vector<std::string>& args, const std::string& argv
     else if (f == "--tokens") c.tokens_file = value();
     else if (f == "--tls-cert") c.tls_cert = value();
     else if (f == "--tls-key") c.tls_key = value();
-    else if (f == "--allowed-root") c.allowed_roots.push_back(value());
+    else if (f == "--allowed-root") {
+      c.read_roots.push_back(value());
+      c.write_roots.push_back(c.read_roots.back());
+    } else if (f == "--read-root") c.read_roots.push_back(value());
+    else if (f == "--write-root") c.write_roots.push_back(value());
+    else if (f == "--worker-user") c.worker_user = value();
+    else if (f == "--worker-memory-allowance") c.worker_memory_allowance = size_of(value(), f);
+    else if (f == "--worker-cgroup") c.worker_cgroup = value();
+    else if (f == "--crash-retries") c.crash_retries = static_cast<int>(number(value(), f, 0, 100));
+    else if (f == "--max-user-priority") c.max_user_priority = static_cast<int>(number(value(), f, 0, 2147483647));
     else if (f == "--max-queued-per-user") c.max_queued_per_user = static_cast<int64_t>(number(value(), f, 1, 1e9));
     else if (f == "--margin") c.margin = number(value(), f, 0, 10);
     else if (f == "--starvation-minutes") c.starvation_minutes = number(value(), f, 0, 1e6);
@@ -210,7 +254,26 @@ Config load_config(const std::vector<std::string>& args, const std::string& argv
     c.worker = (self.parent_path() / "memfit-worker").string();
   }
   if (c.tls_cert.empty() != c.tls_key.empty()) throw ConfigError("tls: give both a certificate and a key");
-  for (auto& r : c.allowed_roots) r = fs::weakly_canonical(r).string();
+  // Roots: absolute, canonical up to a {user} part (an administrator's links are resolved
+  // once here; below a root nothing is followed out of it).
+  for (auto* roots : {&c.read_roots, &c.write_roots}) {
+    for (auto& r : *roots) {
+      if (r.empty() || r.front() != '/') throw ConfigError("paths: roots must be absolute folders, got '" + r + "'");
+      const size_t u = r.find("{user}");
+      const std::string fixed = u == std::string::npos ? r : r.substr(0, r.rfind('/', u));
+      const std::string rest = u == std::string::npos ? "" : r.substr(fixed.size());
+      r = fs::weakly_canonical(fixed.empty() ? "/" : fixed).string() + rest;
+      if (r.size() > 1 && r.back() == '/') r.pop_back();
+    }
+  }
+  if (!c.worker_user.empty()) {
+    const passwd* pw = ::getpwnam(c.worker_user.c_str());
+    if (pw == nullptr) throw ConfigError("workers.user: no user '" + c.worker_user + "' on this machine");
+    if (pw->pw_uid == 0) throw ConfigError("workers.user: '" + c.worker_user + "' is root; name an unprivileged user");
+    c.worker_uid = pw->pw_uid;
+    c.worker_gid = pw->pw_gid;
+    if (::geteuid() != 0) throw ConfigError("workers.user: memfitd must run as root to start workers as another user");
+  }
   return c;
 }
 

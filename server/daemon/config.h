@@ -11,10 +11,15 @@
 //   devices: [{name: cpu:0, memory: 4GiB}]   # explicit devices instead of the two above
 //   tokens_file: /etc/memfit/tokens   # "TOKEN USER [admin]" per line; absent = no auth
 //   tls: {cert: server.pem, key: server.key}
-//   allowed_roots: [/data, /models]   # spec paths must lie below one of these
-//   limits: {max_queued_per_user: 1000, max_message_bytes: 4MiB}
-//   scheduling: {margin: 0.08, oom_retries: 2, oom_growth: 1.25, starvation_minutes: 30,
-//                cancel_grace_seconds: 60, paused: false}
+//   paths:                            # where a job's files may be ({user}: the caller)
+//     read_roots: [/models, /data/{user}]      # inputs must lie below one of these
+//     write_roots: [/data/{user}/runs]         # output_dir may lie below one of these
+//   allowed_roots: [/data]            # older form: a root for both reading and writing
+//   limits: {max_queued_per_user: 1000, max_message_bytes: 4MiB, max_input_bytes: 4GiB,
+//            max_weights_bytes: 1TiB, max_name_bytes: 256, max_user_priority: 10}
+//   workers: {user: memfit-worker, memory_allowance: 2GiB, cgroup: /sys/fs/cgroup/memfit}
+//   scheduling: {margin: 0.08, oom_retries: 2, crash_retries: 2, oom_growth: 1.25,
+//                starvation_minutes: 30, cancel_grace_seconds: 60, paused: false}
 #pragma once
 
 #include <cstdint>
@@ -46,11 +51,26 @@ struct Config {
   int worker_threads = 0;         // CPU workers: 0 = cores / CPU devices
   std::string tokens_file;
   std::string tls_cert, tls_key;
-  std::vector<std::string> allowed_roots;
+  // Inputs must lie beneath a read root, an output_dir beneath a write root ({user} is
+  // replaced by the caller's name). With none, nothing outside the state dir is read and
+  // jobs write only into their own folder in the state dir.
+  std::vector<std::string> read_roots, write_roots;
   int64_t max_queued_per_user = 1000;
   int64_t max_message_bytes = int64_t{4} << 20;
+  int64_t max_input_bytes = int64_t{4} << 30;      // data, tokenizer, config files
+  int64_t max_weights_bytes = int64_t{1} << 40;    // a weights file
+  int64_t max_name_bytes = 256;
+  int max_user_priority = 10;                      // higher needs an admin token
+  // Workers: run as this user when memfitd is root; a kernel-enforced memory limit of the
+  // reservation plus this allowance (code, libraries, data); a cgroup v2 folder delegated
+  // to memfitd (memory.max per worker) instead of RLIMIT_DATA.
+  std::string worker_user;
+  int64_t worker_uid = -1, worker_gid = -1;
+  int64_t worker_memory_allowance = int64_t{2} << 30;
+  std::string worker_cgroup;
   double margin = 0.08;
   int oom_retries = 2;
+  int crash_retries = 2;
   double oom_growth = 1.25;
   double starvation_minutes = 30;
   double cancel_grace_seconds = 60;

@@ -1,17 +1,28 @@
-// memfitd's job manager: admission (validation, estimate, reservation), the scheduling
-// loop (placements, worker events, exits, out-of-memory retries, cancellation), recovery
-// after a restart, and the views the API serves. The gRPC layer (service.cpp) only
-// translates; everything a job goes through happens here.
+// memfitd's job manager: admission (paths, validation, estimate, reservation), the
+// scheduling loop (placements, worker events, the end of each attempt), recovery after a
+// restart, and the views the API serves. The gRPC layer (service.cpp) only translates.
+//
+// Files: core.cpp (life cycle, loop, attempts), core_api.cpp (submit, cancel, views),
+// admission.cpp (what a spec becomes), with the decisions as pure functions in
+// decide.* (how an attempt's end moves the job), worker_events.* (worker lines ->
+// progress) and paths.* (where files may be).
+//
+// Threading: gRPC handler threads call the API; one loop thread runs tick(). `mu_` guards
+// the scheduler, the running attempts and the counters; the store has its own lock and is
+// may be called under mu_ (it never calls back). Waits on
+// `mu_` use absl::CondVar. Built with clang -Wthread-safety in the tests
+// (tests/daemon/thread_safety_check.py), so a member touched without its lock fails.
 #pragma once
 
+#include <absl/base/thread_annotations.h>
+#include <absl/synchronization/mutex.h>
+
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
-#include <optional>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -19,16 +30,27 @@
 
 #include "calibration.h"
 #include "config.h"
+#include "decide.h"
 #include "devices.h"
 #include "estimator.h"
 #include "memfit/v1/service.pb.h"
+#include "paths.h"
 #include "runner.h"
 #include "scheduler.h"
 #include "store.h"
+#include "worker_events.h"
 
 namespace memfit::daemon {
 
-enum class Code { kInvalidArgument, kNotFound, kPermissionDenied, kFailedPrecondition, kResourceExhausted, kInternal };
+enum class Code {
+  kInvalidArgument,
+  kNotFound,
+  kPermissionDenied,
+  kFailedPrecondition,
+  kResourceExhausted,
+  kInternal,
+  kUnavailable
+};
 
 class CoreError : public std::runtime_error {
  public:
@@ -65,11 +87,15 @@ struct Snapshot {
 class Core {
  public:
   using Clock = std::function<int64_t()>;  // milliseconds since the epoch
-  Core(Config cfg, store::Store& store, DeviceMonitor& devices, Clock clock = {});
+  // `launcher` starts workers (nullptr: real processes). Tests pass a fake launcher and a
+  // fake clock and drive tick() themselves.
+  Core(Config cfg, store::Store& store, DeviceMonitor& devices, Clock clock = {},
+       WorkerLauncher* launcher = nullptr);
   ~Core();
 
-  // Recovers state from the store (queued jobs, running workers) and starts the loop.
-  void start();
+  // Recovers state from the store (queued jobs, running workers, corrupt records) and,
+  // unless `run_loop` is false (tests), starts the loop thread.
+  void start(bool run_loop = true);
   // Stops the loop. graceful: workers are asked to checkpoint and stop (SIGTERM), their
   // jobs go back to the queue to resume at the next start.
   void stop(bool graceful);
@@ -87,22 +113,21 @@ class Core {
   v1::EstimateJobResponse estimate(const Caller& c, const v1::EstimateJobRequest& r);
   Snapshot snapshot();
 
-  // One pass of the loop (tests drive it directly).
+  // One pass of the loop (tests drive it directly). Throws what the store throws.
   void tick();
 
  private:
   struct Active {
-    WorkerProcess proc;
+    std::unique_ptr<Worker> proc;
     std::string device;
     int64_t reservation = 0;
     int64_t cancel_deadline_ms = 0;  // SIGKILL after it (0 = none)
-    std::string terminal;            // the worker's last terminal event: finished, failed, stopped
-    std::string fail_reason, fail_message;
-    int64_t measured_peak = 0, measured_reserved = 0;
-    int64_t steps = 0;  // step events of this attempt (a resumed, already finished run has none)
+    bool stopping = false;           // memfitd asked it to stop (graceful shutdown)
+    AttemptReport report;
   };
   struct Admission {
-    v1::JobSpec worker_spec;  // what the worker runs (auto options applied)
+    v1::JobSpec worker_spec;  // what the worker runs (auto options applied, output placed)
+    OutputPlace output;
     v1::MemoryPlan plan;
     std::string key;          // calibration kind
     estimator::Estimate estimate;
@@ -110,35 +135,52 @@ class Core {
     estimator::Input input;   // the job as submitted (before `auto` options), for a fit plan
   };
 
-  Admission admit(const v1::JobSpec& spec, const std::string& job_id, int64_t device_bytes);
+  Admission admit(const Caller& c, const v1::JobSpec& spec, const std::string& job_id, int64_t device_bytes)
+      ABSL_LOCKS_EXCLUDED(mu_);
   v1::Job load(const std::string& id);
   void check_access(const Caller& c, const v1::Job& j);
   v1::JobEvent event(const std::string& kind, v1::JobState st, const std::string& msg, const std::string& data = "");
   void record(v1::Job& j, const std::string& kind, const std::string& msg, const std::string& data = "");
-  void start_worker(const sched::Placement& p);
-  void poll(const std::string& id, Active& a);
-  void finish(const std::string& id, Active& a);
-  void requeue(v1::Job& j, int64_t reservation, const std::string& kind, const std::string& why);
+  void start_worker(const sched::Placement& p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  WorkerLaunch launch_of(const v1::Job& j, const sched::Placement& p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void poll(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The attempt is over (the process is gone): decide, apply, free the reservation.
+  void finish(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void requeue(v1::Job& j, int64_t reservation, const std::string& kind, const std::string& why)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A record that could not be read: the job fails (SYSTEM, corrupt_record).
+  void fail_corrupt(v1::Job stub);
   void loop();
   int64_t now() const { return clock_(); }
   estimator::DeviceModel device_model() const;
 
-  Config cfg_;
+  const Config cfg_;
+  const PathRules rules_;
   store::Store& store_;
   DeviceMonitor& devices_;
   Clock clock_;
-  sched::Scheduler sched_;
-  sched::ReservationPolicy policy_;
-  estimator::Calibration calibration_;
-  std::mutex mu_;
-  std::condition_variable events_cv_;
-  std::condition_variable wake_;
-  std::map<std::string, Active> active_;
-  uint64_t seq_ = 0;
+  std::unique_ptr<WorkerLauncher> own_launcher_;
+  WorkerLauncher* launcher_;
+  const RetryPolicy retry_;
+
+  absl::Mutex mu_;
+  absl::CondVar events_cv_;  // a job event was recorded (watchers)
+  absl::CondVar wake_;       // the loop has work
+  sched::Scheduler sched_ ABSL_GUARDED_BY(mu_);
+  sched::ReservationPolicy policy_;  // set in the constructor, read-only after
+  estimator::Calibration calibration_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, Active> active_ ABSL_GUARDED_BY(mu_);
+  // Cancelled between their insert and their enqueue (a submit still in flight).
+  std::set<std::string> cancelled_in_submit_ ABSL_GUARDED_BY(mu_);
+  uint64_t seq_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t oom_retries_total_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<double> new_ratios_ ABSL_GUARDED_BY(mu_);
+  std::vector<double> new_placements_ ABSL_GUARDED_BY(mu_);
+  // The loop's store-error backoff: the last message and when it was last logged.
+  std::string last_loop_error_;
+  int64_t last_loop_error_logged_ms_ = 0;
   std::atomic<bool> running_{false};
   std::thread thread_;
-  int64_t oom_retries_total_ = 0;
-  std::vector<double> new_ratios_, new_placements_;
 };
 
 }  // namespace memfit::daemon

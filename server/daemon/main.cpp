@@ -3,6 +3,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -18,6 +19,7 @@
 #include "devices.h"
 #include "metrics.h"
 #include "service.h"
+#include "state_lock.h"
 #include "store.h"
 
 namespace {
@@ -53,6 +55,7 @@ int main(int argc, char** argv) {
   std::unique_ptr<memfit::store::Store> store;
   std::unique_ptr<DeviceMonitor> devices;
   Auth auth;
+  std::unique_ptr<StateLock> state_lock;
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
   std::string devlog;
   const bool check_only = std::find(args.begin(), args.end(), "--check-config") != args.end();
@@ -63,7 +66,13 @@ int main(int argc, char** argv) {
       std::fputs(describe(cfg).c_str(), stdout);
       return 0;
     }
-    store = memfit::store::Store::open(cfg.state_dir);
+    // One daemon per state folder, decided before anything else touches it.
+    state_lock = std::make_unique<StateLock>(StateLock::acquire(cfg.state_dir));
+    try {
+      store = memfit::store::Store::open(cfg.state_dir);
+    } catch (const memfit::store::StoreError& e) {
+      throw ConfigError(std::string("state_dir: ") + e.what());
+    }
     devices = DeviceMonitor::create(cfg, &devlog);
     auth = Auth::load(cfg.tokens_file);
     if (!cfg.tls_cert.empty()) {
@@ -74,6 +83,11 @@ int main(int argc, char** argv) {
   } catch (const std::exception& e) {
     std::fprintf(stderr, "memfitd: %s\n", e.what());
     return 2;
+  }
+  if (::geteuid() == 0 && cfg.worker_user.empty()) {
+    std::fprintf(stderr,
+                 "memfitd: warning: running as root with no workers.user: workers run as root "
+                 "(docs/DAEMON.md, Deploying for several users)\n");
   }
   if (!std::filesystem::exists(cfg.worker)) {
     std::fprintf(stderr, "memfitd: warning: no worker at %s (--worker); jobs will fail to start\n", cfg.worker.c_str());

@@ -1,9 +1,11 @@
 #include "runner.h"
 
 #include <fcntl.h>
+#include <grp.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -15,88 +17,52 @@
 extern char** environ;
 
 namespace memfit::daemon {
+namespace {
 
-WorkerProcess WorkerProcess::start(const WorkerLaunch& l) {
-  const std::string out = l.dir + "/worker.out", err = l.dir + "/worker.err";
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, out.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-  posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, err.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  // Its own session: signals to the daemon's group do not reach it, and it survives the
-  // daemon.
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-  sigset_t none, all;
-  sigemptyset(&none);
-  sigfillset(&all);
-  posix_spawnattr_setsigmask(&attr, &none);
-  posix_spawnattr_setsigdefault(&attr, &all);
-  std::vector<std::string> argv_s{l.binary};
-  argv_s.insert(argv_s.end(), l.args.begin(), l.args.end());
-  std::vector<char*> argv;
-  for (auto& a : argv_s) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  std::vector<std::string> env_s;
-  for (char** e = environ; *e != nullptr; ++e) env_s.emplace_back(*e);
-  env_s.insert(env_s.end(), l.env.begin(), l.env.end());
-  std::vector<char*> envp;
-  for (auto& e : env_s) envp.push_back(e.data());
-  envp.push_back(nullptr);
-  // The stdout file may hold an earlier attempt's lines: read from its current end.
-  struct stat st {};
-  const int64_t start_offset = ::stat(out.c_str(), &st) == 0 ? st.st_size : 0;
-  pid_t pid = 0;
-  const int rc = posix_spawn(&pid, l.binary.c_str(), &fa, &attr, argv.data(), envp.data());
-  posix_spawn_file_actions_destroy(&fa);
-  posix_spawnattr_destroy(&attr);
-  if (rc != 0) throw std::runtime_error("starting " + l.binary + ": " + std::strerror(rc));
-  WorkerProcess w;
-  w.pid_ = pid;
-  w.out_path_ = out;
-  w.offset_ = start_offset;
-  w.child_ = true;
-  return w;
-}
+class WorkerProcess : public Worker {
+ public:
+  WorkerProcess(int64_t pid, std::string out_path, int64_t offset, bool child, bool gone)
+      : pid_(pid), out_path_(std::move(out_path)), offset_(offset), child_(child), gone_(gone) {}
+  int64_t pid() const override { return pid_; }
+  const std::string& out_path() const override { return out_path_; }
+  int64_t offset() const override { return offset_; }
+  std::vector<std::string> read_lines() override;
+  bool exited() override;
+  int exit_code() const override { return exit_code_; }
+  int exit_signal() const override { return exit_signal_; }
+  void terminate() override {
+    if (!gone_) ::kill(static_cast<pid_t>(pid_), SIGTERM);
+  }
+  void kill() override {
+    if (!gone_) ::kill(static_cast<pid_t>(pid_), SIGKILL);
+  }
 
-std::optional<WorkerProcess> WorkerProcess::adopt(int64_t pid, const std::string& out_path, int64_t offset) {
-  if (pid <= 0 || ::kill(static_cast<pid_t>(pid), 0) != 0) return std::nullopt;
-  // The pid must still be a memfit-worker (pids are reused).
-  std::ifstream cmd("/proc/" + std::to_string(pid) + "/cmdline", std::ios::binary);
-  std::string argv0;
-  std::getline(cmd, argv0, '\0');
-  if (argv0.find("memfit-worker") == std::string::npos) return std::nullopt;
-  WorkerProcess w;
-  w.pid_ = pid;
-  w.out_path_ = out_path;
-  w.offset_ = offset;
-  w.child_ = false;
-  return w;
-}
-
-WorkerProcess WorkerProcess::gone(const std::string& out_path, int64_t offset) {
-  WorkerProcess w;
-  w.out_path_ = out_path;
-  w.offset_ = offset;
-  w.child_ = false;
-  w.gone_ = true;
-  return w;
-}
+ private:
+  int64_t pid_ = 0;
+  std::string out_path_;
+  int64_t offset_ = 0;
+  bool child_ = true;
+  bool gone_ = false;
+  int exit_code_ = -1;
+  int exit_signal_ = 0;
+  std::string partial_;
+};
 
 std::vector<std::string> WorkerProcess::read_lines() {
   std::vector<std::string> out;
-  const int fd = ::open(out_path_.c_str(), O_RDONLY | O_CLOEXEC);
+  const int fd = ::open(out_path_.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
   if (fd < 0) return out;
   if (::lseek(fd, static_cast<off_t>(offset_ + static_cast<int64_t>(partial_.size())), SEEK_SET) < 0) {
     ::close(fd);
     return out;
   }
   char buf[65536];
-  for (;;) {
+  // At most 16 MiB per call: a worker that floods its stdout cannot stall the loop.
+  for (size_t total = 0; total < (size_t{16} << 20);) {
     const ssize_t n = ::read(fd, buf, sizeof buf);
     if (n <= 0) break;
     partial_.append(buf, static_cast<size_t>(n));
+    total += static_cast<size_t>(n);
   }
   ::close(fd);
   size_t start = 0;
@@ -104,6 +70,8 @@ std::vector<std::string> WorkerProcess::read_lines() {
     out.push_back(partial_.substr(start, nl - start));
     start = nl + 1;
   }
+  // An event line is small; a longer unterminated one is not an event: drop it.
+  if (partial_.size() - start > (size_t{1} << 20)) start = partial_.size();
   offset_ += static_cast<int64_t>(start);
   partial_.erase(0, start);
   return out;
@@ -116,7 +84,8 @@ bool WorkerProcess::exited() {
     const pid_t r = ::waitpid(static_cast<pid_t>(pid_), &status, WNOHANG);
     if (r == static_cast<pid_t>(pid_)) {
       gone_ = true;
-      exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+      if (WIFEXITED(status)) exit_code_ = WEXITSTATUS(status);
+      if (WIFSIGNALED(status)) exit_signal_ = WTERMSIG(status);
     } else if (r < 0 && errno == ECHILD) {
       gone_ = true;
     }
@@ -134,12 +103,171 @@ bool WorkerProcess::exited() {
   return gone_;
 }
 
-void WorkerProcess::terminate() {
-  if (!gone_) ::kill(static_cast<pid_t>(pid_), SIGTERM);
+bool write_file(const std::string& path, const std::string& text) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+  ::close(fd);
+  return ok;
 }
 
-void WorkerProcess::kill() {
-  if (!gone_) ::kill(static_cast<pid_t>(pid_), SIGKILL);
+// In the child between fork and exec: only async-signal-safe calls. On failure, the step
+// and errno go to the parent through the pipe.
+[[noreturn]] void child_fail(int pipe_fd, const char* step) {
+  const int e = errno;
+  (void)!::write(pipe_fd, &e, sizeof e);
+  (void)!::write(pipe_fd, step, std::strlen(step));
+  _exit(127);
+}
+
+void close_from(int lo, int except) {
+  // close_range(2) where the kernel has it; the loop elsewhere.
+#ifdef SYS_close_range
+  if (except > lo) ::syscall(SYS_close_range, lo, except - 1, 0);
+  if (::syscall(SYS_close_range, except + 1, ~0U, 0) == 0) return;
+#endif
+  const long max = ::sysconf(_SC_OPEN_MAX);
+  for (int fd = lo; fd < (max > 0 ? max : 65536); ++fd) {
+    if (fd != except) ::close(fd);
+  }
+}
+
+}  // namespace
+
+bool CgroupUsable(const std::string& dir, std::string* why) {
+  std::ifstream c(dir + "/cgroup.controllers");
+  if (!c) {
+    *why = dir + ": not a cgroup v2 folder (no cgroup.controllers)";
+    return false;
+  }
+  std::string controllers((std::istreambuf_iterator<char>(c)), std::istreambuf_iterator<char>());
+  if (controllers.find("memory") == std::string::npos) {
+    *why = dir + ": the memory controller is not available there (cgroup.controllers: " + controllers + ")";
+    return false;
+  }
+  std::ifstream st(dir + "/cgroup.subtree_control");
+  std::string sub((std::istreambuf_iterator<char>(st)), std::istreambuf_iterator<char>());
+  if (sub.find("memory") == std::string::npos && !write_file(dir + "/cgroup.subtree_control", "+memory")) {
+    *why = dir + ": cannot enable the memory controller for children (cgroup.subtree_control: " +
+           std::strerror(errno) + ")";
+    return false;
+  }
+  if (::access(dir.c_str(), W_OK) != 0) {
+    *why = dir + ": not writable by memfitd (delegate it to memfitd's user)";
+    return false;
+  }
+  return true;
+}
+
+std::unique_ptr<Worker> ProcessLauncher::start(const WorkerLaunch& l) {
+  const std::string out = l.dir + "/worker.out", err = l.dir + "/worker.err";
+  std::vector<std::string> argv_s{l.binary};
+  argv_s.insert(argv_s.end(), l.args.begin(), l.args.end());
+  std::vector<char*> argv;
+  for (auto& a : argv_s) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  std::vector<std::string> env_s;
+  for (char** e = environ; *e != nullptr; ++e) env_s.emplace_back(*e);
+  env_s.insert(env_s.end(), l.env.begin(), l.env.end());
+  std::vector<char*> envp;
+  for (auto& e : env_s) envp.push_back(e.data());
+  envp.push_back(nullptr);
+
+  // The worker's own cgroup, limited before the worker joins it.
+  std::string procs;
+  if (!l.confine.cgroup_dir.empty() && l.confine.memory_limit_bytes > 0) {
+    const std::string cg = l.confine.cgroup_dir + "/memfit-" + l.job_id;
+    if (::mkdir(cg.c_str(), 0755) != 0 && errno != EEXIST) {
+      throw std::runtime_error("worker cgroup " + cg + ": " + std::strerror(errno));
+    }
+    if (!write_file(cg + "/memory.max", std::to_string(l.confine.memory_limit_bytes))) {
+      throw std::runtime_error("worker cgroup " + cg + "/memory.max: " + std::strerror(errno));
+    }
+    (void)write_file(cg + "/memory.swap.max", "0");
+    procs = cg + "/cgroup.procs";
+  }
+  if (l.confine.uid >= 0 && ::geteuid() != 0) {
+    throw std::runtime_error("workers.user: memfitd must run as root to start workers as another user");
+  }
+
+  // The stdout file may hold an earlier attempt's lines: read from its current end.
+  struct stat st {};
+  const int64_t start_offset = ::lstat(out.c_str(), &st) == 0 && S_ISREG(st.st_mode) ? st.st_size : 0;
+  int pipefd[2];
+  if (::pipe2(pipefd, O_CLOEXEC) != 0) throw std::runtime_error(std::string("pipe: ") + std::strerror(errno));
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    const int e = errno;
+    ::close(pipefd[0]);
+    ::close(pipefd[1]);
+    throw std::runtime_error(std::string("fork: ") + std::strerror(e));
+  }
+  if (pid == 0) {
+    const int wfd = pipefd[1];
+    ::setsid();  // its own session: outlives the daemon, untouched by signals to its group
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    for (int s = 1; s < NSIG; ++s) ::sigaction(s, &dfl, nullptr);
+    if (!procs.empty()) {
+      const int fd = ::open(procs.c_str(), O_WRONLY | O_CLOEXEC);
+      if (fd < 0 || ::write(fd, "0", 1) != 1) child_fail(wfd, "joining the worker cgroup");
+      ::close(fd);
+    }
+    if (l.confine.memory_limit_bytes > 0) {
+      const rlimit r{static_cast<rlim_t>(l.confine.memory_limit_bytes), static_cast<rlim_t>(l.confine.memory_limit_bytes)};
+      if (::setrlimit(RLIMIT_DATA, &r) != 0) child_fail(wfd, "setting RLIMIT_DATA");
+    }
+    // Output files are opened before privileges are dropped: they stay the daemon's.
+    const int in = ::open("/dev/null", O_RDONLY);
+    const int o = ::open(out.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW, 0640);
+    if (o < 0) child_fail(wfd, "opening worker.out in the job folder");
+    const int e = ::open(err.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW, 0640);
+    if (e < 0) child_fail(wfd, "opening worker.err in the job folder");
+    if (in < 0 || ::dup2(in, 0) < 0 || ::dup2(o, 1) < 0 || ::dup2(e, 2) < 0) child_fail(wfd, "redirecting output");
+    if (l.confine.gid >= 0) {
+      if (::setgroups(0, nullptr) != 0) child_fail(wfd, "dropping supplementary groups");
+      if (::setgid(static_cast<gid_t>(l.confine.gid)) != 0) child_fail(wfd, "setgid");
+    }
+    if (l.confine.uid >= 0 && ::setuid(static_cast<uid_t>(l.confine.uid)) != 0) child_fail(wfd, "setuid");
+    if (::chdir(l.dir.c_str()) != 0) child_fail(wfd, "entering the job folder");
+    close_from(3, wfd);  // nothing of the daemon's (database, sockets, lock) reaches the worker
+    ::execve(l.binary.c_str(), argv.data(), envp.data());
+    child_fail(wfd, "exec");
+  }
+  ::close(pipefd[1]);
+  int child_errno = 0;
+  char step[128] = {0};
+  ssize_t n = 0;
+  do {
+    n = ::read(pipefd[0], &child_errno, sizeof child_errno);
+  } while (n < 0 && errno == EINTR);
+  if (n == static_cast<ssize_t>(sizeof child_errno)) {
+    const ssize_t m = ::read(pipefd[0], step, sizeof step - 1);
+    step[m > 0 ? m : 0] = '\0';
+    ::close(pipefd[0]);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    throw std::runtime_error("starting " + l.binary + " for " + l.dir + ": " + step + ": " + std::strerror(child_errno));
+  }
+  ::close(pipefd[0]);
+  return std::make_unique<WorkerProcess>(pid, out, start_offset, /*child=*/true, /*gone=*/false);
+}
+
+std::unique_ptr<Worker> ProcessLauncher::adopt(int64_t pid, const std::string& out_path, int64_t offset) {
+  if (pid <= 0 || ::kill(static_cast<pid_t>(pid), 0) != 0) return nullptr;
+  // The pid must still be a memfit-worker (pids are reused).
+  std::ifstream cmd("/proc/" + std::to_string(pid) + "/cmdline", std::ios::binary);
+  std::string argv0;
+  std::getline(cmd, argv0, '\0');
+  if (argv0.find("memfit-worker") == std::string::npos) return nullptr;
+  return std::make_unique<WorkerProcess>(pid, out_path, offset, /*child=*/false, /*gone=*/false);
+}
+
+std::unique_ptr<Worker> ProcessLauncher::gone(const std::string& out_path, int64_t offset) {
+  return std::make_unique<WorkerProcess>(0, out_path, offset, /*child=*/false, /*gone=*/true);
 }
 
 }  // namespace memfit::daemon

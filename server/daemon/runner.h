@@ -1,56 +1,79 @@
 // Worker processes: start memfit-worker detached (its own session, stdout and stderr to
-// files in the job's folder, so it outlives a daemon killed with SIGKILL), read its JSON
-// event lines from the stdout file as they come, signal it, and notice when it is gone.
-// A worker started by an earlier daemon is adopted by pid and file offset.
+// files in the job's folder, so it outlives a daemon killed with SIGKILL), confined (a
+// kernel-enforced memory limit, an unprivileged user where the daemon is root, no file
+// descriptor of the daemon's), read its JSON event lines from the stdout file as they come,
+// signal it, and notice when it is gone. A worker started by an earlier daemon is adopted
+// by pid and file offset.
+//
+// The core talks to workers through the WorkerLauncher and Worker interfaces only, so the
+// state-machine tests (tests/daemon/) drive it with a fake launcher and no processes.
 #pragma once
 
 #include <sys/types.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 namespace memfit::daemon {
 
+// How a worker is confined. Zero/empty fields mean "not applied".
+struct Confinement {
+  int64_t memory_limit_bytes = 0;  // RLIMIT_DATA (heap and private mappings), or memory.max below
+  std::string cgroup_dir;          // a delegated cgroup v2 folder: the worker gets its own child
+                                   // cgroup with memory.max = memory_limit_bytes (+ swap.max 0)
+  int64_t uid = -1, gid = -1;      // run as this user (the daemon must be root)
+};
+
 struct WorkerLaunch {
   std::string binary;                 // memfit-worker
   std::vector<std::string> args;      // after the binary
   std::vector<std::string> env;       // extra NAME=VALUE
   std::string dir;                    // the job's folder: worker.out, worker.err
+  std::string job_id;                 // names the worker's cgroup
+  Confinement confine;
 };
 
-class WorkerProcess {
+class Worker {
  public:
-  // Throws std::runtime_error if the process cannot be started.
-  static WorkerProcess start(const WorkerLaunch& l);
-  // A worker of an earlier daemon: tail `out_path` from `offset`. nullopt when `pid` is
-  // not a live memfit-worker.
-  static std::optional<WorkerProcess> adopt(int64_t pid, const std::string& out_path, int64_t offset);
-  // A worker that ended while no daemon watched it: its remaining lines, then exited().
-  static WorkerProcess gone(const std::string& out_path, int64_t offset);
-
-  int64_t pid() const { return pid_; }
-  const std::string& out_path() const { return out_path_; }
-  int64_t offset() const { return offset_; }
+  virtual ~Worker() = default;
+  virtual int64_t pid() const = 0;
+  virtual const std::string& out_path() const = 0;
+  virtual int64_t offset() const = 0;
   // Complete lines written since the last call (the offset advances past them).
-  std::vector<std::string> read_lines();
-  // Whether the process is gone; then exit_code() is set for our own children (-1 for
-  // adopted ones and for signals).
-  bool exited();
-  int exit_code() const { return exit_code_; }
-  bool own_child() const { return child_; }
-  void terminate();  // SIGTERM to the worker
-  void kill();       // SIGKILL
-
- private:
-  int64_t pid_ = 0;
-  std::string out_path_;
-  int64_t offset_ = 0;
-  bool child_ = true;
-  bool gone_ = false;
-  int exit_code_ = -1;
-  std::string partial_;
+  virtual std::vector<std::string> read_lines() = 0;
+  // Whether the process is gone; then exit_code() or exit_signal() are set for our own
+  // children (-1 and 0 for adopted ones).
+  virtual bool exited() = 0;
+  virtual int exit_code() const = 0;
+  virtual int exit_signal() const = 0;
+  virtual void terminate() = 0;  // SIGTERM: checkpoint and stop
+  virtual void kill() = 0;       // SIGKILL
 };
+
+class WorkerLauncher {
+ public:
+  virtual ~WorkerLauncher() = default;
+  // Throws std::runtime_error naming the cause if the process cannot be started.
+  virtual std::unique_ptr<Worker> start(const WorkerLaunch& l) = 0;
+  // A worker of an earlier daemon: nullptr when `pid` is not a live memfit-worker.
+  virtual std::unique_ptr<Worker> adopt(int64_t pid, const std::string& out_path, int64_t offset) = 0;
+  // A worker that ended while no daemon watched it: its remaining lines, then exited().
+  virtual std::unique_ptr<Worker> gone(const std::string& out_path, int64_t offset) = 0;
+};
+
+// Real processes (fork + exec, confined as the launch says).
+class ProcessLauncher : public WorkerLauncher {
+ public:
+  std::unique_ptr<Worker> start(const WorkerLaunch& l) override;
+  std::unique_ptr<Worker> adopt(int64_t pid, const std::string& out_path, int64_t offset) override;
+  std::unique_ptr<Worker> gone(const std::string& out_path, int64_t offset) override;
+};
+
+// Whether `dir` is a cgroup v2 folder this process may create children in with the memory
+// controller enabled for them. `why` gets the reason when not.
+bool CgroupUsable(const std::string& dir, std::string* why);
 
 }  // namespace memfit::daemon

@@ -13,6 +13,7 @@ grpc::StatusCode code_of(Code c) {
     case Code::kFailedPrecondition: return grpc::StatusCode::FAILED_PRECONDITION;
     case Code::kResourceExhausted: return grpc::StatusCode::RESOURCE_EXHAUSTED;
     case Code::kInternal: return grpc::StatusCode::INTERNAL;
+    case Code::kUnavailable: return grpc::StatusCode::UNAVAILABLE;
   }
   return grpc::StatusCode::UNKNOWN;
 }
@@ -33,8 +34,12 @@ grpc::Status call(grpc::ServerContext* ctx, const Auth& auth, const std::functio
     return grpc::Status::OK;
   } catch (const CoreError& e) {
     return grpc::Status(code_of(e.code), e.what());
+  } catch (const store::StoreError& e) {
+    // The database could not be read or written (disk full, I/O error): try again later.
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string("memfitd's state: ") + e.what());
   } catch (const std::exception& e) {
-    return grpc::Status(grpc::StatusCode::INTERNAL, e.what());
+    const std::string m = e.what();
+    return grpc::Status(grpc::StatusCode::INTERNAL, m.empty() ? "internal error (no detail)" : m);
   }
 }
 

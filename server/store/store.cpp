@@ -1,5 +1,7 @@
 #include "store.h"
 
+#include <sys/stat.h>
+
 #include <sqlite3.h>
 
 #include <algorithm>
@@ -89,9 +91,18 @@ std::string serialize(const google::protobuf::Message& m) {
   return s;
 }
 
-v1::Job parse_job(const std::string& b) {
+// A record that does not parse becomes a stub from the row's columns, marked with the
+// reason: one bad row must not take every read (or the daemon's start) down with it.
+v1::Job job_or_stub(const std::string& b, const std::string& id, const std::string& owner, int64_t state) {
   v1::Job j;
-  if (!j.ParseFromString(b)) throw StoreError("store: a job record is corrupt");
+  if (j.ParseFromString(b) && j.id() == id) return j;
+  j.Clear();
+  j.set_id(id);
+  j.set_owner(owner);
+  j.set_state(v1::JobState_IsValid(static_cast<int>(state)) ? static_cast<v1::JobState>(state) : v1::FAILED);
+  j.mutable_failure()->set_kind(v1::SYSTEM);
+  j.mutable_failure()->set_reason(kCorruptRecord);
+  j.mutable_failure()->set_message("the job's record in memfit.db could not be read");
   return j;
 }
 
@@ -120,6 +131,8 @@ std::unique_ptr<Store> Store::open(const std::string& state_dir) {
     throw StoreError(path + ": " + msg);
   }
   std::unique_ptr<Store> s(new Store(db));
+  if (sqlite3_db_readonly(db, "main") == 1) throw StoreError(path + ": read-only; memfitd needs to write its state");
+  ::chmod(path.c_str(), 0600);  // every user's jobs: not for the workers' user to read
   sqlite3_busy_timeout(db, 5000);
   s->exec("PRAGMA journal_mode=WAL");
   s->exec("PRAGMA synchronous=NORMAL");
@@ -140,6 +153,8 @@ std::unique_ptr<Store> Store::open(const std::string& state_dir) {
       "CREATE TABLE IF NOT EXISTS calibration(id INTEGER PRIMARY KEY, key TEXT NOT NULL, estimated INTEGER NOT NULL, "
       "measured INTEGER NOT NULL, time_ms INTEGER NOT NULL);"
       "CREATE INDEX IF NOT EXISTS calibration_key ON calibration(key, id);");
+  // A write must be possible now, not at the first submit.
+  s->exec("BEGIN IMMEDIATE; CREATE TABLE IF NOT EXISTS write_check(x); DROP TABLE write_check; COMMIT");
   return s;
 }
 
@@ -186,18 +201,18 @@ bool Store::insert_job(const v1::Job& job, const v1::JobEvent& first, int64_t ma
 std::optional<v1::Job> Store::find_by_request(const std::string& owner, const std::string& request_id) {
   if (request_id.empty()) return std::nullopt;
   std::lock_guard<std::mutex> lock(mu_);
-  Stmt s(db_, "SELECT job FROM jobs WHERE owner = ? AND request_id = ?");
+  Stmt s(db_, "SELECT job, id, owner, state FROM jobs WHERE owner = ? AND request_id = ?");
   s.bind(1, owner).bind(2, request_id);
   if (!s.step()) return std::nullopt;
-  return parse_job(s.bytes(0));
+  return job_or_stub(s.bytes(0), s.text(1), s.text(2), s.i64(3));
 }
 
 std::optional<v1::Job> Store::get(const std::string& id) {
   std::lock_guard<std::mutex> lock(mu_);
-  Stmt s(db_, "SELECT job FROM jobs WHERE id = ?");
+  Stmt s(db_, "SELECT job, id, owner, state FROM jobs WHERE id = ?");
   s.bind(1, id);
   if (!s.step()) return std::nullopt;
-  return parse_job(s.bytes(0));
+  return job_or_stub(s.bytes(0), s.text(1), s.text(2), s.i64(3));
 }
 
 int64_t Store::append_event(const v1::Job& job, v1::JobEvent event) {
@@ -236,7 +251,7 @@ void Store::update_job(const v1::Job& job) {
 Page Store::list(const std::vector<v1::JobState>& states, const std::string& owner, int page_size,
                  const std::string& page_token) {
   page_size = std::clamp(page_size <= 0 ? 100 : page_size, 1, 1000);
-  std::string sql = "SELECT id, job FROM jobs WHERE 1=1";
+  std::string sql = "SELECT id, job, owner, state FROM jobs WHERE 1=1";
   if (!owner.empty()) sql += " AND owner = ?1";
   if (!states.empty()) sql += " AND state IN (" + state_list(states) + ")";
   if (!page_token.empty()) sql += " AND id < ?2";
@@ -252,7 +267,7 @@ Page Store::list(const std::vector<v1::JobState>& states, const std::string& own
       p.next_page_token = p.jobs.back().id();
       break;
     }
-    p.jobs.push_back(parse_job(s.bytes(1)));
+    p.jobs.push_back(job_or_stub(s.bytes(1), s.text(0), s.text(2), s.i64(3)));
   }
   return p;
 }
@@ -272,10 +287,11 @@ std::vector<v1::JobEvent> Store::events(const std::string& id, int64_t after_seq
 
 std::vector<v1::Job> Store::in_states(const std::vector<v1::JobState>& states) {
   std::lock_guard<std::mutex> lock(mu_);
-  const std::string sql = "SELECT job FROM jobs WHERE state IN (" + state_list(states) + ") ORDER BY id";
+  const std::string sql =
+      "SELECT job, id, owner, state FROM jobs WHERE state IN (" + state_list(states) + ") ORDER BY id";
   Stmt s(db_, sql.c_str());
   std::vector<v1::Job> out;
-  while (s.step()) out.push_back(parse_job(s.bytes(0)));
+  while (s.step()) out.push_back(job_or_stub(s.bytes(0), s.text(1), s.text(2), s.i64(3)));
   return out;
 }
 

@@ -41,6 +41,10 @@ struct WorkerRecord {
   int32_t attempt = 0;
 };
 
+// The failure reason of a job whose record could not be read: reads return a stub (id,
+// owner, state from the row) with this reason instead of failing.
+inline constexpr const char* kCorruptRecord = "corrupt_record";
+
 struct CalibrationRow {
   std::string key;
   int64_t estimated_bytes = 0, measured_bytes = 0, time_ms = 0;
@@ -53,6 +57,7 @@ struct Page {
 
 class Store {
  public:
+  // Throws StoreError naming the file when it cannot be opened or written (read-only).
   static std::unique_ptr<Store> open(const std::string& state_dir);
   ~Store();
   Store(const Store&) = delete;

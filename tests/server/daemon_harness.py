@@ -50,17 +50,23 @@ def gpt2_spec(tmp, steps=12, lora=True, preset=None, memory=None, **over):
 
 class Daemon:
     def __init__(self, name, devices=("cpu:0=256MiB",), tokens=None, extra=(), state=None, tls_root=None,
-                 dir=None):
+                 dir=None, roots=None):
         self.dir = dir or state or tempfile.mkdtemp(prefix=f"memfitd-{name}-")
         self.tls_root = tls_root  # PEM: connect with TLS, trusting this certificate
         self.devices = devices
         self.tokens_file = None
         if tokens:
             self.tokens_file = os.path.join(self.dir, "tokens")
-            with open(self.tokens_file, "w") as f:
+            with open(os.open(self.tokens_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
                 for tok, user, admin in tokens:
                     f.write(f"{tok} {user}{' admin' if admin else ''}\n")
         self.extra = list(extra)
+        # Jobs read the fetched data and the tests' temporary folders, and write below
+        # the temporary folders (docs/DAEMON.md: paths).
+        self.roots = [] if roots is None else list(roots)
+        if roots is None:
+            self.roots = ["--read-root", W.DATA, "--read-root", tempfile.gettempdir(),
+                          "--write-root", tempfile.gettempdir()]
         self.proc = None
         self.log = []
         self.start()
@@ -68,7 +74,7 @@ class Daemon:
     def start(self, extra=()):
         args = [MEMFITD, "--state-dir", os.path.join(self.dir, "state"), "--listen", "127.0.0.1:0",
                 "--metrics-listen", "127.0.0.1:0", "--worker", WORKER, "--worker-threads", "1",
-                "--cancel-grace-seconds", "20", *self.extra, *extra]
+                "--cancel-grace-seconds", "20", *self.roots, *self.extra, *extra]
         for d in self.devices:
             args += ["--device", d]
         if self.tokens_file:

@@ -288,6 +288,7 @@ class Api(unittest.TestCase):
                                     (self.ROOT, "root", True)], extra=["--paused"])
         try:
             spec = D.gpt2_spec(os.path.join(d.dir, "a"))
+            spec.output_dir = ""  # each job writes into its own folder in the state dir
             for tok in (None, "not-a-token-at-all-xx"):
                 with self.assertRaises(grpc.RpcError) as e:
                     d.submit(spec, token=tok)
@@ -323,6 +324,7 @@ class Api(unittest.TestCase):
                                         "--allowed-root", D.W.DATA, "--allowed-root", tempfile.gettempdir()])
         try:
             good = D.gpt2_spec(os.path.join(d.dir, "a"))
+            good.output_dir = ""  # submitted several times: each job gets its own folder
 
             def code(spec, field):
                 with self.assertRaises(grpc.RpcError) as e:
@@ -420,10 +422,20 @@ class Configuration(unittest.TestCase):
                 f.write(text)
             return ["--config", path]
 
-        tokens = os.path.join(tmp, "tokens")
-        with open(tokens, "w") as f:
-            f.write("short alice\n")
+        def tokens_file(name, text, mode=0o600):
+            path = os.path.join(tmp, name)
+            with open(path, "w") as f:
+                f.write(text)
+            os.chmod(path, mode)
+            return path
+
+        tokens = tokens_file("tokens", "short alice\n")
+        good = "t" * 20
         for args, needle in ((["--bogus"], "unknown option '--bogus'"),
+                             (["--tokens", tokens_file("open", f"{good} alice\n", 0o644)],
+                              "is readable by others (mode 644)"),
+                             (["--tokens", tokens_file("twice", f"{good} alice\n{good} bob admin\n")],
+                              "twice:2: this token is already given"),
                              (["--margin", "-1"], "--margin"),
                              (["--device", "gpu0=8GiB"], "expected cpu:N or cuda:N"),
                              (["--device", "cpu:0=lots"], "--device cpu:0"),

@@ -14,6 +14,7 @@
 #include <sstream>
 #include <unordered_map>
 
+#include "confined.h"
 #include "tokenizer.h"
 
 namespace memfit::data {
@@ -230,7 +231,8 @@ std::unique_ptr<Tokenizer> load_gpt2_bpe(const std::string& dir) {
   if (!fs::exists(merges)) throw TokenizerError(dir + ": no " + merges.filename().string() + " next to " + vocab.filename().string());
   std::unordered_map<std::string, int64_t> v;
   {
-    std::ifstream in(vocab);
+    const fsx::InputFile vf(vocab.string());
+    std::ifstream in(vf.proc_path());
     nlohmann::json j;
     try {
       j = nlohmann::json::parse(in);
@@ -247,7 +249,8 @@ std::unique_ptr<Tokenizer> load_gpt2_bpe(const std::string& dir) {
   }
   std::map<std::pair<std::string, std::string>, int> ranks;
   {
-    std::ifstream in(merges);
+    const fsx::InputFile mf(merges.string());
+    std::ifstream in(mf.proc_path());
     if (!in) throw TokenizerError(merges.string() + ": cannot read");
     std::string line;
     int rank = 0, lineno = 0;

@@ -1,6 +1,7 @@
 #include "dataset.h"
 
 #include <ATen/ATen.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -8,7 +9,10 @@
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <memory>
 #include <sstream>
+
+#include "confined.h"
 
 namespace memfit::data {
 namespace {
@@ -16,17 +20,26 @@ namespace {
 using json = nlohmann::json;
 
 std::string read_text(const std::string& path, const char* field) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw DataError(std::string(field) + ": " + path + ": cannot read (" + std::strerror(errno) + ")");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+  try {
+    return fsx::InputFile(path).read_all();
+  } catch (const fsx::FsError& e) {
+    throw DataError(std::string(field) + ": " + e.what());
+  }
 }
 
 // Reads a file that may be gzip-compressed (IDX files usually are).
 std::vector<uint8_t> read_maybe_gz(const std::string& path, const char* field) {
-  gzFile f = gzopen(path.c_str(), "rb");
-  if (f == nullptr) throw DataError(std::string(field) + ": " + path + ": cannot read (" + std::strerror(errno) + ")");
+  int fd = -1;
+  try {
+    fd = fsx::open_input(path);
+  } catch (const fsx::FsError& e) {
+    throw DataError(std::string(field) + ": " + e.what());
+  }
+  gzFile f = gzdopen(fd, "rb");  // owns fd from here
+  if (f == nullptr) {
+    ::close(fd);
+    throw DataError(std::string(field) + ": " + path + ": cannot read (" + std::strerror(errno) + ")");
+  }
   std::vector<uint8_t> out;
   uint8_t buf[1 << 16];
   int n;
@@ -38,7 +51,13 @@ std::vector<uint8_t> read_maybe_gz(const std::string& path, const char* field) {
 }
 
 std::vector<json> read_jsonl(const std::string& path, const char* field) {
-  std::ifstream in(path);
+  std::unique_ptr<fsx::InputFile> file;
+  try {
+    file = std::make_unique<fsx::InputFile>(path);
+  } catch (const fsx::FsError& e) {
+    throw DataError(std::string(field) + ": " + e.what());
+  }
+  std::ifstream in(file->proc_path());
   if (!in) throw DataError(std::string(field) + ": " + path + ": cannot read (" + std::strerror(errno) + ")");
   std::vector<json> rows;
   std::string line;

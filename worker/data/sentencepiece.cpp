@@ -18,6 +18,7 @@
 #include <sstream>
 #include <unordered_map>
 
+#include "confined.h"
 #include "tokenizer.h"
 
 namespace memfit::data {
@@ -77,11 +78,12 @@ struct Wire {
 class SentencePieceBpe final : public Tokenizer {
  public:
   explicit SentencePieceBpe(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw TokenizerError(path + ": cannot read");
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    const std::string data = ss.str();
+    std::string data;
+    try {
+      data = fsx::InputFile(path).read_all(int64_t{1} << 30);
+    } catch (const fsx::FsError& e) {
+      throw TokenizerError(std::string("cannot read the tokenizer: ") + e.what());
+    }
     const auto* b = reinterpret_cast<const uint8_t*>(data.data());
     Wire w{b, b + data.size(), path};
     int model_type = 1;  // UNIGRAM unless the trainer spec says otherwise

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
+#include "confined.h"
 #include "tokenizer.h"
 
 namespace memfit::data {
@@ -182,7 +183,8 @@ class WordPiece final : public Tokenizer {
 
 std::unique_ptr<Tokenizer> load_wordpiece(const std::string& dir) {
   const fs::path vocab = fs::path(dir) / "vocab.txt";
-  std::ifstream in(vocab);
+  const fsx::InputFile vf(vocab.string());
+  std::ifstream in(vf.proc_path());
   if (!in) throw TokenizerError(vocab.string() + ": cannot read");
   std::unordered_map<std::string, int64_t> v;
   std::string line;
@@ -196,7 +198,8 @@ std::unique_ptr<Tokenizer> load_wordpiece(const std::string& dir) {
   bool lower = true;
   const fs::path cfg = fs::path(dir) / "tokenizer_config.json";
   if (fs::exists(cfg)) {
-    std::ifstream c(cfg);
+    const fsx::InputFile cf(cfg.string());
+    std::ifstream c(cf.proc_path());
     try {
       const auto j = nlohmann::json::parse(c);
       if (j.contains("do_lower_case") && j["do_lower_case"].is_boolean()) lower = j["do_lower_case"].get<bool>();

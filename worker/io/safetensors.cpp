@@ -1,5 +1,7 @@
 #include "safetensors.h"
 
+#include "confined.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -100,8 +102,12 @@ SafetensorsFile::~SafetensorsFile() {
 SafetensorsFile SafetensorsFile::open(const std::string& path) {
   SafetensorsFile f;
   f.path_ = path;
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail(path, std::string("cannot open: ") + std::strerror(errno));
+  int fd = -1;
+  try {
+    fd = fsx::open_input(path);  // beneath the job's input roots (or its own outputs)
+  } catch (const fsx::FsError& e) {
+    throw IoError(e.what());
+  }
   struct stat st {};
   if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
@@ -203,11 +209,15 @@ Checkpoint Checkpoint::open(const std::string& path) {
   namespace fs = std::filesystem;
   Checkpoint c;
   if (fs::path(path).extension() == ".json") {
-    std::ifstream in(path);
-    if (!in) fail(path, std::string("cannot open the checkpoint index: ") + std::strerror(errno));
+    std::string text;
+    try {
+      text = fsx::InputFile(path).read_all(int64_t{256} << 20);
+    } catch (const fsx::FsError& e) {
+      throw IoError(std::string("cannot open the checkpoint index: ") + e.what());
+    }
     json index;
     try {
-      index = json::parse(in);
+      index = json::parse(text);
     } catch (const json::exception& e) {
       fail(path, std::string("index is not valid JSON: ") + e.what());
     }
@@ -252,15 +262,21 @@ namespace {
 // writer fails or is destroyed first.
 class AtomicFile {
  public:
+  // Outputs go through fsx: beneath the job's output folder, never through a link. Their
+  // failures are fsx::OutputError (a system fault: disk full, I/O), not bad input.
   explicit AtomicFile(std::string path) : path_(std::move(path)), tmp_(path_ + ".tmp") {
-    fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd_ < 0) fail(tmp_, std::string("cannot create: ") + std::strerror(errno));
+    fd_ = fsx::open_output(tmp_, O_WRONLY | O_CREAT | O_TRUNC, 0644);
   }
   AtomicFile(const AtomicFile&) = delete;
   AtomicFile& operator=(const AtomicFile&) = delete;
   ~AtomicFile() {
     if (fd_ >= 0) ::close(fd_);
-    if (!committed_) ::unlink(tmp_.c_str());
+    if (!committed_) {
+      try {
+        fsx::remove_output_tree(tmp_);
+      } catch (const fsx::FsError&) {
+      }
+    }
   }
   void write(const void* data, size_t n) {
     const char* p = static_cast<const char*>(data);
@@ -268,19 +284,18 @@ class AtomicFile {
       const ssize_t w = ::write(fd_, p, n);
       if (w < 0) {
         if (errno == EINTR) continue;
-        fail(tmp_, std::string("write failed: ") + std::strerror(errno));
+        throw fsx::OutputError(tmp_ + ": write failed: " + std::strerror(errno), errno);
       }
       p += w;
       n -= static_cast<size_t>(w);
     }
   }
   void commit() {
-    if (::fsync(fd_) != 0) fail(tmp_, std::string("cannot flush: ") + std::strerror(errno));
-    ::close(fd_);
+    if (::fsync(fd_) != 0) throw fsx::OutputError(tmp_ + ": cannot flush: " + std::strerror(errno), errno);
+    const int rc = ::close(fd_);
     fd_ = -1;
-    if (std::rename(tmp_.c_str(), path_.c_str()) != 0) {
-      fail(path_, std::string("cannot replace: ") + std::strerror(errno));
-    }
+    if (rc != 0) throw fsx::OutputError(tmp_ + ": cannot write: " + std::strerror(errno), errno);
+    fsx::rename_output(tmp_, path_);
     committed_ = true;
   }
 

@@ -1,5 +1,10 @@
 #include "events.h"
 
+#include "confined.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <iostream>
 
@@ -7,7 +12,13 @@ namespace memfit::train {
 
 void Events::open_log(const std::string& path) {
   if (log_ != nullptr) std::fclose(log_);
-  log_ = std::fopen(path.c_str(), "a");
+  log_ = nullptr;
+  const int fd = fsx::open_output(path, O_WRONLY | O_CREAT | O_APPEND, 0640);  // never through a link
+  log_ = ::fdopen(fd, "a");
+  if (log_ == nullptr) {
+    ::close(fd);
+    throw fsx::OutputError(path + ": cannot open", errno);
+  }
 }
 
 Events::~Events() {

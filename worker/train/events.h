@@ -4,7 +4,7 @@
 //
 //   {"event": "started", ...}  {"event": "step", ...}  {"event": "eval", ...}
 //   {"event": "checkpoint", ...}  then one of
-//   {"event": "finished", ...}  {"event": "stopped", ...}  {"event": "failed", "reason": "oom"|"bad_input"|"internal", "message": ...}
+//   {"event": "finished", ...}  {"event": "stopped", ...}  {"event": "failed", "reason": "oom"|"bad_input"|"io"|"internal", "message": ...}
 #pragma once
 
 #include <cstdio>
@@ -20,6 +20,7 @@ enum ExitCode : int {
   kExitBadInput = 2,
   kExitOom = 3,
   kExitStopped = 4,  // SIGTERM/SIGINT: checkpointed and stopped cleanly
+  kExitIo = 5,       // the outputs could not be written (disk full, I/O error)
 };
 
 class Events {

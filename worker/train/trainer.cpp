@@ -23,6 +23,7 @@
 #include "optimizer.h"
 #include "safetensors.h"
 #include "tensor_io.h"
+#include "confined.h"
 
 namespace memfit::train {
 
@@ -154,20 +155,16 @@ struct TrainState {
   int64_t bad_evals = 0;
 };
 
-std::string read_file(const std::string& p) {
-  std::ifstream in(p);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+// A file of the job's own output folder (checkpoint state), never through a link.
+std::string read_output_file(const std::string& p) { return fsx::read_output(p, int64_t{64} << 20); }
 
 void save_checkpoint(const std::string& dir, const std::string& name, const model::Model& m, const AdamW& opt,
                      const TrainState& st, const std::string& fingerprint) {
   const fs::path base(dir);
-  fs::create_directories(base);
+  fsx::mkdirs_output(base.string());
   const fs::path tmp = base / (name + ".tmp");
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
+  fsx::remove_output_tree(tmp.string());
+  fsx::mkdirs_output(tmp.string());
   io::NamedTensors t;
   for (const auto& [n, v] : m.trainable_state()) t.emplace_back("model." + n, v);
   for (const auto& [n, v] : opt.state()) t.emplace_back(n, v);
@@ -181,29 +178,33 @@ void save_checkpoint(const std::string& dir, const std::string& name, const mode
                   {"best_eval", std::isfinite(st.best_eval) ? json(st.best_eval) : json(nullptr)},
                   {"bad_evals", st.bad_evals}, {"optimizer_steps", opt.steps()}, {"job_fingerprint", fingerprint}};
   io::write_file_atomic((tmp / "state.json").string(), s.dump(2));
-  fs::remove_all(base / name);
-  fs::rename(tmp, base / name);
+  fsx::remove_output_tree((base / name).string());
+  fsx::rename_output(tmp.string(), (base / name).string());
   io::write_file_atomic((base / "latest").string(), name + "\n");
-  // Keep the two newest checkpoints.
+  // Keep the two newest checkpoints: folders this job wrote (step-NNNNNNNNN with its
+  // state files); anything else in the folder is left alone.
   std::vector<std::string> all;
-  for (const auto& e : fs::directory_iterator(base)) {
-    const std::string n = e.path().filename().string();
-    if (e.is_directory() && n.rfind("step-", 0) == 0 && n.find(".tmp") == std::string::npos) all.push_back(n);
+  for (const auto& n : fsx::list_output(base.string())) {
+    if (n.size() == 14 && n.rfind("step-", 0) == 0 && n.find_first_not_of("0123456789", 5) == std::string::npos &&
+        fsx::output_is_dir((base / n).string()) && fsx::output_exists((base / n / "state.json").string())) {
+      all.push_back(n);
+    }
   }
   std::sort(all.begin(), all.end());
-  for (size_t i = 0; i + 2 < all.size(); ++i) fs::remove_all(base / all[i]);
+  for (size_t i = 0; i + 2 < all.size(); ++i) fsx::remove_output_tree((base / all[i]).string());
 }
 
 bool load_checkpoint(const std::string& dir, model::Model& m, AdamW& opt, TrainState& st,
                      const std::string& fingerprint, std::string* which) {
   const fs::path base(dir);
-  if (!fs::exists(base / "latest")) return false;
-  std::string name = read_file((base / "latest").string());
+  if (!fsx::output_exists((base / "latest").string())) return false;
+  std::string name = read_output_file((base / "latest").string());
   while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
   const fs::path ck = base / name;
   json s;
   try {
-    s = json::parse(read_file((ck / "state.json").string()));
+    if (name.empty() || name.find('/') != std::string::npos || name == "..") throw BadInput("bad checkpoint name");
+    s = json::parse(read_output_file((ck / "state.json").string()));
   } catch (const json::exception& e) {
     throw BadInput((ck / "state.json").string() + ": unreadable checkpoint state: " + e.what());
   }
@@ -243,13 +244,13 @@ bool load_checkpoint(const std::string& dir, model::Model& m, AdamW& opt, TrainS
 template <typename Fill>
 void replace_folder(const fs::path& dst, Fill&& fill) {
   const fs::path tmp = dst.string() + ".tmp", old = dst.string() + ".old";
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
+  fsx::remove_output_tree(tmp.string());
+  fsx::mkdirs_output(tmp.string());
   fill(tmp);
-  fs::remove_all(old);
-  if (fs::exists(dst)) fs::rename(dst, old);
-  fs::rename(tmp, dst);
-  fs::remove_all(old);
+  fsx::remove_output_tree(old.string());
+  if (fsx::output_exists(dst.string())) fsx::rename_output(dst.string(), old.string());
+  fsx::rename_output(tmp.string(), dst.string());
+  fsx::remove_output_tree(old.string());
 }
 
 json job_summary(const spec::Job& j) {
@@ -279,7 +280,7 @@ int run(const spec::Job& job, const std::string& spec_text, const RunOptions& op
     if (!device.is_cpu()) throw BadInput("--memory-limit applies to CPU devices only");
     ops::MemoryMeter::set_limit(ops::MemoryMeter::stats().current_bytes + opts.memory_limit);
   }
-  fs::create_directories(job.output_dir);
+  fsx::mkdirs_output(job.output_dir);
   events.open_log((fs::path(job.output_dir) / "metrics.jsonl").string());
 
   const model::ModelConfig cfg = model::load_config(job.config_path, job.architecture);
@@ -458,7 +459,7 @@ int run(const spec::Job& job, const std::string& spec_text, const RunOptions& op
   } else {
     replace_folder(out / "model", [&](const fs::path& dir) {
       io::write_tensors((dir / "model.safetensors").string(), m->export_state(), {{"format", "pt"}});
-      json c = json::parse(read_file(job.config_path));
+      json c = json::parse(fsx::InputFile(job.config_path).read_all(int64_t{16} << 20));
       if (cfg.num_labels > 0 && !lm) c["num_labels"] = cfg.num_labels;
       io::write_file_atomic((dir / "config.json").string(), c.dump(2));
     });
@@ -495,6 +496,19 @@ int run_job(const spec::Job& job, const std::string& spec_text, const RunOptions
     return failed("oom", std::string("out of memory: ") + e.what_without_backtrace() +
                              " (lower training.micro_batch or sequence_length, or turn on memfit's memory options)",
                   kExitOom);
+  } catch (const std::bad_alloc&) {
+    // The kernel's limit on the whole process (memfitd's RLIMIT_DATA or cgroup): more
+    // than the reservation plus the allowance for code and data.
+    return failed("oom", "out of memory: the worker process reached its memory limit (the reservation plus "
+                         "workers.memory_allowance); data loading or a large input needed more", kExitOom);
+  } catch (const fsx::OutputError& e) {
+    // A link planted in the output folder is the user's doing; anything else (disk full,
+    // I/O error, permissions) is the system's, and worth a retry.
+    const bool user = e.errno_value == ELOOP || e.errno_value == EXDEV;
+    return failed(user ? "bad_input" : "io", std::string(user ? "output_dir: " : "writing the outputs: ") + e.what(),
+                  user ? kExitBadInput : kExitIo);
+  } catch (const fsx::FsError& e) {
+    return failed("bad_input", e.what(), kExitBadInput);
   } catch (const spec::SpecError& e) {
     return failed("bad_input", e.what(), kExitBadInput);
   } catch (const model::ConfigError& e) {
@@ -510,7 +524,11 @@ int run_job(const spec::Job& job, const std::string& spec_text, const RunOptions
   } catch (const fs::filesystem_error& e) {
     return failed("bad_input", e.what(), kExitBadInput);
   } catch (const c10::Error& e) {
-    return failed("internal", e.what_without_backtrace(), kExitInternal);
+    const std::string m = e.what_without_backtrace();
+    if (m.find("not enough memory") != std::string::npos) {
+      return failed("oom", "out of memory: the worker process reached its memory limit: " + m, kExitOom);
+    }
+    return failed("internal", m, kExitInternal);
   } catch (const std::exception& e) {
     return failed("internal", e.what(), kExitInternal);
   }

@@ -1,0 +1,105 @@
+#include "worker_events.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "estimator.h"
+
+namespace memfit::daemon {
+namespace {
+
+using json = nlohmann::json;
+
+template <typename T>
+T get(const json& e, const char* key, T fallback) {
+  const auto it = e.find(key);
+  if (it == e.end()) return fallback;
+  try {
+    return it->get<T>();
+  } catch (const json::exception&) {
+    return fallback;
+  }
+}
+
+int64_t size_of(const json& e, const char* key, int64_t fallback = 0) {
+  return std::max<int64_t>(0, get<int64_t>(e, key, fallback));
+}
+
+std::string text(const json& e, const char* key, const std::string& fallback = "") {
+  std::string s = get<std::string>(e, key, fallback);
+  if (s.size() > 4096) s.resize(4096);
+  return s;
+}
+
+}  // namespace
+
+std::optional<EventRecord> ApplyWorkerLine(const std::string& line, v1::Job& j, AttemptReport& a) {
+  json e;
+  try {
+    e = json::parse(line);
+  } catch (const json::exception&) {
+    return std::nullopt;  // not an event line
+  }
+  if (!e.is_object()) return std::nullopt;
+  const std::string kind = text(e, "event");
+  v1::Progress* pr = j.mutable_progress();
+  EventRecord r{kind, ""};
+  if (kind == "started") {
+    pr->set_total_steps(size_of(e, "total_steps"));
+    r.message = "training " + std::to_string(pr->total_steps()) + " steps";
+  } else if (kind == "step") {
+    ++a.steps;
+    pr->set_step(size_of(e, "step"));
+    pr->set_total_steps(size_of(e, "total_steps", pr->total_steps()));
+    pr->set_loss(get<double>(e, "loss", 0.0));
+    pr->set_learning_rate(get<double>(e, "lr", 0.0));
+    pr->set_samples_per_second(get<double>(e, "samples_per_second", 0.0));
+    pr->set_tokens_per_second(get<double>(e, "tokens_per_second", 0.0));
+    pr->set_memory_bytes(size_of(e, "memory_bytes"));
+    pr->set_peak_memory_bytes(std::max(pr->peak_memory_bytes(), size_of(e, "peak_memory_bytes")));
+    if (e.contains("activation_bytes")) pr->set_activation_bytes(size_of(e, "activation_bytes"));
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "step %lld/%lld loss %.4f", static_cast<long long>(pr->step()),
+                  static_cast<long long>(pr->total_steps()), pr->loss());
+    r.message = buf;
+  } else if (kind == "eval") {
+    pr->set_eval_loss(get<double>(e, "loss", 0.0));
+    if (e.contains("accuracy")) pr->set_eval_accuracy(get<double>(e, "accuracy", 0.0));
+    r.message = "eval loss " + std::to_string(pr->eval_loss());
+  } else if (kind == "checkpoint") {
+    pr->set_last_checkpoint(text(e, "path"));
+    r.message = "checkpoint " + pr->last_checkpoint();
+  } else if (kind == "finished") {
+    a.terminal = "finished";
+    a.measured_peak = size_of(e, "peak_memory_bytes");
+    a.measured_reserved = size_of(e, "peak_reserved_bytes");
+    pr->set_peak_memory_bytes(std::max(pr->peak_memory_bytes(), a.measured_peak));
+    if (e.contains("activation_bytes")) pr->set_activation_bytes(size_of(e, "activation_bytes"));
+    v1::JobResult* res = j.mutable_result();
+    if (e.contains("output") && e["output"].is_object()) {
+      res->set_adapter_dir(text(e["output"], "adapter"));
+      res->set_model_dir(text(e["output"], "model"));
+    }
+    if (e.contains("eval") && e["eval"].is_object()) {
+      res->set_eval_loss(get<double>(e["eval"], "loss", 0.0));
+      if (e["eval"].contains("accuracy")) res->set_eval_accuracy(get<double>(e["eval"], "accuracy", 0.0));
+    }
+    res->set_measured_peak_bytes(a.measured_peak);
+    res->set_early_stopped(get<bool>(e, "early_stopped", false));
+    r.message = "finished; measured peak " + estimator::format_size(a.measured_peak);
+  } else if (kind == "failed") {
+    a.terminal = "failed";
+    a.fail_reason = text(e, "reason", "internal");
+    a.fail_message = text(e, "message");
+    r.message = a.fail_reason + ": " + a.fail_message;
+  } else if (kind == "stopped") {
+    a.terminal = "stopped";
+    r.message = "stopped after a checkpoint";
+  } else {
+    return std::nullopt;
+  }
+  return r;
+}
+
+}  // namespace memfit::daemon
