@@ -1,9 +1,11 @@
-// The verbs of the `memfit` command line. Each returns the process exit code:
+// The verbs of the `memfit` command line: what cli.cpp parses the arguments into (one
+// Invocation) and the functions that run it. Each returns the process exit code:
 //   0 done; 1 anything else; 2 bad input (the message names the flag, file or field);
 //   3 memfitd unreachable; 4 refused (no or wrong token, another user's job);
 //   5 no such job; `watch` (and `submit --watch`): 0 succeeded, 10 failed, 11 cancelled.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -18,15 +20,65 @@ constexpr int kExitNotFound = 5;
 constexpr int kExitJobFailed = 10;
 constexpr int kExitJobCancelled = 11;
 
-// memfit estimate -f SPEC [--device-memory SIZE] [--device cpu|cuda] [--threads N]
-//                 [--cuda-context SIZE] [--reserved-overhead FRACTION] [-o json|text]
-//                 [--server ADDR]   (asks memfitd: its devices and calibration apply)
-int estimate_cmd(const std::vector<std::string>& args);
+enum class Output { kTable, kJson, kYaml };
 
-// Daemon verbs (jobs_cmd.cpp): submit, get, list, cancel, watch, events, logs, devices.
-// Returns -1 for a verb it does not know.
-int remote_cmd(const std::string& verb, std::vector<std::string> args);
-// The help text of a daemon verb ("" if unknown).
-std::string remote_help(const std::string& verb);
+// How to reach memfitd (flags, else MEMFIT_SERVER / MEMFIT_TOKEN / MEMFIT_TLS_CA), and
+// the output format of the daemon verbs.
+struct Common {
+  std::string server;   // host:port
+  std::string token;
+  std::string tls_ca;   // PEM file: TLS, trusting it
+  bool tls = false;     // TLS with the system's roots
+  Output output = Output::kTable;
+};
+
+struct SubmitArgs {
+  std::string file;
+  bool watch = false;
+  int priority = 0;
+  std::string request_id;
+};
+
+struct ListArgs {
+  std::vector<std::string> states;  // lower-case state names, checked by the parser
+  bool all_users = false;
+  std::string owner;
+  int64_t limit = 1000000;
+};
+
+struct LogsArgs {
+  bool stderr_stream = false;
+  bool follow = false;
+  bool raw = false;  // bytes as they are even on a terminal
+};
+
+struct EstimateArgs {
+  std::string spec;
+  std::string device;               // "" = the spec's
+  int64_t device_memory = 0;        // 0 = no fit plan
+  int threads = 0;
+  bool json_out = false;
+  int64_t cuda_context = -1;        // -1: DeviceModel's default
+  double reserved_overhead = -1;    // -1: DeviceModel's default
+  bool remote = false;              // a connection flag was given: ask memfitd
+};
+
+// One parsed command line.
+struct Invocation {
+  std::string verb;
+  Common common;
+  std::string job;  // JOB of get, cancel, watch, events, logs
+  SubmitArgs submit;
+  ListArgs list;
+  LogsArgs logs;
+  EstimateArgs estimate;
+};
+
+// memfit estimate (estimate_cmd.cpp): locally, or memfitd's answer when remote.
+int estimate_cmd(const Invocation& inv);
+
+// The daemon verbs (jobs_cmd.cpp): submit, get, list, cancel, watch, events, logs,
+// devices.
+int remote_cmd(const Invocation& inv);
 
 }  // namespace memfit::cli

@@ -7,73 +7,19 @@
 #include <cmath>
 #include <cstdio>
 #include <iostream>
-#include <map>
 #include <nlohmann/json.hpp>
 #include <thread>
 
 #include "commands.h"
 #include "remote.h"
 #include "spec.h"
+#include "text.h"
 
 namespace memfit::cli {
 namespace {
 
 using json = nlohmann::json;
 using google::protobuf::util::TimeUtil;
-
-const std::map<std::string, std::string>& helps() {
-  static const std::map<std::string, std::string> h = {
-      {"submit",
-       "usage: memfit submit -f SPEC [--watch] [--priority N] [--request-id ID] [-o table|json]\n"
-       "  Send a job spec (JSON or YAML) to memfitd. It is checked here first, then by the\n"
-       "  daemon, which estimates its memory and queues it. --watch follows it to the end.\n"
-       "  example: memfit submit -f lora.yaml --watch\n"},
-      {"get",
-       "usage: memfit get JOB [-o table|json|yaml]\n"
-       "  One job: state, device, memory plan, progress, result. -o yaml prints its spec as\n"
-       "  memfitd runs it (a file you can submit again).\n"
-       "  example: memfit get j0001732810000000-000042 -o json\n"},
-      {"list",
-       "usage: memfit list [--state S]... [--all-users | --owner USER] [--limit N] [-o table|json]\n"
-       "  Jobs, newest first. S: queued, running, cancelling, succeeded, failed, cancelled.\n"
-       "  example: memfit list --state running --state queued\n"},
-      {"cancel",
-       "usage: memfit cancel JOB [-o table|json]\n"
-       "  A queued job is cancelled at once; a running one checkpoints and stops.\n"
-       "  example: memfit cancel j0001732810000000-000042\n"},
-      {"watch",
-       "usage: memfit watch JOB\n"
-       "  Follow a job until it ends: a live progress line on a terminal (step, loss, speed,\n"
-       "  ETA, peak memory against the reservation, memory saved by memfit's ops), plain\n"
-       "  lines otherwise. Exit code: 0 succeeded, 10 failed, 11 cancelled.\n"
-       "  example: memfit watch j0001732810000000-000042\n"},
-      {"events",
-       "usage: memfit events JOB [-o table|json]\n"
-       "  Every event of the job with its time: submitted, placed, steps, evals, checkpoints,\n"
-       "  out-of-memory retries, the end.\n"
-       "  example: memfit events j0001732810000000-000042 -o json\n"},
-      {"logs",
-       "usage: memfit logs JOB [--stderr] [-f|--follow]\n"
-       "  The worker's output (its JSON-lines events; --stderr: its error stream).\n"
-       "  example: memfit logs j0001732810000000-000042 --follow\n"},
-      {"devices",
-       "usage: memfit devices [-o table|json]\n"
-       "  Each device: total, reserved and measured memory, and its jobs.\n"
-       "  example: memfit devices\n"},
-  };
-  return h;
-}
-
-const char* kCommonFlags =
-    "common: --server HOST:PORT (MEMFIT_SERVER, default 127.0.0.1:7540), --token T (MEMFIT_TOKEN),\n"
-    "        --tls-ca FILE (MEMFIT_TLS_CA) or --tls for a TLS server\n";
-
-std::string one_arg(const std::vector<std::string>& a, const std::string& what) {
-  if (a.empty()) throw CliError(kExitBadInput, what + " is required");
-  if (a.size() > 1) throw CliError(kExitBadInput, "unexpected argument '" + a[1] + "'");
-  if (!a[0].empty() && a[0][0] == '-') throw CliError(kExitBadInput, "unknown option '" + a[0] + "'");
-  return a[0];
-}
 
 double secs(const google::protobuf::Timestamp& t) { return static_cast<double>(t.seconds()) + t.nanos() / 1e9; }
 
@@ -103,10 +49,10 @@ int64_t saved_bytes(const v1::Job& j) {
 
 void print_job(const v1::Job& j) {
   const auto& p = j.plan();
-  std::printf("job         %s  (%s)\n", j.id().c_str(), j.name().c_str());
-  std::printf("owner       %s\n", j.owner().c_str());
+  std::printf("job         %s  (%s)\n", printable(j.id()).c_str(), printable(j.name()).c_str());
+  std::printf("owner       %s\n", printable(j.owner()).c_str());
   std::printf("state       %s%s\n", state_name(j.state()).c_str(),
-              j.device().empty() ? "" : (" on " + j.device()).c_str());
+              j.device().empty() ? "" : (" on " + printable(j.device())).c_str());
   std::printf("created     %s   started %s   finished %s   attempts %d\n", when(j.created_at()).c_str(),
               when(j.started_at()).c_str(), when(j.finished_at()).c_str(), j.attempts());
   std::printf("memory      estimated %s, reserved %s (micro-batch %lld x %lld)\n",
@@ -115,11 +61,11 @@ void print_job(const v1::Job& j) {
   std::printf("            activations %s kept, %s saved by memfit's ops\n", human_size(p.activation_bytes()).c_str(),
               human_size(saved_bytes(j)).c_str());
   const auto& m = p.memory();
-  std::printf("options     activation %s, norm %s, attention %s%s%s%s\n", m.activation().c_str(), m.norm().c_str(),
-              m.attention().c_str(), m.fused_mlp() ? ", fused MLP" : "", m.fused_loss() ? ", fused loss" : "",
+  std::printf("options     activation %s, norm %s, attention %s%s%s%s\n", printable(m.activation()).c_str(),
+              printable(m.norm()).c_str(), printable(m.attention()).c_str(), m.fused_mlp() ? ", fused MLP" : "", m.fused_loss() ? ", fused loss" : "",
               m.activation_checkpointing() ? ", checkpointing" : "");
-  if (!p.level().empty()) std::printf("auto        %s\n", p.level().c_str());
-  for (const auto& r : p.reasons()) std::printf("            - %s\n", r.c_str());
+  if (!p.level().empty()) std::printf("auto        %s\n", printable(p.level()).c_str());
+  for (const auto& r : p.reasons()) std::printf("            - %s\n", printable(r).c_str());
   const auto& pr = j.progress();
   if (pr.total_steps() > 0) {
     std::printf("progress    step %lld/%lld, loss %.4f, peak %s\n", static_cast<long long>(pr.step()),
@@ -134,12 +80,12 @@ void print_job(const v1::Job& j) {
     if (r.eval_loss() != 0) std::printf(", eval loss %.4f", r.eval_loss());
     if (r.eval_accuracy() != 0) std::printf(", accuracy %.2f%%", 100 * r.eval_accuracy());
     std::printf("\n");
-    if (!r.adapter_dir().empty()) std::printf("output      %s\n", r.adapter_dir().c_str());
-    if (!r.model_dir().empty()) std::printf("output      %s\n", r.model_dir().c_str());
+    if (!r.adapter_dir().empty()) std::printf("output      %s\n", printable(r.adapter_dir()).c_str());
+    if (!r.model_dir().empty()) std::printf("output      %s\n", printable(r.model_dir()).c_str());
   }
   if (j.state() == v1::FAILED) {
     std::printf("failure     %s (%s): %s\n", j.failure().kind() == v1::USER_INPUT ? "your input" : "system",
-                j.failure().reason().c_str(), j.failure().message().c_str());
+                printable(j.failure().reason()).c_str(), printable(j.failure().message()).c_str());
   }
 }
 
@@ -154,7 +100,10 @@ class Watcher {
     v1::Job j = get(id);
     reserved_ = j.plan().reserved_bytes();
     saved_ = saved_bytes(j);
-    if (!tty_) std::printf("%s %s: %s\n", j.id().c_str(), j.name().c_str(), state_name(j.state()).c_str());
+    if (!tty_) {
+      std::printf("%s %s: %s\n", printable(j.id()).c_str(), printable(j.name()).c_str(),
+                  state_name(j.state()).c_str());
+    }
     auto ctx = r_.context(0);
     v1::WatchJobRequest req;
     req.set_id(id);
@@ -164,14 +113,14 @@ class Watcher {
     r_.check(reader->Finish(), "job " + id);
     if (tty_ && line_open_) std::printf("\n");
     j = get(id);
-    std::printf("%s %s", j.id().c_str(), state_name(j.state()).c_str());
+    std::printf("%s %s", printable(j.id()).c_str(), state_name(j.state()).c_str());
     if (j.state() == v1::SUCCEEDED) {
       std::printf(": measured peak %s, estimated %s, reserved %s", human_size(j.result().measured_peak_bytes()).c_str(),
                   human_size(j.plan().estimated_peak_bytes()).c_str(), human_size(j.plan().reserved_bytes()).c_str());
       if (j.result().eval_loss() != 0) std::printf(", eval loss %.4f", j.result().eval_loss());
       if (j.result().eval_accuracy() != 0) std::printf(", accuracy %.2f%%", 100 * j.result().eval_accuracy());
     } else if (j.state() == v1::FAILED) {
-      std::printf(": %s", j.failure().message().c_str());
+      std::printf(": %s", printable(j.failure().message()).c_str());
     }
     std::printf("\n");
     std::fflush(stdout);
@@ -243,7 +192,7 @@ class Watcher {
       // The reservation may have grown (out-of-memory retry).
       reserved_ = get(id_).plan().reserved_bytes();
     }
-    say(t + " " + e.kind() + ": " + e.message());
+    say(t + " " + printable(e.kind()) + ": " + printable(e.message()));
   }
 
   Remote& r_;
@@ -256,56 +205,37 @@ class Watcher {
 };
 
 // ---- verbs ----
+// Their arguments arrive parsed and checked (cli.cpp); what comes back from memfitd goes
+// through printable() (text.h) before it reaches a terminal.
 
-int submit(Remote& r, const Common& c, std::vector<std::string> a) {
-  std::string file, request_id;
-  int priority = 0;
-  bool watch = false;
-  for (size_t i = 0; i < a.size(); ++i) {
-    auto value = [&]() -> std::string {
-      if (i + 1 >= a.size()) throw CliError(kExitBadInput, a[i] + ": needs a value");
-      return a[++i];
-    };
-    if (a[i] == "-f" || a[i] == "--file") file = value();
-    else if (a[i] == "--watch" || a[i] == "-w") watch = true;
-    else if (a[i] == "--request-id") request_id = value();
-    else if (a[i] == "--priority") {
-      const std::string v = value();
-      char* end = nullptr;
-      const long p = std::strtol(v.c_str(), &end, 10);
-      if (v.empty() || *end != '\0' || p < -1000 || p > 1000) throw CliError(kExitBadInput, "--priority: expected -1000..1000, got '" + v + "'");
-      priority = static_cast<int>(p);
-    } else throw CliError(kExitBadInput, "unknown option '" + a[i] + "'");
-  }
-  if (file.empty()) throw CliError(kExitBadInput, "-f SPEC is required");
+int submit(Remote& r, const Common& c, const SubmitArgs& a) {
   v1::SubmitJobRequest req;
   try {
     // Checked here first (the same reader as the worker), so a typo is named before any
     // network; relative paths become absolute (the daemon runs elsewhere).
-    *req.mutable_spec() = spec_for_daemon(file);
+    *req.mutable_spec() = spec_for_daemon(a.file);
   } catch (const spec::SpecError& e) {
     throw CliError(kExitBadInput, e.what());
   }
-  req.set_priority(priority);
-  req.set_request_id(request_id);
+  req.set_priority(a.priority);
+  req.set_request_id(a.request_id);
   v1::Job j;
   auto ctx = r.context();
-  r.check(r.jobs().SubmitJob(ctx.get(), req, &j), "submit " + file);
+  r.check(r.jobs().SubmitJob(ctx.get(), req, &j), "submit " + a.file);
   if (c.output == Output::kJson) {
     std::printf("%s\n", to_json(j).c_str());
   } else {
-    std::printf("%s queued: estimated peak %s, reserving %s\n", j.id().c_str(),
+    std::printf("%s queued: estimated peak %s, reserving %s\n", printable(j.id()).c_str(),
                 human_size(j.plan().estimated_peak_bytes()).c_str(), human_size(j.plan().reserved_bytes()).c_str());
-    if (!j.plan().level().empty()) std::printf("  memory auto: %s\n", j.plan().level().c_str());
+    if (!j.plan().level().empty()) std::printf("  memory auto: %s\n", printable(j.plan().level()).c_str());
   }
   std::fflush(stdout);
-  if (!watch) return kExitOk;
+  if (!a.watch) return kExitOk;
   Watcher w(r, isatty(STDOUT_FILENO) != 0);
   return w.run(j.id());
 }
 
-int get(Remote& r, const Common& c, const std::vector<std::string>& a) {
-  const std::string id = one_arg(a, "JOB");
+int get(Remote& r, const Common& c, const std::string& id) {
   v1::GetJobRequest g;
   g.set_id(id);
   v1::Job j;
@@ -317,34 +247,18 @@ int get(Remote& r, const Common& c, const std::vector<std::string>& a) {
   return kExitOk;
 }
 
-int list(Remote& r, const Common& c, const std::vector<std::string>& a) {
+int list(Remote& r, const Common& c, const ListArgs& a) {
   v1::ListJobsRequest req;
-  int64_t limit = 1000000;
-  bool all = false;
-  for (size_t i = 0; i < a.size(); ++i) {
-    auto value = [&]() -> std::string {
-      if (i + 1 >= a.size()) throw CliError(kExitBadInput, a[i] + ": needs a value");
-      return a[++i];
-    };
-    if (a[i] == "--state") {
-      const std::string s = value();
-      v1::JobState st;
-      std::string upper;
-      for (char ch : s) upper += static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
-      if (!v1::JobState_Parse(upper, &st) || st == v1::JOB_STATE_UNSPECIFIED) {
-        throw CliError(kExitBadInput, "--state: expected queued, running, cancelling, succeeded, failed or cancelled, got '" + s + "'");
-      }
-      req.add_states(st);
-    } else if (a[i] == "--all-users") all = true;
-    else if (a[i] == "--owner") req.set_owner(value());
-    else if (a[i] == "--limit") {
-      const std::string v = value();
-      char* end = nullptr;
-      limit = std::strtoll(v.c_str(), &end, 10);
-      if (v.empty() || *end != '\0' || limit < 1) throw CliError(kExitBadInput, "--limit: expected a positive number, got '" + v + "'");
-    } else throw CliError(kExitBadInput, "unknown option '" + a[i] + "'");
+  for (const auto& s : a.states) {
+    std::string upper;
+    for (char ch : s) upper += static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+    v1::JobState st;
+    if (!v1::JobState_Parse(upper, &st)) throw CliError(kExitBadInput, "--state: no state '" + s + "'");
+    req.add_states(st);
   }
-  req.set_all_users(all && req.owner().empty());
+  req.set_owner(a.owner);
+  req.set_all_users(a.all_users && a.owner.empty());
+  const int64_t limit = a.limit;
   std::vector<v1::Job> jobs;
   std::string page;
   do {
@@ -377,20 +291,18 @@ int list(Remote& r, const Common& c, const std::vector<std::string>& a) {
   return kExitOk;
 }
 
-int cancel(Remote& r, const Common& c, const std::vector<std::string>& a) {
-  const std::string id = one_arg(a, "JOB");
+int cancel(Remote& r, const Common& c, const std::string& id) {
   v1::CancelJobRequest req;
   req.set_id(id);
   v1::Job j;
   auto ctx = r.context();
   r.check(r.jobs().CancelJob(ctx.get(), req, &j), "cancel " + id);
   if (c.output == Output::kJson) std::printf("%s\n", to_json(j).c_str());
-  else std::printf("%s %s\n", j.id().c_str(), state_name(j.state()).c_str());
+  else std::printf("%s %s\n", printable(j.id()).c_str(), state_name(j.state()).c_str());
   return kExitOk;
 }
 
-int events(Remote& r, const Common& c, const std::vector<std::string>& a) {
-  const std::string id = one_arg(a, "JOB");
+int events(Remote& r, const Common& c, const std::string& id) {
   std::vector<v1::JobEvent> all;
   std::string page;
   do {
@@ -416,47 +328,54 @@ int events(Remote& r, const Common& c, const std::vector<std::string>& a) {
   return kExitOk;
 }
 
-int logs(Remote& r, const Common&, const std::vector<std::string>& a) {
-  std::string id;
-  bool err = false, follow = false;
-  for (const auto& x : a) {
-    if (x == "--stderr") err = true;
-    else if (x == "-f" || x == "--follow") follow = true;
-    else if (!x.empty() && x[0] == '-') throw CliError(kExitBadInput, "unknown option '" + x + "'");
-    else if (id.empty()) id = x;
-    else throw CliError(kExitBadInput, "unexpected argument '" + x + "'");
-  }
-  if (id.empty()) throw CliError(kExitBadInput, "JOB is required");
+// The worker's output file. On a terminal, control characters are shown escaped (lines
+// and tabs kept): the file holds what the job's code printed, which may be anything.
+// Redirected, or with --raw, the bytes go out as they are.
+int logs(Remote& r, const std::string& id, const LogsArgs& a) {
+  const bool escape = !a.raw && isatty(STDOUT_FILENO) != 0;
+  std::string pending;  // the start of a UTF-8 sequence that the next chunk completes
+  auto write = [&](const std::string& data, bool last) {
+    if (!escape) {
+      std::fwrite(data.data(), 1, data.size(), stdout);
+    } else {
+      pending += data;
+      const size_t n = last ? pending.size() : utf8_complete_prefix(pending);
+      const std::string text = printable_lines(std::string_view(pending).substr(0, n));
+      std::fwrite(text.data(), 1, text.size(), stdout);
+      pending.erase(0, n);
+    }
+    std::fflush(stdout);
+  };
   int64_t offset = 0;
   for (;;) {
     v1::ReadJobLogRequest req;
     req.set_id(id);
-    req.set_stream(err ? "stderr" : "stdout");
+    req.set_stream(a.stderr_stream ? "stderr" : "stdout");
     req.set_offset(offset);
     req.set_limit(1 << 20);
     v1::ReadJobLogResponse out;
     auto ctx = r.context();
     r.check(r.jobs().ReadJobLog(ctx.get(), req, &out), "job " + id);
-    std::fwrite(out.data().data(), 1, out.data().size(), stdout);
-    std::fflush(stdout);
+    write(out.data(), false);
     offset = out.next_offset();
     if (!out.data().empty()) continue;
-    if (!follow) return kExitOk;
+    if (!a.follow) break;
     v1::GetJobRequest g;
     g.set_id(id);
     v1::Job j;
     auto gctx = r.context();
     r.check(r.jobs().GetJob(gctx.get(), g, &j), "job " + id);
     if (j.state() == v1::SUCCEEDED || j.state() == v1::FAILED || j.state() == v1::CANCELLED) {
-      if (offset >= out.size()) return kExitOk;
+      if (offset >= out.size()) break;
       continue;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
   }
+  write("", true);
+  return kExitOk;
 }
 
-int devices(Remote& r, const Common& c, const std::vector<std::string>& a) {
-  if (!a.empty()) throw CliError(kExitBadInput, "unexpected argument '" + a[0] + "'");
+int devices(Remote& r, const Common& c) {
   v1::ListDevicesResponse out;
   auto ctx = r.context();
   r.check(r.cluster().ListDevices(ctx.get(), v1::ListDevicesRequest(), &out), "devices");
@@ -484,38 +403,31 @@ int devices(Remote& r, const Common& c, const std::vector<std::string>& a) {
 
 }  // namespace
 
-std::string remote_help(const std::string& verb) {
-  const auto it = helps().find(verb);
-  return it == helps().end() ? "" : it->second + kCommonFlags;
-}
-
-int remote_cmd(const std::string& verb, std::vector<std::string> args) {
-  if (helps().count(verb) == 0) return -1;
+int remote_cmd(const Invocation& inv) {
+  const std::string& verb = inv.verb;
   try {
-    const Common c = parse_common(args);
-    if (c.help) {
-      std::printf("%s", remote_help(verb).c_str());
-      return kExitOk;
-    }
-    Remote r(c);
-    if (verb == "submit") return submit(r, c, args);
-    if (verb == "get") return get(r, c, args);
-    if (verb == "list") return list(r, c, args);
-    if (verb == "cancel") return cancel(r, c, args);
+    Remote r(inv.common);
+    const Common& c = inv.common;
+    if (verb == "submit") return submit(r, c, inv.submit);
+    if (verb == "get") return get(r, c, inv.job);
+    if (verb == "list") return list(r, c, inv.list);
+    if (verb == "cancel") return cancel(r, c, inv.job);
     if (verb == "watch") {
       Watcher w(r, isatty(STDOUT_FILENO) != 0);
-      return w.run(one_arg(args, "JOB"));
+      return w.run(inv.job);
     }
-    if (verb == "events") return events(r, c, args);
-    if (verb == "logs") return logs(r, c, args);
-    return devices(r, c, args);
+    if (verb == "events") return events(r, c, inv.job);
+    if (verb == "logs") return logs(r, inv.job, inv.logs);
+    if (verb == "devices") return devices(r, c);
+    throw std::logic_error("no verb '" + verb + "'");
   } catch (const CliError& e) {
     std::fflush(stdout);
-    std::fprintf(stderr, "memfit %s: %s\n", verb.c_str(), e.what());
+    // The message may carry memfitd's words (or a spec's): escaped, like all it sends.
+    std::fprintf(stderr, "memfit %s: %s\n", verb.c_str(), printable(e.what()).c_str());
     return e.code;
   } catch (const std::exception& e) {
     std::fflush(stdout);
-    std::fprintf(stderr, "memfit %s: %s\n", verb.c_str(), e.what());
+    std::fprintf(stderr, "memfit %s: %s\n", verb.c_str(), printable(e.what()).c_str());
     return kExitError;
   }
 }

@@ -1,13 +1,14 @@
 #include "remote.h"
 
 #include "spec.h"
+#include "text.h"
 
 #include <google/protobuf/util/json_util.h>
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -15,11 +16,6 @@
 
 namespace memfit::cli {
 namespace {
-
-std::string env(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? v : "";
-}
 
 void emit_yaml(YAML::Emitter& out, const nlohmann::ordered_json& j) {
   if (j.is_object()) {
@@ -34,7 +30,11 @@ void emit_yaml(YAML::Emitter& out, const nlohmann::ordered_json& j) {
     for (const auto& x : j) emit_yaml(out, x);
     out << YAML::EndSeq;
   } else if (j.is_string()) {
-    out << j.get<std::string>();
+    // yaml-cpp escapes control characters, but not Unicode's bidirectional overrides: a
+    // string with anything printable() would escape has all its non-ASCII escaped.
+    const auto& s = j.get_ref<const std::string&>();
+    if (printable(s) != s) out << YAML::EscapeNonAscii;
+    out << s;
   } else if (j.is_boolean()) {
     out << j.get<bool>();
   } else if (j.is_number_integer()) {
@@ -47,36 +47,6 @@ void emit_yaml(YAML::Emitter& out, const nlohmann::ordered_json& j) {
 }
 
 }  // namespace
-
-Common parse_common(std::vector<std::string>& args) {
-  Common c;
-  c.server = env("MEMFIT_SERVER");
-  c.token = env("MEMFIT_TOKEN");
-  c.tls_ca = env("MEMFIT_TLS_CA");
-  std::vector<std::string> rest;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& f = args[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= args.size()) throw CliError(kExitBadInput, f + ": needs a value");
-      return args[++i];
-    };
-    if (f == "--server" || f == "-s") c.server = value();
-    else if (f == "--token") c.token = value();
-    else if (f == "--tls-ca") c.tls_ca = value();
-    else if (f == "--tls") c.tls = true;
-    else if (f == "-o" || f == "--output") {
-      const std::string v = value();
-      if (v == "json") c.output = Output::kJson;
-      else if (v == "yaml") c.output = Output::kYaml;
-      else if (v == "table" || v == "text") c.output = Output::kTable;
-      else throw CliError(kExitBadInput, f + ": expected table, json or yaml, got '" + v + "'");
-    } else if (f == "-h" || f == "--help") c.help = true;
-    else rest.push_back(f);
-  }
-  if (c.server.empty()) c.server = "127.0.0.1:7540";
-  args = rest;
-  return c;
-}
 
 Remote::Remote(const Common& c) : address_(c.server), token_(c.token) {
   std::shared_ptr<grpc::ChannelCredentials> creds;
@@ -189,24 +159,29 @@ std::string json_to_yaml(const std::string& json) {
 }
 
 std::string table(const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows) {
-  std::vector<size_t> w(header.size(), 0);
-  for (size_t i = 0; i < header.size(); ++i) w[i] = header[i].size();
+  std::vector<std::vector<std::string>> cells;
+  cells.reserve(rows.size() + 1);
+  cells.push_back(header);
   for (const auto& r : rows) {
-    for (size_t i = 0; i < r.size() && i < w.size(); ++i) w[i] = std::max(w[i], r[i].size());
+    std::vector<std::string> safe;
+    for (const auto& c : r) safe.push_back(printable(c));
+    cells.push_back(std::move(safe));
+  }
+  std::vector<size_t> w(header.size(), 0);
+  for (const auto& r : cells) {
+    for (size_t i = 0; i < r.size() && i < w.size(); ++i) w[i] = std::max(w[i], display_width(r[i]));
   }
   std::string out;
-  auto line = [&](const std::vector<std::string>& r) {
+  for (const auto& r : cells) {
     std::string l;
     for (size_t i = 0; i < w.size(); ++i) {
       const std::string cell = i < r.size() ? r[i] : "";
       l += cell;
-      if (i + 1 < w.size()) l += std::string(w[i] - cell.size() + 2, ' ');
+      if (i + 1 < w.size()) l += std::string(w[i] - display_width(cell) + 2, ' ');
     }
     while (!l.empty() && l.back() == ' ') l.pop_back();
     out += l + "\n";
-  };
-  line(header);
-  for (const auto& r : rows) line(r);
+  }
   return out;
 }
 

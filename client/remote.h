@@ -1,6 +1,7 @@
-// What the CLI's daemon verbs share: the connection (address, token, TLS from flags or
-// MEMFIT_SERVER / MEMFIT_TOKEN / MEMFIT_TLS_CA), gRPC status -> exit code, and the
-// formatting of sizes, durations, tables and protobuf messages as JSON/YAML.
+// What the CLI's daemon verbs share: the connection (address, token, TLS: Common, which
+// cli.cpp fills from the flags or MEMFIT_SERVER / MEMFIT_TOKEN / MEMFIT_TLS_CA), gRPC
+// status -> exit code, and the formatting of sizes, durations, tables and protobuf
+// messages as JSON/YAML.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -22,19 +23,6 @@ class CliError : public std::runtime_error {
   CliError(int code, const std::string& m) : std::runtime_error(m), code(code) {}
   int code;
 };
-
-enum class Output { kTable, kJson, kYaml };
-
-// Flags every daemon verb takes; parse_common() removes them from args.
-struct Common {
-  std::string server;   // host:port
-  std::string token;
-  std::string tls_ca;   // PEM file: TLS, trusting it
-  bool tls = false;     // TLS with the system's roots
-  Output output = Output::kTable;
-  bool help = false;
-};
-Common parse_common(std::vector<std::string>& args);
 
 class Remote {
  public:
@@ -66,7 +54,8 @@ int exit_code_of(v1::JobState s);
 std::string to_json(const google::protobuf::Message& m, bool pretty = true);
 std::string json_to_yaml(const std::string& json);
 
-// A plain text table: header row, then rows; columns padded to their widest cell.
+// A plain text table: header row, then rows; columns padded to their widest cell. Every
+// cell goes through printable() (text.h): a cell cannot carry a control character.
 std::string table(const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows);
 
 }  // namespace memfit::cli

@@ -13,7 +13,7 @@ set -euo pipefail
 packages=(
   cmake ninja-build g++ ccache
   libtorch-dev libopenblas0-openmp
-  libgtest-dev libgmock-dev
+  libgtest-dev libgmock-dev libcli11-dev
   libprotobuf-dev protobuf-compiler
   nlohmann-json3-dev libyaml-cpp-dev libicu-dev zlib1g-dev
   libgrpc++-dev protobuf-compiler-grpc libsqlite3-dev prometheus-cpp-dev
