@@ -150,6 +150,8 @@ int main(int argc, char** argv) {
     std::ofstream t(fs::path(dir) / "tokens");
     for (int c = 0; c < clients; ++c) t << token_of(c) << " user" << c << "\n";
     t << "load-admin-token-0000000 admin admin\n";
+    t.close();
+    fs::permissions(fs::path(dir) / "tokens", fs::perms::owner_read | fs::perms::owner_write);  // memfitd requires it
     std::ofstream cfg(fs::path(dir) / "config.json");
     cfg << R"({"model_type": "gpt2", "vocab_size": 50257, "n_embd": 64, "n_layer": 2, "n_head": 4,
                "n_positions": 128, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"})";
@@ -167,7 +169,7 @@ int main(int argc, char** argv) {
   spec.mutable_training()->set_sequence_length(64);
 
   const std::vector<std::string> dargs{"--state-dir", (fs::path(dir) / "state").string(), "--listen", "127.0.0.1:0",
-                                       "--metrics-listen", "off", "--paused", "--tokens",
+                                       "--metrics-listen", "off", "--paused", "--read-root", data, "--read-root", dir, "--tokens",
                                        (fs::path(dir) / "tokens").string(), "--max-queued-per-user",
                                        std::to_string(jobs)};
   Daemon d = start_daemon(memfitd, dargs);

@@ -99,7 +99,10 @@ YAML
 done
 
 # memfitd on its embedded defaults, on free loopback ports.
+# Jobs read the demo's data and the fetched tokenizer and write below $demo/out (a shared
+# deployment names such folders per user: docs/DAEMON.md).
 "$bin/memfitd" --state-dir "$demo/state" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+  --read-root "$demo" --read-root "$data" --write-root "$demo/out" \
   2> "$demo/memfitd.log" &
 daemon=$!
 stop_daemon() {

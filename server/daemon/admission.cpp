@@ -51,7 +51,7 @@ estimator::DeviceModel Core::device_model() const {
 }
 
 Core::Admission Core::admit(const Caller& c, const v1::JobSpec& spec_in, const std::string& job_id,
-                            int64_t device_bytes) {
+                            int64_t device_bytes, bool for_submit) {
   Admission a;
   v1::JobSpec s = spec_in;
   const bool auto_memory = s.memory().preset() == "auto";
@@ -81,7 +81,7 @@ Core::Admission Core::admit(const Caller& c, const v1::JobSpec& spec_in, const s
     if (!s.model().config_path().empty()) {
       config_text = ReadInput(rules_, c.user, "model.config_path", s.model().config_path(), int64_t{16} << 20);
     }
-    CheckOutput(a.output);
+    if (for_submit) CheckOutput(a.output);
   } catch (const PathError& e) {
     throw from(e);
   }

@@ -266,6 +266,10 @@ void Core::start_worker(const sched::Placement& p) {
     const fsx::Dir jd = jobs.sub(j.id(), false);
     jd.write_file_atomic("spec.json", spec_json);
     ::fchmodat(jd.fd(), "spec.json", 0644, 0);
+    const OutputPlace out = DecideOutput(rules_, j.owner(), j.id(), "");
+    if (j.spec().output_dir() == out.dir && !jd.exists(std::string("output/") + kOutputMarker)) {
+      ClaimOutput(out, j.id(), cfg_.worker_uid, cfg_.worker_gid);
+    }
     Active a;
     a.proc = launcher_->start(launch_of(j, p));
     a.device = p.device;

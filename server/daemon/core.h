@@ -115,6 +115,9 @@ class Core {
 
   // One pass of the loop (tests drive it directly). Throws what the store throws.
   void tick();
+  // Tests: called inside submit between the store's insert and the enqueue, where a
+  // racing cancel can land.
+  void set_submit_hook_for_test(std::function<void(const std::string& id)> hook) { submit_hook_ = std::move(hook); }
 
  private:
   struct Active {
@@ -135,8 +138,9 @@ class Core {
     estimator::Input input;   // the job as submitted (before `auto` options), for a fit plan
   };
 
-  Admission admit(const Caller& c, const v1::JobSpec& spec, const std::string& job_id, int64_t device_bytes)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  // `for_submit`: also check that the output folder can be claimed (an estimate does not).
+  Admission admit(const Caller& c, const v1::JobSpec& spec, const std::string& job_id, int64_t device_bytes,
+                  bool for_submit) ABSL_LOCKS_EXCLUDED(mu_);
   v1::Job load(const std::string& id);
   void check_access(const Caller& c, const v1::Job& j);
   v1::JobEvent event(const std::string& kind, v1::JobState st, const std::string& msg, const std::string& data = "");
@@ -179,6 +183,7 @@ class Core {
   // The loop's store-error backoff: the last message and when it was last logged.
   std::string last_loop_error_;
   int64_t last_loop_error_logged_ms_ = 0;
+  std::function<void(const std::string&)> submit_hook_;
   std::atomic<bool> running_{false};
   std::thread thread_;
 };

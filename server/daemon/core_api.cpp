@@ -67,7 +67,7 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
                   static_cast<unsigned long long>(seq_++ % 1000000));
     largest = sched_.largest_device_bytes();
   }
-  const Admission a = admit(c, r.spec(), id, largest);
+  const Admission a = admit(c, r.spec(), id, largest, /*for_submit=*/true);
   if (a.plan.reserved_bytes() > largest) {
     std::string msg = "the job needs " + size(a.plan.reserved_bytes()) + " (estimated peak " +
                       size(a.plan.estimated_peak_bytes()) + " + " + std::to_string(static_cast<int>(cfg_.margin * 100)) +
@@ -88,10 +88,10 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
   j.set_request_id(r.request_id());
   const std::string msg = "queued: estimated peak " + size(a.plan.estimated_peak_bytes()) + ", reserving " +
                           size(a.plan.reserved_bytes());
-  // The output folder is this job's from here on (two jobs cannot claim one folder).
+  // A folder the user named is this job's from here on (two jobs cannot claim one
+  // folder). The job's own folder in the state dir is made when it first starts.
   try {
-    ClaimOutput(a.output, id, cfg_.worker_uid, cfg_.worker_gid);
-    if (a.output.in_state_dir) ::chmod(a.output.root.c_str(), 0711);
+    if (!a.output.in_state_dir) ClaimOutput(a.output, id, cfg_.worker_uid, cfg_.worker_gid);
   } catch (const PathError& e) {
     if (!r.request_id().empty()) {
       if (auto prev = store_.find_by_request(c.user, r.request_id())) return *prev;  // a concurrent twin won
@@ -101,18 +101,19 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
   try {
     // The limit is checked in the insert's transaction: concurrent submits cannot pass it.
     if (!store_.insert_job(j, event("submitted", v1::QUEUED, msg, a.estimate_json), cfg_.max_queued_per_user)) {
-      ReleaseOutput(a.output);
+      if (!a.output.in_state_dir) ReleaseOutput(a.output);
       throw CoreError(Code::kResourceExhausted, "user " + c.user + " already has " +
                                                     std::to_string(cfg_.max_queued_per_user) +
                                                     " queued jobs (limits.max_queued_per_user)");
     }
   } catch (const store::StoreError&) {
-    ReleaseOutput(a.output);
+    if (!a.output.in_state_dir) ReleaseOutput(a.output);
     if (!r.request_id().empty()) {
       if (auto prev = store_.find_by_request(c.user, r.request_id())) return *prev;  // a concurrent twin won
     }
     throw;
   }
+  if (submit_hook_) submit_hook_(j.id());
   {
     absl::MutexLock lock(&mu_);
     // A cancel that came between the insert and here already made the job CANCELLED.
@@ -283,7 +284,7 @@ v1::EstimateJobResponse Core::estimate(const Caller& c, const v1::EstimateJobReq
     absl::MutexLock lock(&mu_);
     dev = sched_.largest_device_bytes();
   }
-  const Admission a = admit(c, r.spec(), "estimate", dev);
+  const Admission a = admit(c, r.spec(), "estimate", dev, /*for_submit=*/false);
   v1::EstimateJobResponse out;
   json e = json::parse(a.estimate_json);
   // The fit plan for the device size, as `memfit estimate --device-memory` gives it.

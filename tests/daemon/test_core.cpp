@@ -1,0 +1,444 @@
+// memfitd's core driven tick by tick: a real store (SQLite in a temporary folder), a fake
+// worker launcher and a fake clock, no processes and no sleeps. Every transition of a
+// job, including the races: cancel against submit, placement and completion.
+#include <gtest/gtest.h>
+#include <sqlite3.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "core.h"
+
+namespace memfit::daemon {
+namespace {
+
+namespace fs = std::filesystem;
+constexpr int64_t MiB = int64_t{1} << 20;
+
+// What the test controls of one fake worker.
+struct Script {
+  std::vector<std::string> lines;  // handed out by the next read_lines()
+  bool exited = false;
+  int exit_code = -1, signal = 0;
+  int terminated = 0, killed = 0;
+};
+
+class FakeWorker : public Worker {
+ public:
+  FakeWorker(std::shared_ptr<Script> s, int64_t pid) : s_(std::move(s)), pid_(pid) {}
+  int64_t pid() const override { return pid_; }
+  const std::string& out_path() const override { return path_; }
+  int64_t offset() const override { return 0; }
+  std::vector<std::string> read_lines() override { return std::exchange(s_->lines, {}); }
+  bool exited() override { return s_->exited; }
+  int exit_code() const override { return s_->exit_code; }
+  int exit_signal() const override { return s_->signal; }
+  void terminate() override { ++s_->terminated; }
+  void kill() override {
+    ++s_->killed;
+    s_->exited = true;
+    s_->signal = 9;
+  }
+
+ private:
+  std::shared_ptr<Script> s_;
+  int64_t pid_;
+  std::string path_ = "/dev/null";
+};
+
+class FakeLauncher : public WorkerLauncher {
+ public:
+  std::unique_ptr<Worker> start(const WorkerLaunch& l) override {
+    if (fail_next) {
+      fail_next = false;
+      throw std::runtime_error("no such binary");
+    }
+    launches.push_back(l);
+    auto s = std::make_shared<Script>();
+    by_job[l.job_id] = s;
+    return std::make_unique<FakeWorker>(s, 1000 + static_cast<int64_t>(launches.size()));
+  }
+  std::unique_ptr<Worker> adopt(int64_t pid, const std::string&, int64_t) override {
+    const auto it = alive.find(pid);
+    if (it == alive.end()) return nullptr;
+    return std::make_unique<FakeWorker>(it->second, pid);
+  }
+  std::unique_ptr<Worker> gone(const std::string&, int64_t) override {
+    auto s = std::make_shared<Script>();
+    s->exited = true;
+    s->lines = gone_lines;
+    return std::make_unique<FakeWorker>(s, 0);
+  }
+  std::vector<WorkerLaunch> launches;
+  std::map<std::string, std::shared_ptr<Script>> by_job;
+  std::map<int64_t, std::shared_ptr<Script>> alive;
+  std::vector<std::string> gone_lines;
+  bool fail_next = false;
+};
+
+class FakeDevices : public DeviceMonitor {
+ public:
+  explicit FakeDevices(int64_t bytes) { d_.push_back({"cpu:0", "cpu", "configured", bytes, 0}); }
+  const std::vector<DeviceInfo>& devices() const override { return d_; }
+  int64_t used_bytes(const std::string&) override { return -1; }
+
+ private:
+  std::vector<DeviceInfo> d_;
+};
+
+const char* kFinished = R"({"event":"finished","peak_memory_bytes":1000,"output":{"adapter":"/x"}})";
+const char* kOom = R"({"event":"failed","reason":"oom","message":"out of memory"})";
+const char* kStep = R"({"event":"step","step":1,"total_steps":10,"loss":3.0,"peak_memory_bytes":900})";
+
+class CoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/memfit-core-XXXXXX";
+    dir_ = mkdtemp(tmpl);
+    fs::create_directories(dir_ + "/in/tok");
+    fs::create_directories(dir_ + "/out");
+    std::ofstream(dir_ + "/in/config.json")
+        << R"({"model_type":"gpt2","vocab_size":1000,"n_embd":32,"n_layer":1,"n_head":2,"n_positions":64})";
+    std::ofstream(dir_ + "/in/train.txt") << "some text";
+    cfg_.state_dir = dir_ + "/state";
+    cfg_.read_roots = {dir_ + "/in"};
+    cfg_.write_roots = {dir_ + "/out"};
+    cfg_.worker = "/nonexistent/memfit-worker";
+    cfg_.worker_threads = 1;
+    cfg_.cancel_grace_seconds = 5;
+    cfg_.crash_retries = 2;
+    cfg_.oom_retries = 2;
+    cfg_.max_user_priority = 10;
+    Open();
+  }
+  void TearDown() override {
+    core_.reset();
+    store_.reset();
+    fs::remove_all(dir_);
+  }
+  void Open() {
+    core_.reset();
+    store_ = store::Store::open(cfg_.state_dir);
+    core_ = std::make_unique<Core>(cfg_, *store_, devices_, [this] { return now_; }, &launcher_);
+    core_->start(/*run_loop=*/false);
+  }
+  v1::SubmitJobRequest Request(const std::string& out = "") {
+    v1::SubmitJobRequest r;
+    v1::JobSpec& s = *r.mutable_spec();
+    s.set_name("t");
+    s.mutable_model()->set_architecture("gpt2");
+    s.mutable_model()->set_config_path(dir_ + "/in/config.json");
+    s.mutable_data()->set_train_path(dir_ + "/in/train.txt");
+    s.mutable_data()->set_format("text");
+    s.mutable_data()->set_tokenizer_path(dir_ + "/in/tok");
+    s.mutable_method()->set_kind("lora");
+    s.mutable_training()->set_steps(10);
+    s.mutable_training()->set_micro_batch(2);
+    s.mutable_training()->set_sequence_length(16);
+    s.set_output_dir(out);
+    return r;
+  }
+  v1::Job Submit(Caller c = Caller{}) { return core_->submit(c, Request()); }
+  v1::Job Get(const std::string& id) { return core_->get(Caller{}, id); }
+  Script& W(const std::string& id) { return *launcher_.by_job.at(id); }
+  void End(const std::string& id, const std::string& line) {
+    if (!line.empty()) W(id).lines.push_back(line);
+    W(id).exited = true;
+    core_->tick();
+  }
+  std::vector<std::string> Kinds(const std::string& id) {
+    v1::ListJobEventsRequest r;
+    r.set_id(id);
+    r.set_page_size(1000);
+    std::vector<std::string> k;
+    const v1::ListJobEventsResponse resp = core_->events(Caller{}, r);
+    for (const auto& e : resp.events()) k.push_back(e.kind());
+    return k;
+  }
+  int64_t Reserved() { return core_->devices().devices(0).reserved_bytes(); }
+
+  std::string dir_;
+  Config cfg_;
+  int64_t now_ = 1'700'000'000'000;
+  FakeDevices devices_{256 * MiB};
+  FakeLauncher launcher_;
+  std::unique_ptr<store::Store> store_;
+  std::unique_ptr<Core> core_;
+};
+
+TEST_F(CoreTest, SubmitPlaceFinish) {
+  const v1::Job j = Submit();
+  EXPECT_EQ(j.state(), v1::QUEUED);
+  core_->tick();
+  EXPECT_EQ(Get(j.id()).state(), v1::RUNNING);
+  ASSERT_EQ(launcher_.launches.size(), 1u);
+  const WorkerLaunch& l = launcher_.launches[0];
+  // Confinement handed to the worker: its roots, its job, a kernel memory limit.
+  const auto has = [&](const std::string& a, const std::string& b) {
+    for (size_t i = 0; i + 1 < l.args.size(); ++i) {
+      if (l.args[i] == a && l.args[i + 1] == b) return true;
+    }
+    return false;
+  };
+  EXPECT_TRUE(has("--input-root", dir_ + "/in"));
+  EXPECT_TRUE(has("--output-root", dir_ + "/state/jobs/" + j.id()));
+  EXPECT_TRUE(has("--job-id", j.id()));
+  EXPECT_EQ(l.confine.memory_limit_bytes, Get(j.id()).plan().reserved_bytes() + cfg_.worker_memory_allowance);
+  EXPECT_TRUE(fs::exists(dir_ + "/state/jobs/" + j.id() + "/output/.memfit-job"));
+  EXPECT_GT(Reserved(), 0);
+  W(j.id()).lines.push_back(kStep);
+  core_->tick();
+  EXPECT_EQ(Get(j.id()).progress().step(), 1);
+  End(j.id(), kFinished);
+  const v1::Job done = Get(j.id());
+  EXPECT_EQ(done.state(), v1::SUCCEEDED);
+  EXPECT_EQ(done.result().measured_peak_bytes(), 1000);
+  EXPECT_EQ(Reserved(), 0);
+}
+
+TEST_F(CoreTest, OutOfMemoryAndCrashBudgetsAreSeparate) {
+  // Each End() ticks: the attempt ends and, when requeued, the job is placed again at once.
+  const v1::Job j = Submit();
+  const int64_t first = j.plan().reserved_bytes();
+  core_->tick();
+  End(j.id(), "");  // crash 1 (no result)
+  EXPECT_EQ(Get(j.id()).crash_retries(), 1);
+  W(j.id()).signal = 9;
+  End(j.id(), "");  // crash 2
+  v1::Job k = Get(j.id());
+  EXPECT_EQ(k.state(), v1::RUNNING);
+  EXPECT_EQ(k.attempts(), 3);
+  EXPECT_EQ(k.crash_retries(), 2);
+  EXPECT_EQ(k.oom_retries(), 0);
+  End(j.id(), kOom);  // the OOM budget is untouched by the crashes
+  k = Get(j.id());
+  EXPECT_EQ(k.oom_retries(), 1);
+  EXPECT_EQ(k.attempts(), 4);
+  EXPECT_GT(k.plan().reserved_bytes(), first);
+  EXPECT_EQ(launcher_.launches.back().confine.memory_limit_bytes,
+            k.plan().reserved_bytes() + cfg_.worker_memory_allowance);
+  End(j.id(), kOom);
+  End(j.id(), kOom);  // third OOM: the two retries are spent
+  k = Get(j.id());
+  EXPECT_EQ(k.state(), v1::FAILED);
+  EXPECT_EQ(k.failure().reason(), "oom");
+  EXPECT_EQ(k.failure().kind(), v1::SYSTEM);
+  EXPECT_EQ(k.attempts(), 5);
+  EXPECT_EQ(Reserved(), 0);
+}
+
+TEST_F(CoreTest, CrashBudgetSpentFailsNamingTheSignal) {
+  const v1::Job j = Submit();
+  core_->tick();
+  for (int i = 0; i < 3; ++i) {
+    W(j.id()).signal = 11;
+    End(j.id(), "");
+  }
+  const v1::Job k = Get(j.id());
+  EXPECT_EQ(k.state(), v1::FAILED);
+  EXPECT_EQ(k.failure().reason(), "crashed");
+  EXPECT_NE(k.failure().message().find("SIGSEGV"), std::string::npos) << k.failure().message();
+  const auto kinds = Kinds(j.id());
+  EXPECT_EQ(std::count(kinds.begin(), kinds.end(), "requeued"), 2);
+}
+
+TEST_F(CoreTest, OutputWriteFailuresAreTheSystemsAndRetried) {
+  const v1::Job j = Submit();
+  core_->tick();
+  End(j.id(), R"({"event":"failed","reason":"io","message":"/o/x.tmp: No space left on device"})");
+  EXPECT_EQ(Get(j.id()).crash_retries(), 1);
+  EXPECT_EQ(Get(j.id()).attempts(), 2);
+  End(j.id(), R"({"event":"failed","reason":"bad_input","message":"data.train_path: empty"})");
+  const v1::Job k = Get(j.id());
+  EXPECT_EQ(k.state(), v1::FAILED);
+  EXPECT_EQ(k.failure().kind(), v1::USER_INPUT);
+}
+
+TEST_F(CoreTest, CancelRacingSubmitNeverRuns) {
+  std::string cancelled;
+  core_->set_submit_hook_for_test([&](const std::string& id) {
+    cancelled = id;
+    EXPECT_EQ(core_->cancel(Caller{}, id).state(), v1::CANCELLED);
+  });
+  const v1::Job j = Submit();
+  core_->set_submit_hook_for_test(nullptr);
+  EXPECT_EQ(cancelled, j.id());
+  EXPECT_EQ(core_->snapshot().queue_length, 0);  // never queued
+  core_->tick();
+  core_->tick();
+  EXPECT_TRUE(launcher_.launches.empty());
+  EXPECT_EQ(Get(j.id()).state(), v1::CANCELLED);
+  EXPECT_EQ(Reserved(), 0);
+}
+
+TEST_F(CoreTest, CancelQueuedRunningAndRacingCompletion) {
+  const v1::Job a = Submit();
+  EXPECT_EQ(core_->cancel(Caller{}, a.id()).state(), v1::CANCELLED);
+  core_->tick();
+  EXPECT_TRUE(launcher_.launches.empty());
+
+  const v1::Job b = Submit();
+  core_->tick();
+  EXPECT_EQ(core_->cancel(Caller{}, b.id()).state(), v1::CANCELLING);
+  EXPECT_EQ(W(b.id()).terminated, 1);
+  core_->tick();
+  EXPECT_GT(Reserved(), 0);  // held until the process is gone
+  End(b.id(), R"({"event":"stopped"})");
+  EXPECT_EQ(Get(b.id()).state(), v1::CANCELLED);
+  EXPECT_EQ(Reserved(), 0);
+
+  // Cancel after the worker wrote its result: the finished run wins.
+  const v1::Job c = Submit();
+  core_->tick();
+  W(c.id()).lines.push_back(kFinished);
+  core_->cancel(Caller{}, c.id());
+  End(c.id(), "");
+  EXPECT_EQ(Get(c.id()).state(), v1::SUCCEEDED);
+
+  // A worker that ignores SIGTERM is killed after the grace period.
+  const v1::Job d = Submit();
+  core_->tick();
+  core_->cancel(Caller{}, d.id());
+  now_ += 6000;
+  core_->tick();
+  EXPECT_EQ(W(d.id()).killed, 1);
+  core_->tick();
+  EXPECT_EQ(Get(d.id()).state(), v1::CANCELLED);
+}
+
+TEST_F(CoreTest, CancelRacingPlacementInTheSameTick) {
+  const v1::Job j = Submit();
+  // The cancel lands first under the lock; the placement that follows finds nothing.
+  core_->cancel(Caller{}, j.id());
+  core_->tick();
+  EXPECT_TRUE(launcher_.launches.empty());
+  EXPECT_EQ(Get(j.id()).state(), v1::CANCELLED);
+}
+
+TEST_F(CoreTest, GracefulStopRequeuesWithoutABudgetAndRecoveryResumes) {
+  const v1::Job a = Submit();
+  const v1::Job b = Submit();
+  core_->tick();
+  End(b.id().empty() ? a.id() : a.id(), kOom);  // a: OOM, requeued bigger (stop during an OOM retry)
+  // b may be running too.
+  for (auto& [id, s] : launcher_.by_job) {
+    if (!s->exited) s->lines.push_back(R"({"event":"stopped"})"), s->exited = true;
+  }
+  core_->stop(/*graceful=*/true);
+  for (const auto& id : {a.id(), b.id()}) {
+    const v1::Job k = Get(id);
+    EXPECT_EQ(k.state(), v1::QUEUED) << id;
+    EXPECT_EQ(k.crash_retries(), 0) << id;
+  }
+  const int64_t grown = Get(a.id()).plan().reserved_bytes();
+  EXPECT_GT(grown, a.plan().reserved_bytes());
+  Open();  // a new daemon on the same state
+  core_->tick();
+  EXPECT_EQ(Get(a.id()).state(), v1::RUNNING);
+  EXPECT_EQ(Get(a.id()).plan().reserved_bytes(), grown);
+}
+
+TEST_F(CoreTest, RecoveryAdoptsLiveWorkersAndFinishesGoneOnes) {
+  const v1::Job a = Submit();
+  core_->tick();
+  const v1::Job b = Submit();
+  core_->tick();
+  // The daemon dies (no graceful stop); a's worker lives on, b's finished meanwhile.
+  const int64_t pid_a = 1001;
+  launcher_.alive[pid_a] = launcher_.by_job.at(a.id());
+  launcher_.gone_lines = {kFinished};
+  core_.reset();
+  store_.reset();
+  store_ = store::Store::open(cfg_.state_dir);
+  core_ = std::make_unique<Core>(cfg_, *store_, devices_, [this] { return now_; }, &launcher_);
+  core_->start(false);
+  EXPECT_EQ(Kinds(a.id()).back(), "adopted");
+  core_->tick();
+  EXPECT_EQ(Get(a.id()).state(), v1::RUNNING);
+  EXPECT_EQ(Get(b.id()).state(), v1::SUCCEEDED);
+  End(a.id(), kFinished);
+  EXPECT_EQ(Get(a.id()).state(), v1::SUCCEEDED);
+}
+
+TEST_F(CoreTest, CorruptRecordFailsThatJobAndTheDaemonStarts) {
+  const v1::Job a = Submit();
+  const v1::Job b = Submit();
+  core_.reset();
+  store_.reset();
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((cfg_.state_dir + "/memfit.db").c_str(), &db), SQLITE_OK);
+  const std::string sql = "UPDATE jobs SET job = x'deadbeef00ff' WHERE id = '" + a.id() + "'";
+  ASSERT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(db);
+  Open();
+  const v1::Job k = Get(a.id());
+  EXPECT_EQ(k.state(), v1::FAILED);
+  EXPECT_EQ(k.failure().reason(), store::kCorruptRecord);
+  core_->tick();
+  EXPECT_EQ(Get(b.id()).state(), v1::RUNNING);
+  v1::ListJobsRequest all;
+  EXPECT_EQ(core_->list(Caller{}, all).jobs_size(), 2);
+}
+
+TEST_F(CoreTest, AdmissionLimits) {
+  v1::SubmitJobRequest r = Request();
+  r.mutable_spec()->set_name(std::string(300, 'x'));
+  EXPECT_THROW(core_->submit(Caller{}, r), CoreError);
+  r.mutable_spec()->set_name("bad\x1b[31m");
+  try {
+    core_->submit(Caller{}, r);
+    ADD_FAILURE();
+  } catch (const CoreError& e) {
+    EXPECT_EQ(e.code, Code::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("name"), std::string::npos);
+  }
+  r = Request();
+  r.set_priority(1000);
+  try {
+    core_->submit(Caller{"alice", false}, r);
+    ADD_FAILURE();
+  } catch (const CoreError& e) {
+    EXPECT_EQ(e.code, Code::kPermissionDenied);
+    EXPECT_NE(std::string(e.what()).find("priority"), std::string::npos);
+  }
+  EXPECT_EQ(core_->submit(Caller{"root", true}, r).priority(), 1000);
+  // Paths: outside the roots, another job's folder.
+  r = Request("/etc/memfit");
+  EXPECT_THROW(core_->submit(Caller{}, r), CoreError);
+  r = Request(dir_ + "/out/run");
+  const v1::Job first = core_->submit(Caller{}, r);
+  try {
+    core_->submit(Caller{}, r);
+    ADD_FAILURE();
+  } catch (const CoreError& e) {
+    EXPECT_EQ(e.code, Code::kFailedPrecondition);
+    EXPECT_NE(std::string(e.what()).find("output_dir"), std::string::npos);
+  }
+  r = Request();
+  r.mutable_spec()->mutable_model()->set_config_path("/etc/shadow");
+  try {
+    core_->submit(Caller{}, r);
+    ADD_FAILURE();
+  } catch (const CoreError& e) {
+    EXPECT_EQ(e.code, Code::kPermissionDenied);
+    EXPECT_EQ(std::string(e.what()).find("root:"), std::string::npos);
+  }
+  EXPECT_EQ(first.name(), "t");
+  EXPECT_EQ(first.spec().name(), "");  // stored once
+}
+
+TEST_F(CoreTest, AWorkerThatCannotStartFailsAsSystem) {
+  launcher_.fail_next = true;
+  const v1::Job j = Submit();
+  core_->tick();
+  const v1::Job k = Get(j.id());
+  EXPECT_EQ(k.state(), v1::FAILED);
+  EXPECT_EQ(k.failure().kind(), v1::SYSTEM);
+  EXPECT_NE(k.failure().message().find("no such binary"), std::string::npos);
+  EXPECT_EQ(Reserved(), 0);
+}
+
+}  // namespace
+}  // namespace memfit::daemon
