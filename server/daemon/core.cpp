@@ -231,10 +231,12 @@ WorkerLaunch Core::launch_of(const v1::Job& j, const sched::Placement& p) {
     l.args.insert(l.args.end(), {"--device", "cpu", "--memory-limit", std::to_string(p.reservation_bytes), "--threads",
                                  std::to_string(device_model().threads)});
   }
-  // The kernel's limit: the reservation plus the allowance for code, libraries and data
-  // (on a GPU the reservation is device memory; host memory gets the allowance alone).
+  // The kernel's limit: the reservation plus the allowance for code, libraries and data.
+  // On a GPU the reservation is device memory: host memory gets the allowance alone, and
+  // only through a cgroup (RLIMIT_DATA would also count the CUDA driver's mappings).
   const bool cuda = dev != nullptr && dev->kind == "cuda";
-  l.confine.memory_limit_bytes = (cuda ? 0 : p.reservation_bytes) + cfg_.worker_memory_allowance;
+  l.confine.memory_limit_bytes = cuda ? (cfg_.worker_cgroup.empty() ? 0 : cfg_.worker_memory_allowance)
+                                      : p.reservation_bytes + cfg_.worker_memory_allowance;
   l.confine.cgroup_dir = cfg_.worker_cgroup;
   l.confine.uid = cfg_.worker_uid;
   l.confine.gid = cfg_.worker_gid;

@@ -131,6 +131,7 @@ std::unique_ptr<Store> Store::open(const std::string& state_dir) {
     throw StoreError(path + ": " + msg);
   }
   std::unique_ptr<Store> s(new Store(db));
+  absl::MutexLock lock(&s->mu_);
   if (sqlite3_db_readonly(db, "main") == 1) throw StoreError(path + ": read-only; memfitd needs to write its state");
   ::chmod(path.c_str(), 0600);  // every user's jobs: not for the workers' user to read
   sqlite3_busy_timeout(db, 5000);
@@ -172,7 +173,7 @@ void Store::exec(const char* sql) {
 }
 
 bool Store::insert_job(const v1::Job& job, const v1::JobEvent& first, int64_t max_queued) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   Tx tx(db_);
   if (max_queued > 0) {
     Stmt s(db_, "SELECT COUNT(*) FROM jobs WHERE state = ?1 AND owner = ?2");
@@ -200,7 +201,7 @@ bool Store::insert_job(const v1::Job& job, const v1::JobEvent& first, int64_t ma
 
 std::optional<v1::Job> Store::find_by_request(const std::string& owner, const std::string& request_id) {
   if (request_id.empty()) return std::nullopt;
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   Stmt s(db_, "SELECT job, id, owner, state FROM jobs WHERE owner = ? AND request_id = ?");
   s.bind(1, owner).bind(2, request_id);
   if (!s.step()) return std::nullopt;
@@ -208,7 +209,7 @@ std::optional<v1::Job> Store::find_by_request(const std::string& owner, const st
 }
 
 std::optional<v1::Job> Store::get(const std::string& id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   Stmt s(db_, "SELECT job, id, owner, state FROM jobs WHERE id = ?");
   s.bind(1, id);
   if (!s.step()) return std::nullopt;
@@ -216,7 +217,7 @@ std::optional<v1::Job> Store::get(const std::string& id) {
 }
 
 int64_t Store::append_event(const v1::Job& job, v1::JobEvent event) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   Tx tx(db_);
   int64_t seq = 0;
   {
@@ -242,7 +243,7 @@ int64_t Store::append_event(const v1::Job& job, v1::JobEvent event) {
 }
 
 void Store::update_job(const v1::Job& job) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   Stmt s(db_, "UPDATE jobs SET state = ?, job = ? WHERE id = ?");
   s.bind(1, static_cast<int64_t>(job.state())).blob(2, serialize(job)).bind(3, job.id());
   s.step();
@@ -256,7 +257,7 @@ Page Store::list(const std::vector<v1::JobState>& states, const std::string& own
   if (!states.empty()) sql += " AND state IN (" + state_list(states) + ")";
   if (!page_token.empty()) sql += " AND id < ?2";
   sql += " ORDER BY id DESC LIMIT ?3";
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   Stmt s(db_, sql.c_str());
   if (!owner.empty()) s.bind(1, owner);
   if (!page_token.empty()) s.bind(2, page_token);
@@ -273,7 +274,7 @@ Page Store::list(const std::vector<v1::JobState>& states, const std::string& own
 }
 
 std::vector<v1::JobEvent> Store::events(const std::string& id, int64_t after_seq, int limit) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   Stmt s(db_, "SELECT event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?");
   s.bind(1, id).bind(2, after_seq).bind(3, static_cast<int64_t>(limit <= 0 ? 1 << 30 : limit));
   std::vector<v1::JobEvent> out;
@@ -286,7 +287,7 @@ std::vector<v1::JobEvent> Store::events(const std::string& id, int64_t after_seq
 }
 
 std::vector<v1::Job> Store::in_states(const std::vector<v1::JobState>& states) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   const std::string sql =
       "SELECT job, id, owner, state FROM jobs WHERE state IN (" + state_list(states) + ") ORDER BY id";
   Stmt s(db_, sql.c_str());
@@ -296,7 +297,7 @@ std::vector<v1::Job> Store::in_states(const std::vector<v1::JobState>& states) {
 }
 
 int64_t Store::count(v1::JobState state, const std::string& owner) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   Stmt s(db_, owner.empty() ? "SELECT COUNT(*) FROM jobs WHERE state = ?1"
                             : "SELECT COUNT(*) FROM jobs WHERE state = ?1 AND owner = ?2");
   s.bind(1, static_cast<int64_t>(state));
@@ -306,7 +307,7 @@ int64_t Store::count(v1::JobState state, const std::string& owner) {
 }
 
 void Store::put_worker(const WorkerRecord& w) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   Stmt s(db_,
          "INSERT OR REPLACE INTO workers(job_id, pid, device, reservation, events_path, events_offset, attempt) "
          "VALUES(?,?,?,?,?,?,?)");
@@ -316,21 +317,21 @@ void Store::put_worker(const WorkerRecord& w) {
 }
 
 void Store::set_worker_offset(const std::string& job_id, int64_t offset) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   Stmt s(db_, "UPDATE workers SET events_offset = ? WHERE job_id = ?");
   s.bind(1, offset).bind(2, job_id);
   s.step();
 }
 
 void Store::remove_worker(const std::string& job_id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   Stmt s(db_, "DELETE FROM workers WHERE job_id = ?");
   s.bind(1, job_id);
   s.step();
 }
 
 std::vector<WorkerRecord> Store::workers() {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   Stmt s(db_, "SELECT job_id, pid, device, reservation, events_path, events_offset, attempt FROM workers ORDER BY job_id");
   std::vector<WorkerRecord> out;
   while (s.step()) {
@@ -340,14 +341,14 @@ std::vector<WorkerRecord> Store::workers() {
 }
 
 void Store::add_calibration(const CalibrationRow& row) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   Stmt s(db_, "INSERT INTO calibration(key, estimated, measured, time_ms) VALUES(?,?,?,?)");
   s.bind(1, row.key).bind(2, row.estimated_bytes).bind(3, row.measured_bytes).bind(4, row.time_ms);
   s.step();
 }
 
 std::vector<CalibrationRow> Store::calibration(int per_key_limit) {
-  std::lock_guard<std::mutex> lock(mu_);
+  absl::MutexLock lock(&mu_);
   // The newest per_key_limit rows of each key, oldest first.
   Stmt s(db_,
          "SELECT key, estimated, measured, time_ms FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY key ORDER BY id DESC) "

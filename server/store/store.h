@@ -13,7 +13,9 @@
 
 #include <cstdint>
 #include <memory>
-#include <mutex>
+#include <absl/base/thread_annotations.h>
+#include <absl/synchronization/mutex.h>
+
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -92,9 +94,9 @@ class Store {
 
  private:
   explicit Store(sqlite3* db);
-  void exec(const char* sql);
-  sqlite3* db_;
-  std::mutex mu_;
+  void exec(const char* sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Mutex mu_;
+  sqlite3* const db_ ABSL_GUARDED_BY(mu_);  // one connection: every statement under mu_
 };
 
 }  // namespace memfit::store
