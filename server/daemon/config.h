@@ -12,8 +12,8 @@
 //   tokens_file: /etc/memfit/tokens   # "TOKEN USER [admin]" per line; absent = no auth
 //   tls: {cert: server.pem, key: server.key}
 //   paths:                            # where a job's files may be ({user}: the caller)
-//     read_roots: [/models, /data/{user}]      # inputs must lie below one of these
-//     write_roots: [/data/{user}/runs]         # output_dir may lie below one of these
+//     read_roots: [/models, "/data/{user}"]      # inputs must lie below one of these
+//     write_roots: ["/data/{user}/runs"]         # output_dir may lie below one of these
 //   allowed_roots: [/data]            # older form: a root for both reading and writing
 //   limits: {max_queued_per_user: 1000, max_message_bytes: 4MiB, max_input_bytes: 4GiB,
 //            max_weights_bytes: 1TiB, max_name_bytes: 256, max_user_priority: 10}

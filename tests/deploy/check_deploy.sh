@@ -11,10 +11,17 @@ if ! command -v promtool >/dev/null; then
 fi
 promtool check config "$repo/deploy/prometheus/prometheus.yml"
 promtool check rules "$repo/deploy/prometheus/memfit_rules.yml"
-out=$("$memfitd" --config "$repo/deploy/memfitd.yaml" --check-config)
+# workers.user must exist where memfitd runs: this machine has no memfit-worker user, so
+# the check reads the file with an account every machine has.
+cfg=$(mktemp)
+trap 'rm -f "$cfg"' EXIT
+sed 's/user: memfit-worker/user: nobody/' "$repo/deploy/memfitd.yaml" > "$cfg"
+out=$("$memfitd" --config "$cfg" --check-config)
 echo "$out"
 for want in 'listen: "127.0.0.1:7540"' 'state_dir: "/var/lib/memfit"' 'tokens_file: "/etc/memfit/tokens"' \
-            'cpu_device_memory: 17179869184' 'margin: 0.08' 'cancel_grace_seconds: 60'; do
+            'cpu_device_memory: 17179869184' 'margin: 0.08' 'cancel_grace_seconds: 60' \
+            'read_roots: ["/models", "/data/{user}"]' 'write_roots: ["/data/{user}/runs"]' \
+            'workers: {user: "nobody", memory_allowance: 2147483648' 'max_user_priority: 10' 'crash_retries: 2'; do
   grep -qF "$want" <<<"$out" || { echo "memfitd --check-config: missing '$want'"; exit 1; }
 done
 # The stop timeout must outlast the workers' grace period.
