@@ -104,6 +104,7 @@ int main(int argc, char** argv) {
   b.AddListeningPort(cfg.listen, creds, &port);
   b.RegisterService(&jobs);
   b.RegisterService(&cluster);
+  b.experimental().SetInterceptorCreators(StatusInterceptors());
   b.SetMaxReceiveMessageSize(static_cast<int>(std::min<int64_t>(cfg.max_message_bytes, INT32_MAX)));
   std::unique_ptr<grpc::Server> server = b.BuildAndStart();
   if (!server || port == 0) {

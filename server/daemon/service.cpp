@@ -43,7 +43,40 @@ grpc::Status call(grpc::ServerContext* ctx, const Auth& auth, const std::functio
   }
 }
 
+class StatusInterceptor : public grpc::experimental::Interceptor {
+ public:
+  void Intercept(grpc::experimental::InterceptorBatchMethods* m) override {
+    using grpc::experimental::InterceptionHookPoints;
+    if (m->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
+      const grpc::Status s = m->GetSendStatus();
+      if (!s.ok() && s.error_message().empty()) {
+        if (s.error_code() == grpc::StatusCode::INTERNAL) {
+          m->ModifySendStatus(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                           "the request could not be parsed: it is truncated, or a string field is "
+                                           "not valid UTF-8"));
+        } else {
+          m->ModifySendStatus(grpc::Status(s.error_code(), "no detail"));
+        }
+      }
+    }
+    m->Proceed();
+  }
+};
+
+class StatusInterceptorFactory : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  grpc::experimental::Interceptor* CreateServerInterceptor(grpc::experimental::ServerRpcInfo*) override {
+    return new StatusInterceptor;
+  }
+};
+
 }  // namespace
+
+std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> StatusInterceptors() {
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> v;
+  v.push_back(std::make_unique<StatusInterceptorFactory>());
+  return v;
+}
 
 grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* ctx, const v1::SubmitJobRequest* r, v1::Job* out) {
   return call(ctx, auth_, [&](const Caller& c) { *out = core_.submit(c, *r); });

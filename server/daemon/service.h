@@ -3,6 +3,10 @@
 #pragma once
 
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/support/server_interceptor.h>
+
+#include <memory>
+#include <vector>
 
 #include "auth.h"
 #include "core.h"
@@ -41,5 +45,10 @@ class ClusterServiceImpl final : public v1::ClusterService::Service {
   Core& core_;
   const Auth& auth_;
 };
+
+// Every status leaves with a message. gRPC itself answers a request it cannot parse
+// (truncated, or a string that is not UTF-8) with INTERNAL and no message before any
+// handler runs; this interceptor turns that into INVALID_ARGUMENT saying so.
+std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> StatusInterceptors();
 
 }  // namespace memfit::daemon

@@ -386,6 +386,15 @@ class Api(unittest.TestCase):
             self.assertEqual(len(r1.jobs) + len(r2.jobs), 3)
             self.assertFalse(r2.next_page_token)
             self.assertFalse({j.id for j in r1.jobs} & {j.id for j in r2.jobs})
+            # a request that does not parse (truncated; a string that is not UTF-8) gets a
+            # status with a message, not INTERNAL with none
+            raw = d.channel.unary_unary("/memfit.v1.JobService/SubmitJob",
+                                        request_serializer=lambda x: x, response_deserializer=lambda x: x)
+            for payload in (b"\x0a\x05\x0a\x03\xff\xfe\xfd", b"\x0a\xff\xff\xff\x0f"):
+                with self.assertRaises(grpc.RpcError) as e:
+                    raw(payload, timeout=10)
+                self.assertEqual(e.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+                self.assertIn("could not be parsed", e.exception.details())
             # health checking: raw call to grpc.health.v1.Health/Check (SERVING = 1 in field 1)
             check = d.channel.unary_unary("/grpc.health.v1.Health/Check",
                                           request_serializer=lambda x: x, response_deserializer=lambda x: x)
