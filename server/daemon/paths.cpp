@@ -26,6 +26,28 @@ std::string shown(const std::vector<std::string>& names) {
   return s;
 }
 
+// A folder inside another job's claimed output folder is that job's: its worker replaces
+// and removes what is there (adapter, model, checkpoints). Checks the root and each folder
+// between it and out.dir for a marker; throws PathError (or FsError for a link on the way).
+void CheckNotInsideClaimed(const OutputPlace& out) {
+  const std::string rel = fsx::RelativeTo(out.dir, out.root);
+  if (rel == ".") return;
+  const fsx::Dir root = fsx::Dir::open_below(out.root, out.root, false);
+  std::string sub;
+  for (size_t from = 0;;) {
+    if (root.exists(sub.empty() ? std::string(kOutputMarker) : sub + "/" + kOutputMarker)) {
+      throw PathError(PathError::Kind::kPrecondition,
+                      "output_dir: " + out.dir + " is inside " + (sub.empty() ? out.root : out.root + "/" + sub) +
+                          ", another job's output folder; memfit writes only into a new or empty folder of its own");
+    }
+    const size_t slash = rel.find('/', from);
+    if (slash == std::string::npos) return;  // the parents of out.dir are checked
+    sub = rel.substr(0, slash);
+    from = slash + 1;
+    if (!root.is_dir(sub)) return;  // absent from here on: nothing below is claimed
+  }
+}
+
 }  // namespace
 
 PathRules PathRules::From(const Config& c) {
@@ -163,6 +185,7 @@ std::string ReadInput(const PathRules& r, const std::string& user, const std::st
 void CheckOutput(const OutputPlace& out) {
   if (out.in_state_dir) return;
   try {
+    CheckNotInsideClaimed(out);
     fsx::Dir root = fsx::Dir::open_below(out.root, out.root, false);
     const std::string rel = fsx::RelativeTo(out.dir, out.root);
     if (rel != "." && !root.exists(rel)) return;
@@ -185,6 +208,7 @@ void ClaimOutput(const OutputPlace& out, const std::string& job_id, int64_t uid,
       // The job's own folder: made by memfitd, traversable by the worker's user only.
       fsx::Dir::open_below(std::filesystem::path(out.root).parent_path().string(), out.root, true);
     }
+    if (!out.in_state_dir) CheckNotInsideClaimed(out);
     fsx::Dir d = fsx::Dir::open_below(out.root, out.dir, true);
     const auto names = d.list();
     if (!names.empty()) CheckOutput(out);  // names what is there
