@@ -217,6 +217,23 @@ void ClaimOutput(const OutputPlace& out, const std::string& job_id, int64_t uid,
     const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
     ::close(fd);
     if (!ok) throw PathError(PathError::Kind::kPrecondition, "output_dir: " + out.dir + ": cannot write its marker");
+    if (!out.in_state_dir) {
+      // Checked again with the marker in place: of two concurrent claims of nested folders
+      // (a and a/x) at least one sees the other's marker or folder here, so they cannot
+      // both win.
+      try {
+        CheckNotInsideClaimed(out);
+        const auto now = d.list();
+        if (now.size() != 1) {
+          throw PathError(PathError::Kind::kPrecondition,
+                          "output_dir: " + out.dir + " gained files while it was being claimed; memfit writes only "
+                                                     "into a new or empty folder of its own");
+        }
+      } catch (...) {
+        ::unlinkat(d.fd(), kOutputMarker, 0);
+        throw;
+      }
+    }
     if (uid >= 0) {
       // The worker's user owns the folder it writes (and the marker stays readable).
       if (::fchownat(d.fd(), "", static_cast<uid_t>(uid), static_cast<gid_t>(gid), AT_EMPTY_PATH) != 0 ||

@@ -180,6 +180,46 @@ TEST_F(Confined, OutputFoldersAreClaimedOnceAndNeverReused) {
   EXPECT_FALSE(fs::exists(base_ + "/alice/runs/a"));
 }
 
+// Two jobs claiming nested folders at the same moment (a and a/x): never both.
+TEST_F(Confined, NestedClaimsRacingNeverBothWin) {
+  int both = 0, one = 0;
+  for (int round = 0; round < 200; ++round) {
+    const std::string a = base_ + "/alice/n" + std::to_string(round);
+    const OutputPlace outer = DecideOutput(rules_, "alice", "A", a);
+    const OutputPlace inner = DecideOutput(rules_, "alice", "B", a + "/x");
+    std::atomic<int> wins{0};
+    std::thread ta([&] {
+      try {
+        ClaimOutput(outer, "A", -1, -1);
+        ++wins;
+      } catch (const PathError&) {
+      }
+    });
+    std::thread tb([&] {
+      try {
+        ClaimOutput(inner, "B", -1, -1);
+        ++wins;
+      } catch (const PathError&) {
+      }
+    });
+    ta.join();
+    tb.join();
+    (wins == 2 ? both : one) += 1;
+  }
+  EXPECT_EQ(both, 0);
+  EXPECT_GT(one, 0);
+  // One after the other: the inner folder of a claimed one is refused, and so is an
+  // outer folder holding a claimed one (it is not empty).
+  const OutputPlace outer = DecideOutput(rules_, "alice", "C", base_ + "/alice/seq");
+  ClaimOutput(outer, "C", -1, -1);
+  EXPECT_EQ(KindOf([&] { ClaimOutput(DecideOutput(rules_, "alice", "D", base_ + "/alice/seq/adapter"), "D", -1, -1); }),
+            PathError::Kind::kPrecondition);
+  const OutputPlace deep = DecideOutput(rules_, "alice", "E", base_ + "/alice/p/q");
+  ClaimOutput(deep, "E", -1, -1);
+  EXPECT_EQ(KindOf([&] { CheckOutput(DecideOutput(rules_, "alice", "F", base_ + "/alice/p")); }),
+            PathError::Kind::kPrecondition);
+}
+
 TEST_F(Confined, OutputOperationsNeverFollowLinks) {
   const std::string out = base_ + "/alice/runs/x";
   fsx::Dir d = fsx::Dir::open_below(base_ + "/alice", out, true);
