@@ -448,6 +448,23 @@ int open_input(const std::string& path, const std::vector<std::string>& roots) {
   return fd;
 }
 
+struct stat stat_input(const std::string& path, const std::vector<std::string>& roots) {
+  std::string root;
+  const int fd = open_input_fd(path, roots, O_PATH, &root);
+  if (fd < 0) {
+    if (errno == EACCES && root.empty() && !roots.empty()) {
+      throw FsError(path + ": outside the folders this job may read", EACCES);
+    }
+    fail(path, errno);
+  }
+  struct stat st {};
+  const int rc = ::fstat(fd, &st);
+  const int e = errno;
+  ::close(fd);
+  if (rc != 0) fail(path, e);
+  return st;
+}
+
 bool input_is_dir(const std::string& path) { return input_is_dir(path, global_roots()); }
 
 bool input_is_dir(const std::string& path, const std::vector<std::string>& roots) {

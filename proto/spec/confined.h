@@ -16,6 +16,7 @@
 // apply one rule. Plain C++ and Linux calls only.
 #pragma once
 
+#include <sys/stat.h>
 #include <sys/types.h>
 
 #include <cstdint>
@@ -98,6 +99,9 @@ int open_input(const std::string& path, const std::vector<std::string>& roots);
 // Whether `path` is a folder beneath a root (tokenizer folders, index folders).
 bool input_is_dir(const std::string& path);
 bool input_is_dir(const std::string& path, const std::vector<std::string>& roots);
+// What `path` is, resolved beneath its root as open_input would (one O_PATH open: nothing
+// is read, a FIFO does not block). Throws FsError naming `path`.
+struct stat stat_input(const std::string& path, const std::vector<std::string>& roots);
 
 class InputFile {
  public:

@@ -67,8 +67,8 @@ Core::Admission Core::admit(const Caller& c, const v1::JobSpec& spec_in, const s
       const std::string& path;
       bool folder_ok, weights;
     };
-    const In inputs[] = {{"model.config_path", s.model().config_path(), false, false},
-                         {"model.weights_path", s.model().weights_path(), false, true},
+    // (config.json is checked by reading it below.)
+    const In inputs[] = {{"model.weights_path", s.model().weights_path(), false, true},
                          {"data.train_path", s.data().train_path(), false, false},
                          {"data.validation_path", s.data().validation_path(), false, false},
                          {"data.tokenizer_path", s.data().tokenizer_path(), true, false},

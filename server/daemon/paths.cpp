@@ -148,17 +148,17 @@ OutputPlace DecideOutput(const PathRules& r, const std::string& user, const std:
 void CheckInput(const PathRules& r, const std::string& user, const std::string& field, const std::string& path,
                 bool folder_ok, bool weights) {
   const std::string root = InputRoot(r, user, field, path);
-  if (folder_ok && fsx::input_is_dir(path, {root})) return;
-  int fd = -1;
+  struct stat st {};
   try {
-    fd = fsx::open_input(path, {root});
+    st = fsx::stat_input(path, {root});  // resolved beneath the root; nothing opened for reading
   } catch (const fsx::FsError& e) {
     throw PathError(e.errno_value == ENOENT ? PathError::Kind::kInvalid : PathError::Kind::kDenied,
                     field + ": " + e.what());
   }
-  struct stat st {};
-  ::fstat(fd, &st);
-  ::close(fd);
+  if (folder_ok && S_ISDIR(st.st_mode)) return;
+  if (!S_ISREG(st.st_mode)) {
+    throw PathError(PathError::Kind::kDenied, field + ": " + path + ": not a regular file");
+  }
   const int64_t cap = weights ? r.max_weights_bytes : r.max_input_bytes;
   if (st.st_size > cap) {
     throw PathError(PathError::Kind::kInvalid,
