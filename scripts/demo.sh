@@ -33,7 +33,7 @@ build=${MEMFIT_BUILD_DIR:-build}
 [[ $build == /* ]] || build=$root/$build
 bin=$build/bin
 rm -rf "$demo"
-mkdir -p "$demo/specs" "$demo/data"
+mkdir -p "$demo/specs" "$demo/data" "$demo/out"
 
 # The data: chapters 1-100 to pretrain, 101-130 to fine-tune, 131-135 to validate.
 cat_chapters() { for i in $(seq "$1" "$2"); do cat "$data/moby-dick/chapter_$i.txt"; done; }

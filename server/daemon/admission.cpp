@@ -67,7 +67,10 @@ Core::Admission Core::admit(const Caller& c, const v1::JobSpec& spec_in, const s
       const std::string& path;
       bool folder_ok, weights;
     };
-    // (config.json is checked by reading it below.)
+    // config.json first (read, not only checked: memfitd parses it), then the others.
+    if (!s.model().config_path().empty()) {
+      config_text = ReadInput(rules_, c.user, "model.config_path", s.model().config_path(), int64_t{16} << 20);
+    }
     const In inputs[] = {{"model.weights_path", s.model().weights_path(), false, true},
                          {"data.train_path", s.data().train_path(), false, false},
                          {"data.validation_path", s.data().validation_path(), false, false},
@@ -77,9 +80,6 @@ Core::Admission Core::admit(const Caller& c, const v1::JobSpec& spec_in, const s
     for (const auto& in : inputs) {
       if (in.path.empty()) continue;
       CheckInput(rules_, c.user, in.field, in.path, in.folder_ok, in.weights);
-    }
-    if (!s.model().config_path().empty()) {
-      config_text = ReadInput(rules_, c.user, "model.config_path", s.model().config_path(), int64_t{16} << 20);
     }
     if (for_submit) CheckOutput(a.output);
   } catch (const PathError& e) {

@@ -18,6 +18,7 @@
 #include "core.h"
 #include "devices.h"
 #include "metrics.h"
+#include "runner.h"
 #include "service.h"
 #include "state_lock.h"
 #include "store.h"
@@ -72,6 +73,10 @@ int main(int argc, char** argv) {
       store = memfit::store::Store::open(cfg.state_dir);
     } catch (const memfit::store::StoreError& e) {
       throw ConfigError(std::string("state_dir: ") + e.what());
+    }
+    if (!cfg.worker_cgroup.empty()) {
+      std::string why;
+      if (!CgroupUsable(cfg.worker_cgroup, &why)) throw ConfigError("workers.cgroup: " + why);
     }
     devices = DeviceMonitor::create(cfg, &devlog);
     auth = Auth::load(cfg.tokens_file);

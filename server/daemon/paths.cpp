@@ -182,8 +182,19 @@ std::string ReadInput(const PathRules& r, const std::string& user, const std::st
   }
 }
 
+// The write root itself must exist: an administrator makes it (memfitd does not create
+// folders on a pattern's behalf).
+void CheckRoot(const OutputPlace& out) {
+  struct stat st {};
+  if (::stat(out.root.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    throw PathError(PathError::Kind::kPrecondition, "output_dir: " + out.dir + ": its write root " + out.root +
+                                                        " does not exist (paths.write_roots; an administrator creates it)");
+  }
+}
+
 void CheckOutput(const OutputPlace& out) {
   if (out.in_state_dir) return;
+  CheckRoot(out);
   try {
     CheckNotInsideClaimed(out);
     fsx::Dir root = fsx::Dir::open_below(out.root, out.root, false);
@@ -208,7 +219,10 @@ void ClaimOutput(const OutputPlace& out, const std::string& job_id, int64_t uid,
       // The job's own folder: made by memfitd, traversable by the worker's user only.
       fsx::Dir::open_below(std::filesystem::path(out.root).parent_path().string(), out.root, true);
     }
-    if (!out.in_state_dir) CheckNotInsideClaimed(out);
+    if (!out.in_state_dir) {
+      CheckRoot(out);
+      CheckNotInsideClaimed(out);
+    }
     fsx::Dir d = fsx::Dir::open_below(out.root, out.dir, true);
     const auto names = d.list();
     if (!names.empty()) CheckOutput(out);  // names what is there

@@ -21,8 +21,8 @@ namespace {
 
 class WorkerProcess : public Worker {
  public:
-  WorkerProcess(int64_t pid, std::string out_path, int64_t offset, bool child, bool gone)
-      : pid_(pid), out_path_(std::move(out_path)), offset_(offset), child_(child), gone_(gone) {}
+  WorkerProcess(int64_t pid, std::string out_path, int64_t offset, bool child, bool gone, std::string cgroup = "")
+      : pid_(pid), out_path_(std::move(out_path)), offset_(offset), child_(child), gone_(gone), cgroup_(std::move(cgroup)) {}
   int64_t pid() const override { return pid_; }
   const std::string& out_path() const override { return out_path_; }
   int64_t offset() const override { return offset_; }
@@ -46,6 +46,7 @@ class WorkerProcess : public Worker {
   int exit_code_ = -1;
   int exit_signal_ = 0;
   std::string partial_;
+  std::string cgroup_;  // the worker's own cgroup, removed once it is gone
 };
 
 std::vector<std::string> WorkerProcess::read_lines() {
@@ -86,6 +87,7 @@ bool WorkerProcess::exited() {
       gone_ = true;
       if (WIFEXITED(status)) exit_code_ = WEXITSTATUS(status);
       if (WIFSIGNALED(status)) exit_signal_ = WTERMSIG(status);
+      if (!cgroup_.empty()) ::rmdir(cgroup_.c_str());  // empty now: its only process is gone
     } else if (r < 0 && errno == ECHILD) {
       gone_ = true;
     }
@@ -174,9 +176,9 @@ std::unique_ptr<Worker> ProcessLauncher::start(const WorkerLaunch& l) {
   envp.push_back(nullptr);
 
   // The worker's own cgroup, limited before the worker joins it.
-  std::string procs;
+  std::string procs, cg;
   if (!l.confine.cgroup_dir.empty() && l.confine.memory_limit_bytes > 0) {
-    const std::string cg = l.confine.cgroup_dir + "/memfit-" + l.job_id;
+    cg = l.confine.cgroup_dir + "/memfit-" + l.job_id;
     if (::mkdir(cg.c_str(), 0755) != 0 && errno != EEXIST) {
       throw std::runtime_error("worker cgroup " + cg + ": " + std::strerror(errno));
     }
@@ -253,7 +255,7 @@ std::unique_ptr<Worker> ProcessLauncher::start(const WorkerLaunch& l) {
     throw std::runtime_error("starting " + l.binary + " for " + l.dir + ": " + step + ": " + std::strerror(child_errno));
   }
   ::close(pipefd[0]);
-  return std::make_unique<WorkerProcess>(pid, out, start_offset, /*child=*/true, /*gone=*/false);
+  return std::make_unique<WorkerProcess>(pid, out, start_offset, /*child=*/true, /*gone=*/false, cg);
 }
 
 std::unique_ptr<Worker> ProcessLauncher::adopt(int64_t pid, const std::string& out_path, int64_t offset) {

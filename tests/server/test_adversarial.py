@@ -431,6 +431,47 @@ class Workers(Case):
         self.assertEqual(d.devices_now()[0].reserved_bytes, 0)
 
 
+    @needs_data
+    def test_workers_run_as_the_configured_user_with_nothing_of_the_daemons(self):
+        if not IS_ROOT:
+            self.skipTest("starting workers as another user needs root")
+        try:
+            import pwd
+            nobody = pwd.getpwnam("nobody")
+        except KeyError:
+            self.skipTest("no user 'nobody' here")
+        # nobody must reach the worker binary and the fetched data (CI's clone may sit
+        # below a private home folder).
+        for path in (D.WORKER, os.path.join(D.W.DATA, "gpt2", "encoder.json")):
+            probe = subprocess.run(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                                    "--clear-groups", "test", "-r", path], capture_output=True)
+            if probe.returncode != 0:
+                self.skipTest(f"{path} is not readable by nobody here")
+        base = self.tmpdir("user")
+        os.chmod(base, 0o755)
+        d = self.daemon("user", dir=base, extra=["--worker-user", "nobody"],
+                        roots=["--read-root", D.W.DATA, "--read-root", base])
+        spec = D.gpt2_spec(os.path.join(base, "a"), steps=30, training={"checkpoint_interval": 1000})
+        os.chmod(os.path.join(base, "a"), 0o755)
+        spec.output_dir = ""
+        j = d.submit(spec)
+        d.wait(j.id, lambda x: x.state == pb.RUNNING and x.progress.step >= 1, timeout=120)
+        pid = worker_pid(d.events(j.id))
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        self.assertEqual(status["Uid"].split()[:2], [str(nobody.pw_uid)] * 2)
+        self.assertEqual(status["Groups"].strip(), "")
+        # No descriptor of the daemon's (database, sockets, lock) reached the worker.
+        fds = {os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")}
+        self.assertFalse([x for x in fds if "memfit.db" in x or "memfitd.lock" in x or x.startswith("socket:")], fds)
+        done = d.wait(j.id, timeout=300)
+        self.assertEqual(done.state, pb.SUCCEEDED, done.failure)
+        self.assertEqual(os.stat(done.result.adapter_dir).st_uid, nobody.pw_uid)
+        state = os.path.join(base, "state")
+        self.assertEqual(stat.S_IMODE(os.stat(state).st_mode), 0o711)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(state, "memfit.db")).st_mode), 0o600)
+
+
 # ---- 6., 8d, 8e. the state folder -------------------------------------------------------------
 
 class StateFolder(Case):

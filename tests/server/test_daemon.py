@@ -445,6 +445,8 @@ class Configuration(unittest.TestCase):
                               "is readable by others (mode 644)"),
                              (["--tokens", tokens_file("twice", f"{good} alice\n{good} bob admin\n")],
                               "twice:2: this token is already given"),
+                             (["--worker-cgroup", tmp], "workers.cgroup: " + tmp + ": not a cgroup v2 folder"),
+                             (["--worker-user", "no-such-user-xyz"], "workers.user: no user 'no-such-user-xyz'"),
                              (["--margin", "-1"], "--margin"),
                              (["--device", "gpu0=8GiB"], "expected cpu:N or cuda:N"),
                              (["--device", "cpu:0=lots"], "--device cpu:0"),

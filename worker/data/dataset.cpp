@@ -9,6 +9,7 @@
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <functional>
 #include <memory>
 #include <sstream>
 
@@ -23,7 +24,7 @@ std::string read_text(const std::string& path, const char* field) {
   try {
     return fsx::InputFile(path).read_all();
   } catch (const fsx::FsError& e) {
-    throw DataError(std::string(field) + ": " + e.what());
+    throw DataError(std::string(field) + ": cannot read " + e.what());
   }
 }
 
@@ -33,7 +34,7 @@ std::vector<uint8_t> read_maybe_gz(const std::string& path, const char* field) {
   try {
     fd = fsx::open_input(path);
   } catch (const fsx::FsError& e) {
-    throw DataError(std::string(field) + ": " + e.what());
+    throw DataError(std::string(field) + ": cannot read " + e.what());
   }
   gzFile f = gzdopen(fd, "rb");  // owns fd from here
   if (f == nullptr) {
@@ -50,31 +51,55 @@ std::vector<uint8_t> read_maybe_gz(const std::string& path, const char* field) {
   return out;
 }
 
-std::vector<json> read_jsonl(const std::string& path, const char* field) {
+// Calls fn for each row of a JSONL file, one line at a time: the file is read through a
+// 1 MiB buffer and no more than one row is held, so memory follows the tokens kept, not
+// the file (a line longer than 64 MiB is refused).
+void for_each_jsonl(const std::string& path, const char* field, const std::function<void(const json&)>& fn) {
+  constexpr size_t kMaxLine = size_t{64} << 20;
   std::unique_ptr<fsx::InputFile> file;
   try {
     file = std::make_unique<fsx::InputFile>(path);
   } catch (const fsx::FsError& e) {
-    throw DataError(std::string(field) + ": " + e.what());
+    throw DataError(std::string(field) + ": cannot read " + e.what());
   }
-  std::ifstream in(file->proc_path());
-  if (!in) throw DataError(std::string(field) + ": " + path + ": cannot read (" + std::strerror(errno) + ")");
-  std::vector<json> rows;
+  std::vector<char> buf(size_t{1} << 20);
   std::string line;
   int64_t lineno = 0;
-  while (std::getline(in, line)) {
+  off_t off = 0;
+  auto row = [&] {
     ++lineno;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.find_first_not_of(" \t\r") == std::string::npos) return;
+    json j;
     try {
-      json j = json::parse(line);
-      if (!j.is_object()) throw DataError(path + ":" + std::to_string(lineno) + ": expected a JSON object");
-      j["__line"] = lineno;
-      rows.push_back(std::move(j));
+      j = json::parse(line);
     } catch (const json::exception& e) {
       throw DataError(path + ":" + std::to_string(lineno) + ": not valid JSON: " + e.what());
     }
+    if (!j.is_object()) throw DataError(path + ":" + std::to_string(lineno) + ": expected a JSON object");
+    j["__line"] = lineno;
+    fn(j);
+  };
+  for (;;) {
+    const ssize_t n = ::pread(file->fd(), buf.data(), buf.size(), off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw DataError(std::string(field) + ": " + path + ": cannot read (" + std::strerror(errno) + ")");
+    if (n == 0) break;
+    off += n;
+    size_t start = 0;
+    for (size_t k = 0; k < static_cast<size_t>(n); ++k) {
+      if (buf[k] != '\n') continue;
+      line.append(buf.data() + start, k - start);
+      row();
+      line.clear();
+      start = k + 1;
+    }
+    line.append(buf.data() + start, static_cast<size_t>(n) - start);
+    if (line.size() > kMaxLine) {
+      throw DataError(path + ":" + std::to_string(lineno + 1) + ": a line longer than 64 MiB");
+    }
   }
-  return rows;
+  if (!line.empty()) row();
 }
 
 std::string field_string(const json& row, const char* key, const std::string& path) {
@@ -240,11 +265,11 @@ std::unique_ptr<Dataset> load_dataset(const spec::Job& job, bool validation, con
       if (job.format == spec::DataFormat::kText) {
         tokens = tok->encode(read_text(path, field));
       } else {
-        for (const json& row : read_jsonl(path, field)) {
+        for_each_jsonl(path, field, [&](const json& row) {
           const std::vector<int64_t> t = tok->encode(field_string(row, "text", path));
           tokens.insert(tokens.end(), t.begin(), t.end());
           if (tok->eos >= 0) tokens.push_back(tok->eos);
-        }
+        });
       }
       if (static_cast<int64_t>(tokens.size()) < S) {
         throw DataError(std::string(field) + ": " + path + ": " + std::to_string(tokens.size()) +
@@ -257,7 +282,7 @@ std::unique_ptr<Dataset> load_dataset(const spec::Job& job, bool validation, con
     case spec::DataFormat::kJsonlClassification: {
       const bool classify = job.format == spec::DataFormat::kJsonlClassification;
       std::vector<Seq> rows;
-      for (const json& row : read_jsonl(path, field)) {
+      for_each_jsonl(path, field, [&](const json& row) {
         Seq s;
         if (classify) {
           if (tok->cls >= 0 && job.architecture != spec::Architecture::kGPT2) s.ids.push_back(tok->cls);
@@ -291,10 +316,10 @@ std::unique_ptr<Dataset> load_dataset(const spec::Job& job, bool validation, con
           }
           // The loss predicts token t+1 from t: a sequence needs a completion token past
           // position 0 to count.
-          if (std::count_if(s.labels.begin() + 1, s.labels.end(), [](int64_t v) { return v != -100; }) == 0) continue;
+          if (std::count_if(s.labels.begin() + 1, s.labels.end(), [](int64_t v) { return v != -100; }) == 0) return;
         }
         if (!s.ids.empty()) rows.push_back(std::move(s));
-      }
+      });
       const int64_t pad = tok->pad >= 0 ? tok->pad : 0;
       ds = std::make_unique<Padded>(std::move(rows), pad, classify, classify ? "labelled texts" : "prompt/completion pairs");
       break;

@@ -106,7 +106,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   try {
     fd = fsx::open_input(path);  // beneath the job's input roots (or its own outputs)
   } catch (const fsx::FsError& e) {
-    throw IoError(e.what());
+    throw IoError(std::string("cannot open ") + e.what());
   }
   struct stat st {};
   if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
