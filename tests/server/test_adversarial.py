@@ -418,6 +418,28 @@ class Workers(Case):
         self.assertEqual(d.wait(j.id, timeout=60).state, pb.CANCELLED)
 
     @needs_data
+    def test_a_worker_past_its_kernel_limit_is_out_of_memory_not_a_host_problem(self):
+        # 120 MB of text: loading and tokenizing it needs more than the reservation plus a
+        # 700 MiB allowance. The kernel refuses, the worker reports oom, the job follows the
+        # out-of-memory rule (two larger retries) and fails as SYSTEM/oom.
+        d = self.daemon("kernel-oom", extra=["--worker-memory-allowance", "700MiB", "--crash-retries", "0"])
+        spec = D.gpt2_spec(os.path.join(d.dir, "a"), steps=3)
+        with open(os.path.join(D.W.DATA, "moby-dick", "chapter_1.txt")) as f:
+            chapter = f.read()
+        with open(spec.data.train_path, "w") as f:
+            while f.tell() < 120 << 20:
+                f.write(chapter)
+        j = d.submit(spec)
+        done = d.wait(j.id, timeout=600)
+        self.assertEqual(done.state, pb.FAILED)
+        self.assertEqual((done.failure.kind, done.failure.reason), (pb.SYSTEM, "oom"))
+        self.assertEqual((done.attempts, done.oom_retries, done.crash_retries), (3, 2, 0))
+        failed = [e.message for e in d.events(j.id) if e.kind == "failed"]
+        self.assertEqual(len(failed), 3)
+        self.assertIn("reached its memory limit", failed[0])
+        self.assertEqual(d.devices_now()[0].reserved_bytes, 0)
+
+    @needs_data
     def test_a_worker_killed_by_sigkill_fails_the_job_naming_the_signal(self):
         d = self.daemon("sigkill", extra=["--crash-retries", "0"])
         j = d.submit(D.gpt2_spec(os.path.join(d.dir, "a"), steps=100000, training={"checkpoint_interval": 100000}))
