@@ -26,6 +26,15 @@ std::string shown(const std::vector<std::string>& names) {
   return s;
 }
 
+// The innermost root `p` lies beneath; nullptr when none.
+const std::string* Innermost(const std::vector<std::string>& roots, const std::string& p) {
+  const std::string* best = nullptr;
+  for (const auto& root : roots) {
+    if (fsx::IsBeneath(p, root) && (best == nullptr || root.size() > best->size())) best = &root;
+  }
+  return best;
+}
+
 // A folder inside another job's claimed output folder is that job's: its worker replaces
 // and removes what is there (adapter, model, checkpoints). Checks the root and each folder
 // between it and out.dir for a marker; throws PathError (or FsError for a link on the way).
@@ -97,10 +106,7 @@ std::string InputRoot(const PathRules& r, const std::string& user, const std::st
     throw PathError(PathError::Kind::kDenied, field + ": " + path + " is inside memfitd's state folder, which jobs may not read");
   }
   const std::vector<std::string> roots = ExpandRoots(r.read_roots, user);
-  const std::string* best = nullptr;
-  for (const auto& root : roots) {
-    if (fsx::IsBeneath(p, root) && (best == nullptr || root.size() > best->size())) best = &root;
-  }
+  const std::string* best = Innermost(roots, p);
   if (best == nullptr) {
     throw PathError(PathError::Kind::kDenied,
                     field + ": " + path + " is outside the folders memfitd may read for " + user +
@@ -129,10 +135,7 @@ OutputPlace DecideOutput(const PathRules& r, const std::string& user, const std:
                                                   "the job writes into its own folder there");
   }
   const std::vector<std::string> roots = ExpandRoots(r.write_roots, user);
-  const std::string* best = nullptr;
-  for (const auto& root : roots) {
-    if (fsx::IsBeneath(p, root) && (best == nullptr || root.size() > best->size())) best = &root;
-  }
+  const std::string* best = Innermost(roots, p);
   if (best == nullptr) {
     throw PathError(PathError::Kind::kDenied,
                     "output_dir: " + requested + " is outside the folders memfitd may write for " + user +
