@@ -247,6 +247,11 @@ Job resolve(const v1::JobSpec& s, const std::string& origin, const std::string& 
   } else if (m.has_lora()) {
     fail(origin, std::string("method.lora: given but method.kind is ") + name_of(j.method));
   }
+  if (j.method == Method::kHeadOnly && j.task == Task::kCausalLM) {
+    // A causal LM's output layer is its (usually tied) embedding: there is no head to train
+    // alone, and the worker would find no trainable parameter.
+    fail(origin, "method.kind: head_only trains a classification head, and task causal_lm has none; use lora or full");
+  }
 
   const v1::MemorySpec& mem = s.memory();
   j.memory.preset = mem.preset() == "custom" ? "" : mem.preset();

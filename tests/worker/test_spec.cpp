@@ -95,6 +95,10 @@ TEST(Spec, BadValuesNameTheFieldAndTheChoices) {
   EXPECT_NE(with("rank: 4", "rank: -2").find("method.lora.rank"), std::string::npos);
   EXPECT_NE(with("output_dir: out", "").find("output_dir: required"), std::string::npos);
   EXPECT_NE(with("format: text", "format: idx").find("data.format"), std::string::npos);
+  // A causal LM has no head to train alone (it would train 0 parameters).
+  EXPECT_NE(with("kind: lora, lora: {rank: 4, alpha: 8, target_modules: [c_attn]}", "kind: head_only")
+                .find("method.kind: head_only trains a classification head, and task causal_lm has none"),
+            std::string::npos);
 }
 
 TEST(Spec, PresetTurnsOnMemfitsChoicesAndFilesAreRead) {
