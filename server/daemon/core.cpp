@@ -207,7 +207,7 @@ void Core::tick() {
   }
 }
 
-WorkerLaunch Core::launch_of(const v1::Job& j, const sched::Placement& p) {
+WorkerLaunch Core::launch_of(const v1::Job& j, const sched::Placement& p, const OutputPlace& out) {
   const std::string dir = rules_.jobs_dir + "/" + j.id();
   const DeviceInfo* dev = nullptr;
   for (const auto& d : devices_.devices()) {
@@ -222,7 +222,6 @@ WorkerLaunch Core::launch_of(const v1::Job& j, const sched::Placement& p) {
   // beneath its root (links never followed).
   for (const auto& r : ExpandRoots(cfg_.read_roots, j.owner())) l.args.insert(l.args.end(), {"--input-root", r});
   if (cfg_.read_roots.empty()) l.args.insert(l.args.end(), {"--input-root", dir + "/no-inputs"});
-  const OutputPlace out = DecideOutput(rules_, j.owner(), j.id(), j.spec().output_dir() == dir + "/output" ? "" : j.spec().output_dir());
   l.args.insert(l.args.end(), {"--output-root", out.root});
   if (dev != nullptr && dev->kind == "cuda") {
     l.args.insert(l.args.end(), {"--device", "cuda:0"});
@@ -268,12 +267,16 @@ void Core::start_worker(const sched::Placement& p) {
     const fsx::Dir jd = jobs.sub(j.id(), false);
     jd.write_file_atomic("spec.json", spec_json);
     ::fchmodat(jd.fd(), "spec.json", 0644, 0);
-    const OutputPlace out = DecideOutput(rules_, j.owner(), j.id(), "");
-    if (j.spec().output_dir() == out.dir && !jd.exists(std::string("output/") + kOutputMarker)) {
+    // Where it writes: its own folder (made and claimed at its first start), or the folder
+    // claimed at submit, beneath its write root.
+    const OutputPlace own = DecideOutput(rules_, j.owner(), j.id(), "");
+    const bool in_own = j.spec().output_dir() == own.dir;
+    const OutputPlace out = in_own ? own : DecideOutput(rules_, j.owner(), j.id(), j.spec().output_dir());
+    if (in_own && !jd.exists(std::string("output/") + kOutputMarker)) {
       ClaimOutput(out, j.id(), cfg_.worker_uid, cfg_.worker_gid);
     }
     Active a;
-    a.proc = launcher_->start(launch_of(j, p));
+    a.proc = launcher_->start(launch_of(j, p, out));
     a.device = p.device;
     a.reservation = p.reservation_bytes;
     store_.put_worker({j.id(), a.proc->pid(), p.device, p.reservation_bytes, a.proc->out_path(), a.proc->offset(),

@@ -146,7 +146,8 @@ class Core {
   v1::JobEvent event(const std::string& kind, v1::JobState st, const std::string& msg, const std::string& data = "");
   void record(v1::Job& j, const std::string& kind, const std::string& msg, const std::string& data = "");
   void start_worker(const sched::Placement& p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  WorkerLaunch launch_of(const v1::Job& j, const sched::Placement& p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  WorkerLaunch launch_of(const v1::Job& j, const sched::Placement& p, const OutputPlace& out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void poll(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The attempt is over (the process is gone): decide, apply, free the reservation.
   void finish(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
