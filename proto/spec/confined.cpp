@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <atomic>
 #include <mutex>
 
 namespace memfit::fsx {
@@ -27,7 +28,7 @@ std::string why(int err) {
 
 [[noreturn]] void fail(const std::string& path, int err) { throw FsError(path + ": " + why(err), err); }
 
-bool g_no_openat2 = false;
+std::atomic<bool> g_no_openat2{false};
 
 std::vector<std::string> components(const std::string& rel) {
   std::vector<std::string> out;
@@ -73,6 +74,30 @@ int open_beneath(int dirfd, const std::string& rel, int flags, mode_t mode, bool
     if (cur != dirfd) ::close(cur);
     if (next < 0) {
       errno = (e == ENOTDIR && !last) ? ELOOP : e;
+      return -1;
+    }
+    cur = next;
+  }
+  return cur;
+}
+
+// A root folder, opened one component at a time from "/" without following any link. A
+// root with {user} filled in may pass through a folder that user owns: a link there must
+// not redirect the root (the configuration resolved the administrator's links at load).
+// -1 with errno (ELOOP for a link).
+int open_root(const std::string& root) {
+  int cur = ::open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (cur < 0) return -1;
+  for (const auto& c : components(root)) {
+    const int next = ::openat(cur, c.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    int e = errno;
+    struct stat st {};
+    if (next < 0 && e == ENOTDIR && ::fstatat(cur, c.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISLNK(st.st_mode)) {
+      e = ELOOP;
+    }
+    ::close(cur);
+    if (next < 0) {
+      errno = e;
       return -1;
     }
     cur = next;
@@ -147,7 +172,7 @@ Dir Dir::open_below(const std::string& root_in, const std::string& path_in, bool
   if (root.empty()) throw FsError(root_in + ": not an absolute folder", EINVAL);
   if (path.empty()) throw FsError(path_in + ": expected an absolute path without '..'", EINVAL);
   if (!IsBeneath(path, root)) throw FsError(path + ": " + why(EXDEV), EXDEV);
-  int cur = ::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  int cur = open_root(root);
   if (cur < 0) fail(root, errno);
   std::string shown = root;
   for (const auto& c : components(RelativeTo(path, root))) {
@@ -399,7 +424,7 @@ int open_input_fd(const std::string& path, const std::vector<std::string>& roots
     return -1;
   }
   *root_out = *best;
-  const int root = ::open(best->c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  const int root = open_root(*best);
   if (root < 0) return -1;
   const int fd = open_beneath(root, RelativeTo(p, *best), flags, 0, /*no_symlinks=*/false);
   const int e = errno;

@@ -63,7 +63,8 @@ PathRules PathRules::From(const Config& c) {
   PathRules r;
   r.read_roots = c.read_roots;
   r.write_roots = c.write_roots;
-  r.state_dir = fsx::NormalAbsolute(std::filesystem::absolute(c.state_dir).lexically_normal().string());
+  // Canonical: roots are opened without following links, the state dir's own included.
+  r.state_dir = fsx::NormalAbsolute(std::filesystem::weakly_canonical(std::filesystem::absolute(c.state_dir)).string());
   r.jobs_dir = r.state_dir + "/jobs";
   r.max_input_bytes = c.max_input_bytes;
   r.max_weights_bytes = c.max_weights_bytes;
@@ -189,7 +190,7 @@ std::string ReadInput(const PathRules& r, const std::string& user, const std::st
 // folders on a pattern's behalf).
 void CheckRoot(const OutputPlace& out) {
   struct stat st {};
-  if (::stat(out.root.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+  if (::lstat(out.root.c_str(), &st) != 0 && errno == ENOENT) {
     throw PathError(PathError::Kind::kPrecondition, "output_dir: " + out.dir + ": its write root " + out.root +
                                                         " does not exist (paths.write_roots; an administrator creates it)");
   }
@@ -231,7 +232,9 @@ void ClaimOutput(const OutputPlace& out, const std::string& job_id, int64_t uid,
     if (!names.empty()) CheckOutput(out);  // names what is there
     const int fd = d.open(kOutputMarker, O_WRONLY | O_CREAT | O_EXCL, 0640);
     const std::string text = job_id + "\n";
-    const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+    bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+    // Handed over through its descriptor: a name could be swapped for a hard link.
+    if (ok && uid >= 0) ok = ::fchown(fd, static_cast<uid_t>(uid), static_cast<gid_t>(gid)) == 0;
     ::close(fd);
     if (!ok) throw PathError(PathError::Kind::kPrecondition, "output_dir: " + out.dir + ": cannot write its marker");
     if (!out.in_state_dir) {
@@ -253,8 +256,7 @@ void ClaimOutput(const OutputPlace& out, const std::string& job_id, int64_t uid,
     }
     if (uid >= 0) {
       // The worker's user owns the folder it writes (and the marker stays readable).
-      if (::fchownat(d.fd(), "", static_cast<uid_t>(uid), static_cast<gid_t>(gid), AT_EMPTY_PATH) != 0 ||
-          ::fchownat(d.fd(), kOutputMarker, static_cast<uid_t>(uid), static_cast<gid_t>(gid), AT_SYMLINK_NOFOLLOW) != 0) {
+      if (::fchownat(d.fd(), "", static_cast<uid_t>(uid), static_cast<gid_t>(gid), AT_EMPTY_PATH) != 0) {
         throw PathError(PathError::Kind::kPrecondition, "output_dir: " + out.dir + ": cannot hand it to the worker's user");
       }
     }

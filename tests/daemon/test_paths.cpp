@@ -180,6 +180,22 @@ TEST_F(Confined, OutputFoldersAreClaimedOnceAndNeverReused) {
   EXPECT_FALSE(fs::exists(base_ + "/alice/runs/a"));
 }
 
+// A root with {user} filled in passes through a folder the user may own: a link put
+// there must not move the root (to another user's folder, or the state dir).
+TEST_F(Confined, ALinkInPlaceOfAUsersRootIsNotFollowed) {
+  fs::create_directories(base_ + "/bob/runs");
+  fs::create_symlink(base_ + "/bob", base_ + "/mallory");
+  const OutputPlace o = DecideOutput(rules_, "mallory", "j1", base_ + "/mallory/runs/x");
+  EXPECT_EQ(KindOf([&] { ClaimOutput(o, "j1", -1, -1); }), PathError::Kind::kDenied);
+  EXPECT_FALSE(fs::exists(base_ + "/bob/runs/x"));
+  write(base_ + "/bob/secret.txt", "bob's");
+  EXPECT_EQ(KindOf([&] { CheckInput(rules_, "mallory", "data.train_path", base_ + "/mallory/secret.txt", false); }),
+            PathError::Kind::kDenied);
+  fsx::set_input_roots({base_ + "/mallory"});
+  EXPECT_THROW(fsx::InputFile(base_ + "/mallory/secret.txt"), fsx::FsError);
+  fsx::set_input_roots({});
+}
+
 // Two jobs claiming nested folders at the same moment (a and a/x): never both.
 TEST_F(Confined, NestedClaimsRacingNeverBothWin) {
   int both = 0, one = 0;
