@@ -65,6 +65,7 @@ void print_text(const spec::Job& job, const est::Input& in, const est::Estimate&
     if (it != e.phase_peaks.end()) std::printf(" %s %s;", p, format_size(it->second).c_str());
   }
   std::printf("\n");
+  for (const auto& b : e.bounds) std::printf("  a safe bound: %s\n", b.c_str());
   if (plan != nullptr) {
     std::printf("\nfit in %s: %s\n", format_size(plan->device_bytes).c_str(),
                 plan->fits ? ("micro-batch " + std::to_string(plan->micro_batch) + " x " +

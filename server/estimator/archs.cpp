@@ -197,6 +197,16 @@ class Vit final : public SimModel {
     feeds(*final_, {classifier_});
   }
 
+  int64_t grad_held_bytes(const Tensor& t, int64_t micro_batch) const override {
+    // One image: the cls token's .grad is a view of the [1, S, d] embeddings' gradient.
+    const auto& c = cfg_;
+    if (micro_batch == 1 && t.block == p("vit.embeddings.cls_token").block) {
+      const int64_t np = (c.image_size / c.patch_size) * (c.image_size / c.patch_size);
+      return s_.timeline.charge((np + 1) * c.hidden * esize_);
+    }
+    return SimModel::grad_held_bytes(t, micro_batch);
+  }
+
   Tensor forward(const Batch& b, bool training) override {
     const auto& c = cfg_;
     const int64_t B = b.B, d = c.hidden, H = c.heads, D = c.head_dim();
@@ -205,15 +215,30 @@ class Vit final : public SimModel {
     Tensor patches;
     {
       const Tensor px = cast(s_, b.pixels, esize_);
-      patches = patch_conv(s_, px, B, c.channels, c.image_size, c.patch_size, d,
+      patches = patch_conv(s_, rt_, px, B, c.channels, c.image_size, c.patch_size, d,
                            p("vit.embeddings.patch_embeddings.projection.weight"),
                            p("vit.embeddings.patch_embeddings.projection.bias"));
     }
-    patches.contiguous = false;  // .flatten(2).transpose(1, 2)
+    if (!rt_.cuda) {
+      // CPU: .flatten(2) of oneDNN's convolution output is a copy (the output is freed).
+      Tensor flat = s_.empty(patches.numel, patches.esize);
+      s_.record("flatten", {&patches}, {&flat}, {}, [](Grads& gr) { return Grads{gr[0]}; });
+      patches = flat;
+    }
+    patches.contiguous = false;  // .transpose(1, 2)
     Tensor cls = p("vit.embeddings.cls_token");
     Tensor cls_b = cls.detach();
     cls_b.numel = B * d;
-    s_.record("expand", {&cls}, {&cls_b}, {}, [this, d](Grads&) { return Grads{s_.empty(d, esize_)}; });
+    s_.record("expand", {&cls}, {&cls_b}, {}, [this, d, B](Grads& g) {
+      if (B > 1) return Grads{s_.empty(d, esize_)};  // summed over the batch
+      // One image: the gradient is the [1, 1, d] slice of the embeddings' gradient, a
+      // view .grad steals (size-1 dimensions obey the layout contract), keeping that
+      // whole [1, S, d] gradient alive as the cls token's .grad.
+      Tensor v = g[0];
+      v.contiguous = true;
+      v.sole_view = true;
+      return Grads{v};
+    });
     Tensor x = add(s_, cat2(s_, cls_b, patches), p("vit.embeddings.position_embeddings"));
     cls_b = Tensor{};
     const AttnShape a{B, S, H, H, D, false, false};

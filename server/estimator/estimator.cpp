@@ -17,6 +17,7 @@ DeviceModel DeviceModel::cpu(int threads) {
   d.kind = Kind::kCPU;
   d.threads = std::max(1, threads);
   d.mean_backward_keeps_input = true;
+  d.grad_buffer_in_place = false;
   return d;
 }
 
@@ -28,6 +29,7 @@ DeviceModel DeviceModel::cuda() {
   d.alloc_granularity = kCudaBlockBytes;
   d.reserved_overhead = kCudaReservedOverhead;
   d.mean_backward_keeps_input = false;
+  d.grad_buffer_in_place = true;
   return d;
 }
 
@@ -186,6 +188,8 @@ Estimate estimate(const Input& in) {
   rt.threads = cuda ? 1 : in.device.threads;
   rt.mean_backward_keeps_input = in.device.mean_backward_keeps_input;
   sim::Sim s(in.device.alloc_granularity);
+  s.grad_buffer_in_place = in.device.grad_buffer_in_place;
+  if (!cuda && in.job.training.dtype == spec::DType::kBFloat16) s.cpu_bf16_gemm_threads = in.device.threads;
   Estimate e;
   auto m = sim::SimModel::create(in, s, rt);
 
@@ -209,7 +213,7 @@ Estimate estimate(const Input& in) {
   // formed at each moment, which the timeline's shadow tracks in the same pass.
   if (in.job.training.gradient_accumulation > 1) {
     int64_t grads = 0;
-    for (const Tensor& t : m->trainable()) grads += s.timeline.charge(t.numel * t.esize);
+    for (const Tensor& t : m->trainable()) grads += m->grad_held_bytes(t, in.job.training.micro_batch);
     s.timeline.shadow(true, grads);
     s.on_first_grad = [&s](int64_t bytes) { s.timeline.shadow_add(-bytes); };
   }
@@ -271,6 +275,7 @@ Estimate estimate(const Input& in) {
     if (t.edge.leaf == nullptr || !t.edge.leaf->grad.defined()) continue;
     Tensor g = t.esize == 4 ? Tensor{} : s.empty(t.numel, 4);
     Tensor root = s.empty(t.numel, 4);
+    Tensor step = s.empty(1, 8), scale = s.empty(1, 4);  // the step's scalars
     Tensor denom = s.empty(t.numel, 4);
   }
   for (const Tensor& t : m->trainable()) {
@@ -312,6 +317,22 @@ Estimate estimate(const Input& in) {
     e.context_bytes = in.device.context_bytes;
   }
   e.peak_bytes = e.allocated_peak_bytes + e.allocator_overhead_bytes + e.context_bytes;
+  if (s.thread_slack > 0) {
+    e.bound_slack_bytes += s.thread_slack;
+    e.bounds.push_back("attention scratch counted as if all " + str(in.device.threads) +
+                       " CPU threads held their largest buffers at once (up to " + format_size(s.thread_slack) +
+                       " more than one thread's)");
+  }
+  if (s.gemm_slack > 0) {
+    e.bound_slack_bytes += s.gemm_slack;
+    e.bounds.push_back("CPU bf16 matrix products: oneDNN's packing buffers counted at a bound (up to " +
+                       format_size(s.gemm_slack) + " per product over " + str(in.device.threads) + " threads)");
+  }
+  if (in.job.format == spec::DataFormat::kJsonlPromptCompletion ||
+      in.job.format == spec::DataFormat::kJsonlClassification) {
+    e.bounds.push_back("every row counted at training.sequence_length; the worker pads each batch only to its "
+                       "longest row, so shorter texts need less");
+  }
   return e;
 }
 

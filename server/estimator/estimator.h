@@ -44,6 +44,9 @@ struct DeviceModel {
   int64_t alloc_granularity = 1;            // CUDA caching allocator: 512-byte blocks
   double reserved_overhead = 0.0;           // reserved / allocated - 1 at the peak
   bool mean_backward_keeps_input = true;    // LibTorch 1.13 (CPU builds); 2.x does not
+  // Autograd adds a second gradient into the first in place (2.x) or forms old + new
+  // (1.13, every dense buffer): a tied embedding's two [V, d] gradients need a third.
+  bool grad_buffer_in_place = false;
 
   static constexpr int64_t kCudaContextBytes = int64_t{512} << 20;
   static constexpr int64_t kCudaBlockBytes = 512;
@@ -90,6 +93,10 @@ struct Estimate {
   int64_t peak_bytes = 0;                // what the device must have free for the job
   std::string peak_phase;                // init, batch, forward, backward, optimizer, eval, export
   std::map<std::string, int64_t> phase_peaks;  // allocated bytes per phase
+  // Where the estimate takes a safe upper bound instead of the exact value, and by how
+  // much at most it may exceed the measured peak for that reason (0 when exact).
+  std::vector<std::string> bounds;
+  int64_t bound_slack_bytes = 0;
 };
 
 // Validates the input (errors name the spec field or the config key) and estimates.

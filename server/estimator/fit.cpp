@@ -1,6 +1,7 @@
 #include "fit.h"
 
 #include <algorithm>
+#include <iterator>
 
 namespace memfit::estimator {
 namespace {
@@ -33,12 +34,6 @@ std::vector<int64_t> divisors_desc(int64_t g) {
   return d;
 }
 
-struct Trial {
-  bool ok = false;
-  int64_t micro = 0;
-  Estimate est;
-};
-
 Input with(const Input& in, int64_t micro, int64_t accumulation, const spec::Memory& m) {
   Input t = in;
   t.job.training.micro_batch = micro;
@@ -47,35 +42,10 @@ Input with(const Input& in, int64_t micro, int64_t accumulation, const spec::Mem
   return t;
 }
 
-// The largest micro-batch (a divisor of the global batch) whose estimate fits.
-Trial largest_fitting(const Input& in, const std::vector<int64_t>& divs, int64_t global, const spec::Memory& m,
-                      int64_t device_bytes) {
-  auto fits = [&](size_t i, Estimate* out) {
-    try {
-      Estimate e = estimate(with(in, divs[i], global / divs[i], m));
-      const bool ok = e.peak_bytes <= device_bytes;
-      if (out) *out = std::move(e);
-      return ok;
-    } catch (const EstimateError&) {
-      return false;  // beyond any device
-    }
-  };
-  // divs is descending; memory grows with the micro-batch, so fitting is a suffix.
-  size_t lo = 0, hi = divs.size();  // answer in [lo, hi); hi = none
-  while (lo < hi) {
-    const size_t mid = lo + (hi - lo) / 2;
-    if (fits(mid, nullptr)) {
-      hi = mid;
-    } else {
-      lo = mid + 1;
-    }
-  }
-  Trial t;
-  if (lo < divs.size()) {
-    t.ok = fits(lo, &t.est);
-    t.micro = divs[lo];
-  }
-  return t;
+bool same_options(const spec::Memory& a, const spec::Memory& b) {
+  return a.approx_activation == b.approx_activation && a.memory_sharing_norm == b.memory_sharing_norm &&
+         a.fused_mlp == b.fused_mlp && a.fused_loss == b.fused_loss && a.efficient_attention == b.efficient_attention &&
+         a.checkpointing == b.checkpointing;
 }
 
 }  // namespace
@@ -95,6 +65,25 @@ spec::Memory memory_for_level(const spec::Memory& m, const std::string& level) {
   throw EstimateError("fit level: unknown '" + level + "'");
 }
 
+int choose_point(const std::vector<FitPoint>& points, int64_t device_bytes, bool* fits) {
+  int best = -1, smallest = -1;
+  auto better = [&](const FitPoint& a, const FitPoint& b) {
+    if (a.checkpointing != b.checkpointing) return !a.checkpointing;  // recomputing costs speed
+    if (a.micro_batch != b.micro_batch) return a.micro_batch > b.micro_batch;
+    return a.level < b.level;  // the cheaper options
+  };
+  for (size_t i = 0; i < points.size(); ++i) {
+    const FitPoint& p = points[i];
+    if (p.peak_bytes <= 0) continue;  // beyond any device
+    if (smallest < 0 || p.peak_bytes < points[static_cast<size_t>(smallest)].peak_bytes) smallest = static_cast<int>(i);
+    if (p.peak_bytes <= device_bytes && (best < 0 || better(p, points[static_cast<size_t>(best)]))) {
+      best = static_cast<int>(i);
+    }
+  }
+  *fits = best >= 0;
+  return best >= 0 ? best : smallest;
+}
+
 FitPlan fit(const Input& in, int64_t device_bytes) {
   if (device_bytes <= 0) throw EstimateError("device memory: must be positive, got " + std::to_string(device_bytes));
   const Estimate requested = estimate(in);  // validates the job; its errors name the field
@@ -106,46 +95,61 @@ FitPlan fit(const Input& in, int64_t device_bytes) {
                          std::to_string(in.job.training.gradient_accumulation) + " accumulation, " +
                          describe(in.job.memory) + "): needs " + format_size(requested.peak_bytes) + " of " +
                          format_size(device_bytes));
-  Trial best;
-  std::string best_level;
-  spec::Memory prev;
-  bool have_prev = false;
-  for (const char* level : kLevels) {
-    const spec::Memory m = memory_for_level(in.job.memory, level);
-    const bool same = have_prev && m.approx_activation == prev.approx_activation &&
-                      m.memory_sharing_norm == prev.memory_sharing_norm && m.fused_mlp == prev.fused_mlp &&
-                      m.fused_loss == prev.fused_loss && m.efficient_attention == prev.efficient_attention &&
-                      m.checkpointing == prev.checkpointing;
-    prev = m;
-    have_prev = true;
-    if (same) continue;
-    const bool ckpt_level = std::string(level) == "checkpointing";
-    if (ckpt_level && best.ok) break;  // checkpointing costs speed: only when nothing else fits
-    const Trial t = largest_fitting(in, divs, global, m, device_bytes);
-    if (t.ok) {
-      plan.reasons.push_back(std::string(level) + " (" + describe(m) + "): micro-batch " + std::to_string(t.micro) +
-                             " fits in " + format_size(t.est.peak_bytes));
-    } else {
-      plan.reasons.push_back(std::string(level) + " (" + describe(m) + "): not even micro-batch 1 fits");
-    }
-    if (t.ok && (!best.ok || t.micro > best.micro)) {
-      best = t;
-      best_level = level;
-      plan.memory = m;
+  // Every point that keeps the global batch: each micro-batch dividing it, at each level.
+  // Memory need not shrink with the micro-batch or grow with fewer options (chunked
+  // kernels, recomputation's own buffers), so nothing is skipped by assuming it does.
+  std::vector<FitPoint> points;
+  std::vector<spec::Memory> options;
+  std::vector<std::string> level_names;
+  for (int li = 0; li < static_cast<int>(std::size(kLevels)); ++li) {
+    const spec::Memory m = memory_for_level(in.job.memory, kLevels[li]);
+    if (!options.empty() && same_options(m, options.back())) continue;
+    options.push_back(m);
+    level_names.push_back(kLevels[li]);
+    for (int64_t micro : divs) {
+      FitPoint p;
+      p.level = static_cast<int>(options.size()) - 1;
+      p.micro_batch = micro;
+      p.checkpointing = m.checkpointing;
+      try {
+        p.peak_bytes = estimate(with(in, micro, global / micro, m)).peak_bytes;
+      } catch (const EstimateError&) {
+        p.peak_bytes = 0;  // beyond any device
+      }
+      points.push_back(p);
     }
   }
-  if (best.ok) {
+  plan.points_searched = static_cast<int64_t>(points.size());
+  for (size_t li = 0; li < options.size(); ++li) {
+    int64_t largest = 0, need = 0;
+    for (const FitPoint& p : points) {
+      if (p.level != static_cast<int>(li) || p.peak_bytes <= 0) continue;
+      if (p.peak_bytes <= device_bytes) largest = std::max(largest, p.micro_batch);
+      if (need == 0 || p.peak_bytes < need) need = p.peak_bytes;
+    }
+    plan.reasons.push_back(level_names[li] + " (" + describe(options[li]) + "): " +
+                           (largest > 0 ? "micro-batch " + std::to_string(largest) + " fits"
+                                        : "nothing fits; its smallest point needs " + format_size(need)));
+  }
+  bool fits = false;
+  const int chosen = choose_point(points, device_bytes, &fits);
+  if (chosen < 0) throw EstimateError("no micro-batch of this job can be estimated on any device");
+  const FitPoint& c = points[static_cast<size_t>(chosen)];
+  plan.micro_batch = c.micro_batch;
+  plan.gradient_accumulation = global / c.micro_batch;
+  plan.memory = options[static_cast<size_t>(c.level)];
+  plan.estimate = estimate(with(in, plan.micro_batch, plan.gradient_accumulation, plan.memory));
+  const std::string point = "micro-batch " + std::to_string(plan.micro_batch) + " x " +
+                            std::to_string(plan.gradient_accumulation) + " accumulation";
+  if (fits) {
     plan.fits = true;
-    plan.level = best_level;
-    plan.micro_batch = best.micro;
-    plan.gradient_accumulation = global / best.micro;
-    plan.estimate = best.est;
-    std::string why = "chose " + best_level + ": micro-batch " + std::to_string(best.micro) + " x " +
-                      std::to_string(plan.gradient_accumulation) + " accumulation keeps the global batch of " +
-                      std::to_string(global) + " and needs " + format_size(best.est.peak_bytes);
-    if (best_level == "as-requested") {
+    plan.level = level_names[static_cast<size_t>(c.level)];
+    std::string why = "chose " + plan.level + ": " + point + " keeps the global batch of " + std::to_string(global) +
+                      " and needs " + format_size(plan.estimate.peak_bytes) + " (" + std::to_string(points.size()) +
+                      " points searched)";
+    if (plan.level == "as-requested") {
       why += "; the job's own options suffice";
-    } else if (best_level == "checkpointing") {
+    } else if (plan.memory.checkpointing) {
       why += "; nothing fits without recomputing each block in backward (about a third more compute)";
     } else {
       why += "; cheaper levels fit a smaller micro-batch or none, and these options cost no speed";
@@ -153,13 +157,11 @@ FitPlan fit(const Input& in, int64_t device_bytes) {
     plan.reasons.push_back(why);
     return plan;
   }
-  const spec::Memory all = memory_for_level(in.job.memory, "checkpointing");
-  plan.estimate = estimate(with(in, 1, global, all));
-  plan.smallest_bytes = plan.estimate.peak_bytes;
-  plan.memory = all;
   plan.level = "none";
-  plan.reasons.push_back("nothing fits in " + format_size(device_bytes) + ": the smallest plan (micro-batch 1, " +
-                         describe(all) + ") needs " + format_size(plan.smallest_bytes));
+  plan.smallest_bytes = plan.estimate.peak_bytes;
+  plan.reasons.push_back("nothing fits in " + format_size(device_bytes) + ": the smallest of " +
+                         std::to_string(points.size()) + " points (" + point + ", " +
+                         describe(plan.memory) + ") needs " + format_size(plan.smallest_bytes));
   return plan;
 }
 

@@ -302,6 +302,8 @@ int64_t SimModel::weight_bytes() const {
   return n;
 }
 
+int64_t SimModel::grad_held_bytes(const Tensor& t, int64_t) const { return s_.timeline.charge(t.numel * t.esize); }
+
 void SimModel::simulate_export() {
   // Full weights: Model::export_state (each tensor produced, moved to the host, then the
   // next). On the host every produced copy stays until the file is written; on CUDA the

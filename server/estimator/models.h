@@ -59,6 +59,9 @@ class SimModel {
 
   // Trainable tensors in the worker's trainable_state() order.
   std::vector<Tensor> trainable() const;
+  // What a trainable tensor's .grad holds once formed, in bytes: its own size, unless
+  // the gradient is a view that keeps a larger storage alive (the accumulation shadow).
+  virtual int64_t grad_held_bytes(const Tensor& t, int64_t micro_batch) const;
   int64_t parameter_count() const;
   int64_t trainable_count() const;
   int64_t weight_bytes() const;

@@ -13,6 +13,22 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The LoRA branch's input before dropout (lora_input in linear_core.cpp): x itself, or
 // x * gamma (+ beta) when the norm's affine is merged into W.
+// oneDNN's bf16 GEMM on the CPU packs its operands into buffers from the CPU allocator,
+// per thread, sized by the block sizes it picks. Not replayed exactly: an upper bound
+// fitted to LibTorch 1.13 on AVX-512 BF16 (tests/estimator/sweep.py measures it), charged
+// while the product runs and reported as the estimate's bound slack.
+//   plain (x W^T, dy W):   256 min(R, 4096) + 2 KiB, R the reduced dimension
+//   transposed (dy^T x):   min(r32(R), 2048) (2 min(N, 512) + 128) + 2 KiB, N result rows
+Tensor gemm_scratch(Sim& s, int64_t reduce, int64_t rows_out, bool transposed_a, int64_t es) {
+  if (s.cpu_bf16_gemm_threads <= 0 || es != 2) return Tensor{};
+  const int64_t per = transposed_a
+                          ? std::min<int64_t>((reduce + 31) / 32 * 32, 2048) * (2 * std::min<int64_t>(rows_out, 512) + 128) + 2048
+                          : 256 * std::min<int64_t>(reduce, 4096) + 2048;
+  const int64_t bytes = per * s.cpu_bf16_gemm_threads;
+  s.gemm_slack = std::max(s.gemm_slack, bytes);
+  return s.empty(bytes, 1);
+}
+
 Tensor lora_input(Sim& s, const Tensor& x2, const LinearW& w) {
   Tensor z = x2;
   if (w.in_scale) z = like(s, x2);
@@ -24,6 +40,7 @@ Tensor lora_input(Sim& s, const Tensor& x2, const LinearW& w) {
 Tensor linear_forward(Sim& s, const Tensor& x, int64_t rows, const LinearW& w, bool training, Tensor* mask) {
   Tensor x2 = x.viewable ? x : s.empty(x.numel, x.esize);  // reshape of a strided view copies
   Tensor y = s.empty(rows * w.out, x.esize);
+  { Tensor k = gemm_scratch(s, w.in, rows, false, x.esize); }
   if (w.has_lora()) {
     Tensor z = lora_input(s, x2, w);
     if (training && w.lora_dropout > 0.0) {
@@ -32,6 +49,7 @@ Tensor linear_forward(Sim& s, const Tensor& x, int64_t rows, const LinearW& w, b
       z = zd;
     }
     Tensor xa = s.empty(rows * w.rank, x.esize);
+    { Tensor k = gemm_scratch(s, w.in, rows, false, x.esize); }
   }
   return y;
 }
@@ -58,27 +76,36 @@ Grads linear_backward(Sim& s, Tensor x, const Tensor& dy, int64_t rows, const Li
   {
     Tensor x2;
     if (x.defined()) x2 = x.viewable ? x : s.empty(x.numel, x.esize);
-    if (needs.dweight) g[1] = s.empty(w.out * w.in, w.weight.esize);
+    if (needs.dweight) {
+      g[1] = s.empty(w.out * w.in, w.weight.esize);
+      Tensor k = gemm_scratch(s, rows, w.out, true, es);
+    }
     if (needs.dbias) g[2] = s.empty(w.out, w.bias.esize);
     Tensor dxa;
     if (w.has_lora() && (needs.dx || needs.dlora)) {
       dxa = s.empty(rows * w.rank, es);
+      { Tensor k = gemm_scratch(s, w.out, rows, false, es); }
       if (needs.dlora) {
         Tensor z = lora_input(s, x2, w);
         if (mask.defined()) z = s.empty(rows * w.in, es);
         {
           Tensor za = s.empty(rows * w.rank, es);
+          { Tensor k = gemm_scratch(s, w.in, rows, false, es); }
           g[4] = s.empty(w.out * w.rank, w.lora_b.esize);
+          Tensor k = gemm_scratch(s, rows, w.out, true, es);
         }
         g[3] = s.empty(w.rank * w.in, w.lora_a.esize);
+        Tensor k = gemm_scratch(s, rows, w.rank, true, es);
       }
     }
     x2 = Tensor{};
     x = Tensor{};
     if (needs.dx) {
       Tensor dx2 = s.empty(rows * w.in, es);
+      { Tensor k = gemm_scratch(s, w.out, rows, false, es); }
       if (dxa.defined() && (mask.defined() || w.in_scale)) {
         Tensor dz = s.empty(rows * w.in, es);
+        { Tensor k = gemm_scratch(s, w.rank, rows, false, es); }
         if (mask.defined()) dz = s.empty(rows * w.in, es);
       }
       g[0] = dx2;
@@ -372,6 +399,7 @@ Tensor attention(Sim& s, const Runtime& rt, const Tensor& q, const Tensor& k, co
       const int64_t per = (es == kF32 ? 0 : 2 * a.S * a.D * kF32) +
                           (g.G * c * a.D + g.G * c * len + g.G * c + g.G * c * a.D) * kF32;
       Tensor scratch = s.empty(t * per, 1);
+      s.bound_threads(t, per);
     } else {
       Tensor kh = s.empty(a.B * a.Hk * a.S * a.D, kF32), vh = s.empty(a.B * a.Hk * a.S * a.D, kF32);
       Tensor qg = s.empty(a.B * a.Hk * g.G * c * a.D, kF32);
@@ -397,6 +425,7 @@ Tensor attention(Sim& s, const Runtime& rt, const Tensor& q, const Tensor& k, co
                                    (c < a.S ? g.G * c * kF32 : 0);  // row_lse: a copy unless one chunk
                {
                  Tensor scratch = s.empty(t * per, 1);
+                 s.bound_threads(t, per);
                }
                r[1] = dk;
                r[2] = dv;
@@ -470,7 +499,10 @@ Tensor stock_attention(Sim& s, const Tensor& q, const Tensor& k, const Tensor& v
   sc1 = Tensor{};
   Tensor hidden;
   if (a.causal) {
-    hidden = s.empty(a.S * a.S, 1);
+    {
+      Tensor ones = s.empty(a.S * a.S, 1);  // ones({S, S}).triu(1): a new tensor
+      hidden = s.empty(a.S * a.S, 1);
+    }
     Tensor sc3 = s.empty(sc, es);
     s.record("masked_fill", {&sc2}, {&sc3}, {hidden}, [&s, sc, es](Grads&) { return Grads{s.empty(sc, es)}; });
     sc2 = sc3;
@@ -481,10 +513,15 @@ Tensor stock_attention(Sim& s, const Tensor& q, const Tensor& k, const Tensor& v
     s.record("masked_fill", {&sc2}, {&sc3}, {km}, [&s, sc, es](Grads&) { return Grads{s.empty(sc, es)}; });
     sc2 = sc3;
   }
-  Tensor p = s.empty(sc, kF32);
+  Tensor p;
+  {
+    // softmax(s, dtype = float): the input converted first, freed once the result exists.
+    Tensor converted = es != kF32 ? s.empty(sc, kF32) : Tensor{};
+    p = s.empty(sc, kF32);
+  }
   const Tensor pk = p.detach();
   s.record("softmax", {&sc2}, {&p}, {pk}, [&s, sc](Grads&) { return Grads{s.empty(sc, kF32)}; });
-  sc2 = Tensor{};
+  // sc2 stays: the worker's `s` holds the last scores until the function returns.
   Tensor pc = cast(s, p, es);
   p = Tensor{};
   Tensor vb = s.empty(n, es);
@@ -533,12 +570,19 @@ Tensor rope(Sim& s, const Tensor& t, const Tensor& cos, const Tensor& sin) {
 Tensor stock_linear(Sim& s, const Tensor& x, int64_t rows, int64_t in, int64_t out, const Tensor& weight) {
   Tensor x2 = contiguous_copy(s, x);
   Tensor y = s.empty(rows * out, x.esize);
+  { Tensor k = gemm_scratch(s, in, rows, false, x.esize); }
   const Tensor xk = weight.requires_grad() ? x2 : Tensor{};
-  s.record("linear(head)", {&x2, &weight}, {&y}, {xk}, [&s, rows, in, weight, dx = x2.requires_grad(),
+  s.record("linear(head)", {&x2, &weight}, {&y}, {xk}, [&s, rows, in, out, weight, dx = x2.requires_grad(),
                                                        es = x.esize](Grads&) {
     Grads g(2);
-    if (dx) g[0] = s.empty(rows * in, es);
-    if (weight.requires_grad()) g[1] = like(s, weight);
+    if (dx) {
+      g[0] = s.empty(rows * in, es);
+      Tensor k = gemm_scratch(s, out, rows, false, es);
+    }
+    if (weight.requires_grad()) {
+      g[1] = like(s, weight);
+      Tensor k = gemm_scratch(s, rows, out, true, es);
+    }
     return g;
   });
   return y;
@@ -593,18 +637,53 @@ Tensor linear_cross_entropy(Sim& s, const Runtime& rt, const Tensor& h, int64_t 
   return loss;
 }
 
-Tensor patch_conv(Sim& s, const Tensor& pixels, int64_t B, int64_t C, int64_t image, int64_t patch, int64_t d,
-                  const Tensor& weight, const Tensor& bias) {
-  const int64_t np = (image / patch) * (image / patch);
-  Tensor out = s.empty(B * d * np, weight.esize);
+Tensor patch_conv(Sim& s, const Runtime& rt, const Tensor& pixels, int64_t B, int64_t C, int64_t image, int64_t patch,
+                  int64_t d, const Tensor& weight, const Tensor& bias) {
+  const int64_t np = (image / patch) * (image / patch), taps = C * patch * patch;
+  const int64_t es = weight.esize;
+  // CPU (LibTorch 1.13's oneDNN convolution): output channels padded to blocks of 16.
+  const int64_t dp = (d + 15) / 16 * 16;
+  Tensor out;
+  if (rt.cuda) {
+    out = s.empty(B * d * np, es);
+  } else {
+    Tensor pad = dp != d ? s.empty(2 * d, es) : Tensor{};
+    Tensor wb = s.empty(dp * taps, kF32);  // the weight reordered to the blocked layout (fp32 for bf16 too)
+    if (dp == d) {
+      out = s.empty(B * d * np, es);     // written in place: the layouts coincide
+    } else {
+      Tensor ob = s.empty(B * dp * np, es);
+      wb = Tensor{};
+      pad = Tensor{};
+      out = s.empty(B * d * np, es);     // reordered back, without the padding
+    }
+  }
   const Tensor pk = weight.requires_grad() ? pixels : Tensor{};
-  s.record("conv2d", {&weight, &bias}, {&out}, {pk}, [&s, weight, bias, B, C, image](Grads&) {
+  s.record("conv2d", {&weight, &bias}, {&out}, {pk},
+           [&s, cuda = rt.cuda, threads = int64_t{rt.threads}, weight, bias, B, np, d, dp, taps, es](Grads&) {
     Grads g(2);
+    if (!cuda && weight.requires_grad()) {
+      // oneDNN's weight gradient: grad_output made contiguous, then blocked; the weight's
+      // and the bias's gradients formed blocked, then reordered into the plain ones.
+      Tensor go = s.empty(B * np * d, es), gob = s.empty(B * np * dp, es), wb = s.empty(dp * taps, es), bb;
+      {
+        Tensor pad = dp != d ? s.empty(2 * d, es) : Tensor{};
+        bb = s.empty(d, es);
+      }
+      // Fewer blocks of 16 output channels than threads: oneDNN splits the images over
+      // threads and reduces per-thread partial weight gradients (bounded, not replayed).
+      if (threads > dp / 16) {
+        const int64_t per = dp * taps * kF32 + B * np * dp * kF32 + 8192;
+        { Tensor partial = s.empty(threads * per, 1); }
+        s.thread_slack = std::max(s.thread_slack, threads * per);
+      }
+      gob = Tensor{};
+      if (bias.requires_grad()) g[1] = like(s, bias);
+      g[0] = like(s, weight);
+      return g;
+    }
     if (weight.requires_grad()) g[0] = like(s, weight);
     if (bias.requires_grad()) g[1] = like(s, bias);
-    (void)B;
-    (void)C;
-    (void)image;
     return g;
   });
   return out;

@@ -87,8 +87,8 @@ Tensor cross_entropy(Sim& s, const Tensor& logits, int64_t rows, int64_t classes
 Tensor linear_cross_entropy(Sim& s, const Runtime& rt, const Tensor& h, int64_t rows, int64_t d, int64_t vocab,
                             const Tensor& weight);
 // ViT's patch embedding: conv2d with stride = kernel on images [B, C, H, W].
-Tensor patch_conv(Sim& s, const Tensor& pixels, int64_t B, int64_t C, int64_t image, int64_t patch, int64_t d,
-                  const Tensor& weight, const Tensor& bias);
+Tensor patch_conv(Sim& s, const Runtime& rt, const Tensor& pixels, int64_t B, int64_t C, int64_t image, int64_t patch,
+                  int64_t d, const Tensor& weight, const Tensor& bias);
 Tensor cat2(Sim& s, const Tensor& a, const Tensor& b);
 
 // Activation checkpointing (CheckpointFn): keeps x (and on CPU the generator state),

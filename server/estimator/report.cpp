@@ -28,6 +28,8 @@ json to_json(const Estimate& e) {
             {"backward_transient_bytes", e.backward_transient_bytes}}},
           {"activations", acts},
           {"phase_peaks", phases},
+          {"bounds", e.bounds},
+          {"bound_slack_bytes", e.bound_slack_bytes},
           {"parameters", e.parameters},
           {"trainable_parameters", e.trainable_parameters}};
 }
@@ -47,6 +49,7 @@ json to_json(const FitPlan& p) {
           {"memory", to_json(p.memory)},
           {"peak_bytes", p.estimate.peak_bytes},
           {"smallest_bytes", p.smallest_bytes},
+          {"points_searched", p.points_searched},
           {"reasons", p.reasons}};
 }
 

@@ -1,10 +1,26 @@
 #include "sim.h"
 
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 
 #include "estimator.h"
 
 namespace memfit::estimator::sim {
+
+namespace {
+// MEMFIT_ESTIMATE_TRACE=1: the timeline's allocations and frees on stderr, in the format
+// of the worker's MEMFIT_ALLOC_TRACE, with the phases marked.
+const bool g_trace = [] {
+  const char* v = std::getenv("MEMFIT_ESTIMATE_TRACE");
+  return v != nullptr && *v != '\0' && *v != '0';
+}();
+}  // namespace
+
+void Timeline::free(int64_t charged) {
+  current_ -= charged;
+  if (g_trace) std::fprintf(stderr, "-%lld %lld\n", static_cast<long long>(charged), static_cast<long long>(current_));
+}
 
 int64_t Timeline::alloc(int64_t bytes) {
   if (bytes < 0) throw EstimateError("internal: negative allocation");
@@ -20,12 +36,14 @@ int64_t Timeline::alloc(int64_t bytes) {
   }
   current_ += charged;
   ++allocations_;
+  if (g_trace) std::fprintf(stderr, "+%lld %lld\n", static_cast<long long>(charged), static_cast<long long>(current_));
   if (current_ > peak_) peak_ = current_;
   if (shadow_on_ && current_ + shadow_offset_ > peak_) peak_ = current_ + shadow_offset_;
   return charged;
 }
 
 void Timeline::begin(const std::string& phase) {
+  if (g_trace) std::fprintf(stderr, "phase %s\n", phase.c_str());
   phase_ = phase;
   phase_start_peak_ = peak_;
   peak_ = shadow_on_ ? std::max(current_, current_ + shadow_offset_) : current_;
@@ -33,6 +51,7 @@ void Timeline::begin(const std::string& phase) {
 
 void Timeline::end() {
   if (phase_.empty()) return;
+  if (g_trace) std::fprintf(stderr, "end %s\n", phase_.c_str());
   int64_t& slot = phase_peaks_[phase_];
   slot = std::max(slot, peak_);
   peak_ = std::max(peak_, phase_start_peak_);
@@ -90,51 +109,95 @@ Node* Sim::record(const std::string& op, std::initializer_list<const Tensor*> in
   return raw;
 }
 
-void Sim::accumulate(const Edge& e, Tensor g) {
-  if (e.leaf != nullptr) {
-    Leaf& l = *e.leaf;
-    if (!l.grad.defined()) {
-      // AccumulateGrad steals a gradient nobody else holds; otherwise it copies.
-      if (g.use_count() == 1 && g.contiguous && g.esize == l.grad_esize) {
-        l.grad = g.detach();
-      } else {
-        l.grad = empty(g.numel, l.grad_esize);
-      }
-      if (on_first_grad && l.param) on_first_grad(l.grad.block->charged);
-    }
-    return;  // later gradients add in place
-  }
-  Tensor& slot = e.node->buffer[static_cast<size_t>(e.slot)];
+// InputBuffer::add: the first gradient is kept as is; a second is added (accumulate()).
+void Sim::add_into(Tensor& slot, Tensor g) {
   g.edge = Edge{};
   if (!slot.defined()) {
     slot = std::move(g);
-  } else if (slot.use_count() == 1 && slot.contiguous) {
-    // in place into the buffer's own tensor
-  } else if (g.use_count() == 1 && g.contiguous) {
-    slot = std::move(g);
+  } else if (grad_buffer_in_place && slot.use_count() == 1 && slot.contiguous) {
+    // 2.x: old_var.add_(var), the only holder of a dense buffer
   } else {
-    Tensor sum = empty(slot.numel, slot.esize);
+    Tensor sum = empty(slot.numel, slot.esize);  // old + new, both alive meanwhile
     slot = std::move(sum);
+  }
+}
+
+// AccumulateGrad: steals a gradient nobody else holds into .grad, copies otherwise; later
+// backward passes (gradient accumulation) add into .grad in place.
+void Sim::accumulate_grad(Leaf& l) {
+  Tensor g = std::move(l.buffer);
+  l.buffer = Tensor{};
+  if (!g.defined() || l.grad.defined()) return;  // in place: grad += new
+  const bool steal = (g.use_count() == 1 || g.sole_view) && g.contiguous && g.esize == l.grad_esize;
+  // The accumulation shadow moves before a copy is charged, so the later micro-batches'
+  // view never counts the gradient twice.
+  // A stolen view keeps its whole storage: that is what leaves the shadow.
+  if (on_first_grad && l.param) on_first_grad(steal && g.sole_view ? g.block->charged : timeline.charge(g.numel * l.grad_esize));
+  l.grad = steal ? g.detach() : empty(g.numel, l.grad_esize);
+}
+
+void Sim::delivered(Leaf& l) {
+  if (l.pending > 0 && --l.pending == 0) accumulate_grad(l);
+}
+
+void Sim::accumulate(const Edge& e, Tensor g) {
+  if (e.leaf != nullptr) {
+    add_into(e.leaf->buffer, std::move(g));
+    delivered(*e.leaf);
+    return;
+  }
+  add_into(e.node->buffer[static_cast<size_t>(e.slot)], std::move(g));
+}
+
+// The engine's dependency count: every edge from a node reachable from the root into a
+// leaf is one delivery its AccumulateGrad waits for.
+void Sim::count_edges(const Tensor& root, std::deque<Node>& nodes) {
+  std::set<const Node*> mine;
+  for (Node& n : nodes) {
+    n.live = false;
+    mine.insert(&n);
+  }
+  std::vector<Node*> stack;
+  auto visit = [&](const Edge& e) {
+    if (e.leaf != nullptr) {
+      ++e.leaf->pending;
+    } else if (e.node != nullptr && mine.count(e.node) && !e.node->live) {
+      e.node->live = true;
+      stack.push_back(e.node);
+    }
+  };
+  visit(root.edge);
+  while (!stack.empty()) {
+    Node* n = stack.back();
+    stack.pop_back();
+    for (const Edge& e : n->next) visit(e);
   }
 }
 
 void Sim::run(std::deque<Node>& nodes) {
   for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {
     Node& n = *it;
+    if (!n.live) continue;
+    n.live = false;
     bool reached = false;
     for (const Tensor& g : n.buffer) reached = reached || g.defined();
-    if (!reached || !n.fn) continue;
-    Grads in = std::move(n.buffer);
-    n.buffer.clear();
-    Grads out = n.fn(in);
-    in.clear();
-    n.fn = nullptr;  // releases what the node saved
-    n.saved.clear();
-    for (size_t i = 0; i < out.size() && i < n.next.size(); ++i) {
-      if (out[i].defined() && n.next[i].valid()) {
+    Grads out;
+    if (reached && n.fn) {
+      Grads in = std::move(n.buffer);
+      n.buffer.clear();
+      out = n.fn(in);
+      in.clear();
+      n.fn = nullptr;  // releases what the node saved
+      n.saved.clear();
+    }
+    for (size_t i = 0; i < n.next.size(); ++i) {
+      const Edge& e = n.next[i];
+      if (i < out.size() && out[i].defined() && e.valid()) {
         Tensor g = std::move(out[i]);
         out[i] = Tensor{};
-        accumulate(n.next[i], std::move(g));
+        accumulate(e, std::move(g));
+      } else if (e.leaf != nullptr) {
+        delivered(*e.leaf);  // nothing flowed, but the edge is done
       }
     }
   }
@@ -143,8 +206,13 @@ void Sim::run(std::deque<Node>& nodes) {
 void Sim::backward(const Tensor& root, Tensor seed) {
   const bool saved_mode = grad_mode;
   grad_mode = false;
+  count_edges(root, graphs_.back());
   if (root.edge.valid()) accumulate(root.edge, std::move(seed));
   run(graphs_.back());
+  for (auto& l : leaves_) {  // every delivery counted was made; nothing is left waiting
+    l->pending = 0;
+    if (l->buffer.defined()) accumulate_grad(*l);
+  }
   grad_mode = saved_mode;
 }
 

@@ -6,6 +6,7 @@
 // real engine's gradient-buffer rules. The timeline's peak is the estimate.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <deque>
@@ -24,7 +25,7 @@ class Timeline {
  public:
   explicit Timeline(int64_t granularity = 1) : granularity_(granularity) {}
   int64_t alloc(int64_t bytes);  // returns the bytes charged (rounded)
-  void free(int64_t charged) { current_ -= charged; }
+  void free(int64_t charged);
   int64_t current() const { return current_; }
   int64_t peak() const { return peak_; }
   // Phases: the peak since begin(name), kept as the max over all begins of that name.
@@ -80,6 +81,10 @@ struct Tensor {
   Edge edge;          // empty: needs no gradient
   bool contiguous = true;  // dense row-major: .contiguous() is free
   bool viewable = true;    // flattening to [-1, last dim] is a view (no copy)
+  // A view whose own TensorImpl nobody else holds although its storage is shared:
+  // AccumulateGrad steals it (LibTorch counts the tensor's references, not the
+  // storage's), and the whole storage then lives as long as .grad.
+  bool sole_view = false;
   bool defined() const { return block != nullptr; }
   bool requires_grad() const { return edge.valid(); }
   int64_t bytes() const { return numel * esize; }
@@ -94,8 +99,13 @@ struct Tensor {
 };
 
 // A parameter (or a checkpointed block's input) whose gradient accumulates in .grad.
+// As in LibTorch, every contribution first lands in the input buffer of the leaf's
+// AccumulateGrad node, which runs once all the edges into it have delivered: a leaf used
+// twice (tied embeddings) holds its first contribution until the second arrives.
 struct Leaf {
   Tensor grad;
+  Tensor buffer;       // contributions so far in this backward
+  int pending = 0;     // edges into this leaf not yet delivered in this backward
   int64_t grad_esize = 4;
   bool param = false;  // a trainable parameter (its gradient outlives backward)
 };
@@ -107,6 +117,7 @@ using BackwardFn = std::function<Grads(Grads&)>;
 
 struct Node {
   int64_t seq = 0;
+  bool live = false;       // reachable from the root of the running backward
   std::vector<Edge> next;  // one per input
   Grads buffer;            // one per output
   std::vector<Tensor> saved;  // what the op keeps; released after the node runs
@@ -127,6 +138,20 @@ class Sim {
   explicit Sim(int64_t granularity) : timeline(granularity) { set_where("model"); }
   Timeline timeline;
   bool grad_mode = true;
+  // How the engine adds a second gradient into an input buffer (a node's or a leaf's).
+  // LibTorch 1.13 (Debian's CPU build) always forms old + new out of place for dense
+  // tensors; 2.x adds into the old one in place when it holds the only reference.
+  bool grad_buffer_in_place = false;
+  // Scratch counted as if every CPU thread held its largest buffers at once: the most a
+  // single op's worst case exceeds one thread's (the estimate's safe-bound slack).
+  int64_t thread_slack = 0;
+  // CPU bf16 matrix products (LibTorch 1.13's oneDNN): packing buffers from the CPU
+  // allocator, charged as a bound per product (0 threads: none, e.g. CUDA or fp32).
+  int cpu_bf16_gemm_threads = 0;
+  int64_t gemm_slack = 0;
+  void bound_threads(int64_t threads, int64_t per_thread) {
+    if (threads > 1) thread_slack = std::max(thread_slack, (threads - 1) * per_thread);
+  }
   // Label for the breakdown: set_where("layer 0"); entries point at interned names.
   void set_where(const std::string& w) { where_ = &*wheres_.insert(w).first; }
   // Called when a leaf gets its first gradient (the accumulation shadow).
@@ -158,6 +183,10 @@ class Sim {
 
  private:
   void accumulate(const Edge& e, Tensor g);
+  void add_into(Tensor& slot, Tensor g);
+  void delivered(Leaf& l);
+  void accumulate_grad(Leaf& l);
+  void count_edges(const Tensor& root, std::deque<Node>& nodes);
   void run(std::deque<Node>& nodes);
   // Blocks come from an arena (an estimate allocates thousands of small objects; freeing
   // them one by one is most of the work otherwise).

@@ -288,9 +288,11 @@ std::unique_ptr<Dataset> load_dataset(const spec::Job& job, bool validation, con
           if (tok->cls >= 0 && job.architecture != spec::Architecture::kGPT2) s.ids.push_back(tok->cls);
           const std::vector<int64_t> t = tok->encode(field_string(row, "text", path));
           s.ids.insert(s.ids.end(), t.begin(), t.end());
-          const int64_t room = S - (tok->sep >= 0 ? 1 : 0);
+          // GPT-2 has no separator: its rows may use the whole sequence_length.
+          const bool sep = tok->sep >= 0 && job.architecture != spec::Architecture::kGPT2;
+          const int64_t room = S - (sep ? 1 : 0);
           if (static_cast<int64_t>(s.ids.size()) > room) s.ids.resize(static_cast<size_t>(std::max<int64_t>(room, 1)));
-          if (tok->sep >= 0 && job.architecture != spec::Architecture::kGPT2) s.ids.push_back(tok->sep);
+          if (sep) s.ids.push_back(tok->sep);
           const std::string where = path + ":" + std::to_string(row["__line"].get<int64_t>());
           if (!row.contains("label") || !row["label"].is_number_integer()) {
             throw DataError(where + ": \"label\" must be an integer class index");

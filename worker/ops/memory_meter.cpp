@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 
@@ -27,8 +29,16 @@ std::atomic<int64_t> g_limit{0};
 std::atomic<int64_t> g_allocs{0};
 std::atomic<bool> g_installed{false};
 
+// MEMFIT_ALLOC_TRACE=1: every allocation and free on stderr ("+bytes now" / "-bytes now"),
+// to diff against `memfit estimate` under MEMFIT_ESTIMATE_TRACE=1 when an estimate misses.
+const bool g_trace = [] {
+  const char* v = std::getenv("MEMFIT_ALLOC_TRACE");
+  return v != nullptr && *v != '\0' && *v != '0';
+}();
+
 void note_alloc(int64_t n) {
   const int64_t now = g_current.fetch_add(n, std::memory_order_relaxed) + n;
+  if (g_trace) std::fprintf(stderr, "+%lld %lld\n", static_cast<long long>(n), static_cast<long long>(now));
   int64_t peak = g_peak.load(std::memory_order_relaxed);
   while (now > peak && !g_peak.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
   }
@@ -39,7 +49,8 @@ void tracked_free(void* block) {
   if (block == nullptr) return;
   int64_t n;
   std::memcpy(&n, block, sizeof n);
-  g_current.fetch_sub(n, std::memory_order_relaxed);
+  const int64_t now = g_current.fetch_sub(n, std::memory_order_relaxed) - n;
+  if (g_trace) std::fprintf(stderr, "-%lld %lld\n", static_cast<long long>(n), static_cast<long long>(now));
   c10::free_cpu(block);
 }
 

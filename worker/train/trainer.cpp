@@ -7,6 +7,8 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -119,6 +121,7 @@ class PhasePeaks {
     ops::MemoryMeter::reset_peak(device_);
   }
   void end(const std::string& phase) {
+    if (std::getenv("MEMFIT_ALLOC_TRACE") != nullptr) std::fprintf(stderr, "end %s\n", phase.c_str());
     const int64_t p = ops::MemoryMeter::stats(device_).peak_bytes;
     int64_t& slot = peaks_[phase];
     slot = std::max(slot, p);
