@@ -291,12 +291,16 @@ Definition::Definition() {
                         "fit. CUDA defaults: 512MiB context, 8% reserved beyond allocated. Sizes: 16GiB, "
                         "800MiB, 80GB or plain bytes. With a connection flag (--server, --token, ...), "
                         "memfitd answers instead: its devices, worker threads and calibration apply, and it "
-                        "says what it would reserve.",
-                        "estimate -f lora.yaml --device cuda --device-memory 80GiB"});
+                        "says what it would reserve. --write-spec saves the plan as a spec that "
+                        "memfit submit and memfit-worker run as is.",
+                        "estimate -f lora.yaml --device cuda --device-memory 80GiB --write-spec plan.yaml"});
   v->add_option("-f,--file", inv_.estimate.spec, "the job spec, JSON or YAML")->type_name("SPEC")->required();
   size_option(v->add_option("--device-memory", inv_.estimate.device_memory,
                             "the device's memory: also plan the largest micro-batch that fits")
                   ->type_name("SIZE"));
+  v->add_option("--write-spec", inv_.estimate.write_spec,
+                "with --device-memory: write the plan as a runnable spec (JSON, absolute paths)")
+      ->type_name("FILE");
   expect(v->add_option("--device", inv_.estimate.device, "the device kind (default: the spec's)")
              ->type_name("cpu|cuda"),
          "cpu or cuda", [](std::string& d) { return d == "cpu" || d.rfind("cuda", 0) == 0; });

@@ -56,6 +56,7 @@ struct EstimateArgs {
   std::string spec;
   std::string device;               // "" = the spec's
   int64_t device_memory = 0;        // 0 = no fit plan
+  std::string write_spec;           // the plan as a runnable spec, "" = none
   int threads = 0;
   bool json_out = false;
   int64_t cuda_context = -1;        // -1: DeviceModel's default

@@ -1,5 +1,6 @@
 // memfit estimate: the memory estimator on a spec file, no daemon needed.
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -10,6 +11,7 @@
 #include "remote.h"
 #include "estimator.h"
 #include "fit.h"
+#include "job_input.h"
 #include "model_config.h"
 #include "report.h"
 #include "spec.h"
@@ -20,16 +22,6 @@ namespace {
 
 using json = nlohmann::ordered_json;
 namespace est = memfit::estimator;
-
-// The side length of the stored images (IDX header), when the file is plain IDX.
-int64_t idx_side(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  unsigned char h[16];
-  if (!f.read(reinterpret_cast<char*>(h), 16)) return 0;
-  auto be = [&](int o) { return (int64_t{h[o]} << 24) | (int64_t{h[o + 1]} << 16) | (int64_t{h[o + 2]} << 8) | h[o + 3]; };
-  if (be(0) != 0x803) return 0;
-  return be(8) == be(12) ? be(8) : 0;
-}
 
 void print_text(const spec::Job& job, const est::Input& in, const est::Estimate& e, const est::FitPlan* plan) {
   using est::format_size;
@@ -66,6 +58,10 @@ void print_text(const spec::Job& job, const est::Input& in, const est::Estimate&
   }
   std::printf("\n");
   for (const auto& b : e.bounds) std::printf("  a safe bound: %s\n", b.c_str());
+  if (job.memory.preset == "auto" && plan == nullptr) {
+    std::printf("\nmemory.preset is auto: memfitd fits the options and micro-batch to its device; "
+                "--device-memory SIZE shows that plan here (above: the spec's own options)\n");
+  }
   if (plan != nullptr) {
     std::printf("\nfit in %s: %s\n", format_size(plan->device_bytes).c_str(),
                 plan->fits ? ("micro-batch " + std::to_string(plan->micro_batch) + " x " +
@@ -73,6 +69,35 @@ void print_text(const spec::Job& job, const est::Input& in, const est::Estimate&
                                  .c_str()
                            : ("does not fit; needs at least " + format_size(plan->smallest_bytes)).c_str());
     for (const auto& r : plan->reasons) std::printf("  - %s\n", printable(r).c_str());
+  }
+}
+
+// The plan as a spec that memfit submit and memfit-worker run as is: the original spec
+// with absolute paths, the plan's micro-batch and accumulation, and every memory option
+// explicit. Written next to FILE and renamed over it.
+void write_plan_spec(const std::string& source, const std::string& target, const est::FitPlan& plan) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::equivalent(source, target, ec)) {
+    throw CliError(kExitBadInput, "--write-spec: " + target + " is the spec being estimated; choose another file");
+  }
+  v1::JobSpec s = spec_for_daemon(source);
+  spec::Memory m = plan.memory;
+  if (m.preset == "auto") m.preset.clear();
+  *s.mutable_memory() = spec::memory_to_spec(m);
+  s.mutable_training()->set_micro_batch(plan.micro_batch);
+  s.mutable_training()->set_gradient_accumulation(plan.gradient_accumulation);
+  const std::string tmp = target + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << to_json(s, true) << "\n";
+    out.close();
+    if (!out) throw CliError(kExitError, "--write-spec: cannot write " + tmp);
+  }
+  fs::rename(tmp, target, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    throw CliError(kExitError, "--write-spec: cannot write " + target);
   }
 }
 
@@ -118,26 +143,29 @@ int estimate_cmd(const Invocation& inv) {
   };
   try {
     const EstimateArgs& a = inv.estimate;
-    if (a.remote) return estimate_remote(inv);
+    if (!a.write_spec.empty() && a.device_memory <= 0) {
+      throw CliError(kExitBadInput, "--write-spec needs --device-memory: the plan is for that much memory");
+    }
+    if (a.remote) {
+      if (!a.write_spec.empty()) throw CliError(kExitBadInput, "--write-spec: only without a connection flag");
+      return estimate_remote(inv);
+    }
     const spec::Job job = spec::load_job(a.spec);
-    est::Input in;
-    in.job = job;
-    in.config = model::load_config(job.config_path, job.architecture);
+    est::DeviceModel device;
     const std::string dev = a.device.empty() ? job.device : a.device;
     if (dev.rfind("cuda", 0) == 0) {
-      in.device = est::DeviceModel::cuda();
-      if (a.cuda_context >= 0) in.device.context_bytes = a.cuda_context;
-      if (a.reserved_overhead >= 0) in.device.reserved_overhead = a.reserved_overhead;
+      device = est::DeviceModel::cuda();
+      if (a.cuda_context >= 0) device.context_bytes = a.cuda_context;
+      if (a.reserved_overhead >= 0) device.reserved_overhead = a.reserved_overhead;
     } else {
-      in.device = est::DeviceModel::cpu(a.threads > 0 ? a.threads
-                                                      : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+      device = est::DeviceModel::cpu(a.threads > 0 ? a.threads
+                                                   : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
     }
-    in.validation = !job.validation_path.empty();
-    in.load_weights = !job.weights_path.empty();
-    if (job.format == spec::DataFormat::kIdx) in.source_image_size = idx_side(job.train_path);
+    const est::Input in = est::job_input(job, model::load_config(job.config_path, job.architecture), device);
     const est::Estimate e = est::estimate(in);
     est::FitPlan plan;
     if (a.device_memory > 0) plan = est::fit(in, a.device_memory);
+    if (!a.write_spec.empty()) write_plan_spec(a.spec, a.write_spec, plan);
     if (a.json_out) {
       json out = est::to_json(e);
       out["device"] = {{"kind", in.device.kind_name()},
@@ -151,6 +179,16 @@ int estimate_cmd(const Invocation& inv) {
       std::cout << out.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
     } else {
       print_text(job, in, e, a.device_memory > 0 ? &plan : nullptr);
+    }
+    if (!a.write_spec.empty()) {
+      std::fflush(stdout);
+      std::fprintf(stderr, "memfit estimate: wrote %s: %s\n", printable(a.write_spec).c_str(),
+                   plan.fits ? ("micro-batch " + std::to_string(plan.micro_batch) + " x " +
+                                std::to_string(plan.gradient_accumulation) + ", " + plan.level)
+                                   .c_str()
+                             : ("the smallest plan, which does not fit: it needs " +
+                                est::format_size(plan.smallest_bytes))
+                                   .c_str());
     }
     return kExitOk;
   } catch (const CliError& e) {

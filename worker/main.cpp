@@ -62,7 +62,7 @@ int usage(const std::string& why) {
   ev.emit({{"event", "failed"}, {"reason", "bad_input"}, {"message", why}});
   std::fprintf(stderr,
                "memfit-worker: %s\nusage: memfit-worker run --spec FILE [--device cpu|cuda:N] "
-               "[--memory-limit SIZE] [--max-steps N] [--threads N]\n",
+               "[--memory-limit SIZE] [--fit SIZE] [--max-steps N] [--threads N]\n",
                why.c_str());
   return memfit::train::kExitBadInput;
 }
@@ -73,7 +73,8 @@ int main(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]) != "run") {
     if (argc >= 2 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
       std::printf("usage: memfit-worker run --spec FILE [--device cpu|cuda:N] [--memory-limit SIZE] "
-                  "[--max-steps N] [--threads N]\n");
+                  "[--fit SIZE] [--max-steps N] [--threads N]\n"
+                  "  --fit SIZE  memory.preset auto: fit the options and micro-batch to SIZE (default: --memory-limit)\n");
       return 0;
     }
     return usage("expected the 'run' command");
@@ -91,6 +92,10 @@ int main(int argc, char** argv) {
     } else if (a == "--memory-limit" && has_value) {
       if (!parse_size(argv[++i], &opts.memory_limit)) {
         return usage(std::string("--memory-limit: '") + argv[i] + "' is not a size (e.g. 800MiB, 16GiB, 1048576)");
+      }
+    } else if (a == "--fit" && has_value) {
+      if (!parse_size(argv[++i], &opts.fit_bytes)) {
+        return usage(std::string("--fit: '") + argv[i] + "' is not a size (e.g. 800MiB, 16GiB, 1048576)");
       }
     } else if (a == "--input-root" && has_value) {
       input_roots.push_back(argv[++i]);

@@ -34,7 +34,7 @@ struct Memory {
   bool efficient_attention = true;  // memfit's attention (vs the softmax composite)
   bool checkpointing = false;       // recompute each block in backward
   bool fused_loss = false;          // LM head + loss in chunks, gradient formed in forward
-  std::string preset;               // "memfit_best" or ""
+  std::string preset;               // "memfit_best", "auto" (fit to the device) or ""
 };
 
 struct Lora {

@@ -255,8 +255,8 @@ Job resolve(const v1::JobSpec& s, const std::string& origin, const std::string& 
 
   const v1::MemorySpec& mem = s.memory();
   j.memory.preset = mem.preset() == "custom" ? "" : mem.preset();
-  if (!j.memory.preset.empty() && j.memory.preset != "memfit_best") {
-    fail(origin, "memory.preset: expected memfit_best or custom; got '" + mem.preset() + "'");
+  if (!j.memory.preset.empty() && j.memory.preset != "memfit_best" && j.memory.preset != "auto") {
+    fail(origin, "memory.preset: expected memfit_best, auto or custom; got '" + mem.preset() + "'");
   }
   j.memory.approx_activation = choice<bool>(origin, "memory.activation", mem.activation(),
                                             {{"exact", false}, {"approx", true}}, "exact");
@@ -334,6 +334,18 @@ Job resolve(const v1::JobSpec& s, const std::string& origin, const std::string& 
     fail(origin, "resources.devices[0]: expected cpu or cuda:N, got '" + j.device + "'");
   }
   return j;
+}
+
+v1::MemorySpec memory_to_spec(const Memory& m) {
+  v1::MemorySpec s;
+  s.set_activation(m.approx_activation ? "approx" : "exact");
+  s.set_norm(m.memory_sharing_norm ? "memory_sharing" : "exact");
+  s.set_fused_mlp(m.fused_mlp);
+  s.set_attention(m.efficient_attention ? "memory_efficient" : "standard");
+  s.set_activation_checkpointing(m.checkpointing);
+  s.set_fused_loss(m.fused_loss);
+  if (!m.preset.empty() && m.preset != "auto") s.set_preset(m.preset);
+  return s;
 }
 
 Job load_job(const std::string& path) {

@@ -29,4 +29,8 @@ Job resolve(const v1::JobSpec& spec, const std::string& origin, const std::strin
 // read_spec_file + resolve against the file's folder.
 Job load_job(const std::string& path);
 
+// The options as a spec's memory section (every option explicit; preset "auto" dropped:
+// the options are what a plan chose).
+v1::MemorySpec memory_to_spec(const Memory& m);
+
 }  // namespace memfit::spec

@@ -13,17 +13,7 @@
 namespace memfit::daemon {
 namespace {
 
-v1::MemorySpec memory_spec(const spec::Memory& m) {
-  v1::MemorySpec s;
-  s.set_activation(m.approx_activation ? "approx" : "exact");
-  s.set_norm(m.memory_sharing_norm ? "memory_sharing" : "exact");
-  s.set_fused_mlp(m.fused_mlp);
-  s.set_attention(m.efficient_attention ? "memory_efficient" : "standard");
-  s.set_activation_checkpointing(m.checkpointing);
-  s.set_fused_loss(m.fused_loss);
-  if (!m.preset.empty()) s.set_preset(m.preset);
-  return s;
-}
+v1::MemorySpec memory_spec(const spec::Memory& m) { return spec::memory_to_spec(m); }
 
 std::string size(int64_t b) { return estimator::format_size(b); }
 

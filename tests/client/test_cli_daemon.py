@@ -125,6 +125,20 @@ class Cli(unittest.TestCase):
         self.assertTrue(e["plan"]["calibration_key"].startswith("gpt2|"))
         self.assertGreater(int(e["plan"]["reserved_bytes"]), e["peak_bytes"])
 
+    def test_submit_accepts_the_auto_preset(self):
+        # Issue 11: the CLI refused `memory.preset: auto` ("expected memfit_best or custom")
+        # before any request; memfitd fits it to its device at admission.
+        spec = spec_file(self.d.dir, "auto", steps=2, memory={"preset": "auto"},
+                         method={"kind": "full"}, training={"micro_batch": 4})
+        r = self.memfit("submit", "-f", spec, "-o", "json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        j = json.loads(r.stdout)
+        self.assertNotIn(j["plan"]["level"], ("", "none"))
+        self.assertEqual(self.memfit("watch", j["id"]).returncode, 0)
+        done = self.json_of("get", j["id"])
+        self.assertEqual(done["state"], "SUCCEEDED")
+        self.assertNotEqual(done["spec"]["memory"].get("preset", ""), "auto")  # ran the plan's options
+
     def test_cancel_and_watch_exit_codes(self):
         spec = spec_file(self.d.dir, "long", steps=100000, training={"checkpoint_interval": 100000})
         job = json.loads(self.memfit("submit", "-f", spec, "-o", "json").stdout)

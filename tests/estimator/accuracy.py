@@ -27,9 +27,10 @@ CLI = os.environ.get("MEMFIT_CLI", os.path.join(REPO, "build", "bin", "memfit"))
 THREADS = 2
 TOLERANCE = 0.03   # |estimate / measured - 1| <= 3%
 UNDER = 0.01       # never more than 1% below
-# CPU bf16 only: LibTorch 1.13's oneDNN bf16 GEMMs allocate packing buffers the estimator
-# does not model (docs/ACCOUNTING.md); held to 3% either way, reported separately.
-UNDER_CPU_BF16 = 0.03
+# CPU bf16: LibTorch 1.13's oneDNN bf16 GEMMs allocate packing buffers the estimator
+# charges at a bound (docs/ACCOUNTING.md): never under, and over by at most the bound
+# slack the estimate reports (bound_slack_bytes) beyond the tolerance. Reported apart.
+UNDER_CPU_BF16 = UNDER
 
 GPT2 = dict(H.TINY_GPT2, n_positions=256)
 LLAMA = dict(H.TINY_LLAMA, max_position_embeddings=256)
@@ -135,7 +136,7 @@ def run_case(case, data):
     # CUDA: the goal is on the caching allocator's allocated bytes (the tensors); its
     # reserved bytes are reported next to the estimate's allocated + overhead.
     predicted = est["allocated_peak_bytes"] if DEVICE == "cuda" else est["peak_bytes"]
-    return {"case": case, "measured": measured, "estimate": predicted,
+    return {"case": case, "measured": measured, "estimate": predicted, "slack": est.get("bound_slack_bytes", 0),
             "ratio": predicted / measured,
             "reserved": fin.get("peak_reserved_bytes", 0),
             "estimated_reserved": est["allocated_peak_bytes"] + est["allocator_overhead_bytes"],
@@ -202,7 +203,7 @@ def main():
             continue
         ratios.append((r["ratio"], r["case"][4] == "bf16"))
         under = UNDER_CPU_BF16 if r["case"][4] == "bf16" else UNDER
-        bad = abs(r["ratio"] - 1) > TOLERANCE or r["ratio"] < 1 - under
+        bad = r["ratio"] - 1 > TOLERANCE + r["slack"] / r["measured"] or r["ratio"] < 1 - under
         if bad:
             failures.append(f"{name}: estimate {r['estimate']} vs measured {r['measured']} ({r['ratio']:.4f})")
         if args.verbose or bad:

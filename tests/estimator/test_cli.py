@@ -77,6 +77,60 @@ class Estimate(unittest.TestCase):
         self.assertFalse(none["fits"])
         self.assertGreater(none["smallest_bytes"], 520 << 20)
 
+    def test_auto_preset_plan_is_written_and_runs_under_its_limit(self):
+        # Issue 11: `memory.preset: auto` was refused before any request; the plan could
+        # not be run by hand. Now estimate writes it, and the worker runs it (or fits it).
+        if not H.have_data():
+            self.skipTest("test data missing")
+        tmp = H.workdir("est")
+        cfg = H.write_json(os.path.join(tmp, "cfg.json"), dict(H.TINY_GPT2, n_positions=256))
+        spec = H.write_json(os.path.join(tmp, "auto.json"), {
+            "name": "auto", "model": {"architecture": "gpt2", "config_path": cfg, "init_seed": 1},
+            "data": {"train_path": H.moby(tmp, 1, 10, "train.txt"), "format": "text",
+                     "tokenizer_path": os.path.join(H.DATA, "gpt2")},
+            "method": {"kind": "full"}, "memory": {"preset": "auto"},
+            "training": {"steps": 1, "micro_batch": 8, "gradient_accumulation": 1, "sequence_length": 96},
+            "output_dir": "out"})
+        as_is = json.loads(run("estimate", "-f", spec, "--device", "cpu", "--threads", "1", "-o", "json").stdout)
+        limit = int(as_is["peak_bytes"] * 0.8)
+        plan_path = os.path.join(tmp, "plan.json")
+        r = run("estimate", "-f", spec, "--device", "cpu", "--threads", "1", "--device-memory", str(limit),
+                "--write-spec", plan_path, "-o", "json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        fit = json.loads(r.stdout)["fit"]
+        self.assertTrue(fit["fits"], fit)
+        self.assertIn("wrote " + plan_path, r.stderr)
+        plan = json.load(open(plan_path))
+        self.assertEqual(int(plan["training"]["micro_batch"]) * int(plan["training"]["gradient_accumulation"]), 8)
+        self.assertEqual(int(plan["training"]["micro_batch"]), fit["micro_batch"])
+        self.assertNotIn("preset", plan["memory"])  # every option explicit
+        self.assertEqual(plan["output_dir"], os.path.join(tmp, "out"))  # paths made absolute
+        w = subprocess.run([H.WORKER, "run", "--spec", plan_path, "--threads", "1", "--memory-limit", str(limit)],
+                           capture_output=True, text=True, timeout=600)
+        last = json.loads(w.stdout.splitlines()[-1])
+        self.assertEqual(last["event"], "finished", last)
+        self.assertLessEqual(last["peak_memory_bytes"], limit)
+        # The worker fits an auto spec itself when told how much memory there is...
+        fresh = dict(json.load(open(spec)), output_dir="out2")  # out holds the plan's checkpoints
+        spec2 = H.write_json(os.path.join(tmp, "auto2.json"), fresh)
+        w = subprocess.run([H.WORKER, "run", "--spec", spec2, "--threads", "1", "--fit", str(limit), "--max-steps", "1"],
+                           capture_output=True, text=True, timeout=600)
+        first = json.loads(w.stdout.splitlines()[0])
+        self.assertEqual(first["plan"]["micro_batch"], fit["micro_batch"])
+        self.assertEqual(first["job"]["micro_batch"], fit["micro_batch"])
+        # ... and says what it needs when not.
+        w = subprocess.run([H.WORKER, "run", "--spec", spec2, "--threads", "1"], capture_output=True, text=True, timeout=600)
+        self.assertEqual(w.returncode, 2)
+        self.assertIn("memory.preset: auto", json.loads(w.stdout.splitlines()[-1])["message"])
+        # --write-spec: needs --device-memory, and never overwrites the spec it reads.
+        r = run("estimate", "-f", spec, "--write-spec", plan_path)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--write-spec needs --device-memory", r.stderr)
+        before = open(spec).read()
+        r = run("estimate", "-f", spec, "--device-memory", str(limit), "--write-spec", spec)
+        self.assertEqual(r.returncode, 2)
+        self.assertEqual(open(spec).read(), before)
+
     def test_text_output_and_sizes(self):
         tmp = H.workdir("est")
         r = run("estimate", "-f", spec_file(tmp), "--device-memory", "16GiB")

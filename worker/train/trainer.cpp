@@ -1,5 +1,9 @@
 #include "trainer.h"
 
+#include "estimator.h"
+#include "fit.h"
+#include "job_input.h"
+
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
@@ -267,6 +271,7 @@ json job_summary(const spec::Job& j) {
             {"fused_mlp", j.memory.fused_mlp},
             {"efficient_attention", j.memory.efficient_attention},
             {"checkpointing", j.memory.checkpointing},
+            {"fused_loss", j.memory.fused_loss},
             {"preset", j.memory.preset}}},
           {"micro_batch", j.training.micro_batch},
           {"gradient_accumulation", j.training.gradient_accumulation},
@@ -274,7 +279,32 @@ json job_summary(const spec::Job& j) {
           {"dtype", j.training.dtype == spec::DType::kBFloat16 ? "bf16" : "fp32"}};
 }
 
-int run(const spec::Job& job, const std::string& spec_text, const RunOptions& opts, Events& events) {
+// memory.preset auto run by hand: the fit plan `memfit estimate --device-memory` prints,
+// for the memory given, applied to the job (memfitd resolves it at admission instead).
+json apply_fit_plan(spec::Job& job, const model::ModelConfig& cfg, const at::Device& device, int threads,
+                    int64_t bytes) {
+  if (bytes <= 0) {
+    throw BadInput("memory.preset: auto fits the job to a memory size: pass --fit SIZE (or --memory-limit on the CPU)");
+  }
+  const estimator::DeviceModel dm = device.is_cuda() ? estimator::DeviceModel::cuda() : estimator::DeviceModel::cpu(threads);
+  const estimator::FitPlan plan = estimator::fit(estimator::job_input(job, cfg, dm), bytes);
+  if (!plan.fits) {
+    throw BadInput("memory.preset: auto: " + plan.reasons.back());
+  }
+  job.memory = plan.memory;
+  job.memory.preset.clear();
+  job.training.micro_batch = plan.micro_batch;
+  job.training.gradient_accumulation = plan.gradient_accumulation;
+  return {{"level", plan.level},
+          {"micro_batch", plan.micro_batch},
+          {"gradient_accumulation", plan.gradient_accumulation},
+          {"device_bytes", bytes},
+          {"estimated_peak_bytes", plan.estimate.peak_bytes},
+          {"reasons", plan.reasons}};
+}
+
+int run(const spec::Job& job_in, const std::string& spec_text, const RunOptions& opts, Events& events) {
+  spec::Job job = job_in;
   const int threads = opts.threads > 0 ? opts.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   at::set_num_threads(threads);
   const at::Device device = parse_device(opts.device.empty() ? job.device : opts.device);
@@ -287,6 +317,8 @@ int run(const spec::Job& job, const std::string& spec_text, const RunOptions& op
   events.open_log((fs::path(job.output_dir) / "metrics.jsonl").string());
 
   const model::ModelConfig cfg = model::load_config(job.config_path, job.architecture);
+  json plan;
+  if (job.memory.preset == "auto") plan = apply_fit_plan(job, cfg, device, threads, opts.fit_bytes > 0 ? opts.fit_bytes : opts.memory_limit);
   std::unique_ptr<data::Tokenizer> tok;
   if (job.format != spec::DataFormat::kIdx) tok = data::Tokenizer::load(job.tokenizer_path);
   if (tok && tok->vocab_size() > cfg.vocab_size) {
@@ -332,6 +364,7 @@ int run(const spec::Job& job, const std::string& spec_text, const RunOptions& op
                   {"start_step", st.step},
                   {"memory_limit_bytes", opts.memory_limit},
                   {"memory_bytes", ops::MemoryMeter::stats(device).current_bytes}};
+  if (!plan.is_null()) started["plan"] = plan;  // memory.preset auto, fitted here
   if (!resumed_from.empty()) started["resumed_from"] = resumed_from;
   if (!fresh.empty()) started["initialized_heads"] = fresh;
   events.emit(started);

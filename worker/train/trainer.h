@@ -18,6 +18,8 @@ struct RunOptions {
   int64_t memory_limit = 0;    // CPU: the meter's hard cap in bytes; 0 = none
   int64_t max_steps = 0;       // stop (with a checkpoint) after this many steps this run
   int threads = 0;             // ATen threads; 0 = all cores
+  int64_t fit_bytes = 0;       // memory.preset auto: the memory to fit the plan into
+                               // (0: the CPU --memory-limit)
 };
 
 // Set by the signal handler; the loop checks it at step boundaries.
