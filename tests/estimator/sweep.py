@@ -222,7 +222,7 @@ def check_fit(d, data):
     tmp = tempfile.mkdtemp(prefix="memfit-fitsweep-")
     try:
         spec = materialize(d, tmp, data)
-        probe = run_estimate(spec, d["threads"], ["--device-memory", str(1 << 50)])
+        probe = run_estimate(spec, d["threads"], ["--device-memory", "1"])  # nothing fits: the true smallest
         low = probe["fit"]["smallest_bytes"]
         high = max(probe["peak_bytes"], low + 1)
         limit = int(low * 0.97 + d["fit_fraction"] * (high * 1.03 - low * 0.97))
