@@ -1,7 +1,7 @@
 // memfit's memory estimator: a job's peak device memory before it runs.
 //
 // It replays a training step of memfit-worker on a model of the device's allocator and
-// of LibTorch's autograd (sim.h, ops.h): every tensor the worker's ops allocate, keep for
+// of LibTorch's autograd (sim.h, op_table.h): every tensor the worker's ops allocate, keep for
 // backward or free, in the same order, with the same sizes. Plain structs in, integer
 // bytes out; no LibTorch, no gRPC.
 //

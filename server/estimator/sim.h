@@ -1,6 +1,6 @@
 // Internal to the estimator: a byte-exact model of a device's allocator and of LibTorch's
 // autograd, without tensors. A `Tensor` here is a shared handle to a block of bytes; when
-// the last handle goes, the bytes are freed, exactly as with at::Tensor. Ops (ops.h)
+// the last handle goes, the bytes are freed, exactly as with at::Tensor. Ops (op_table.h)
 // allocate their outputs and transients, record a backward node that captures what the
 // real op saves, and the engine runs those nodes in reverse order of creation with the
 // real engine's gradient-buffer rules. The timeline's peak is the estimate.
