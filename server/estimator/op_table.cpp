@@ -485,7 +485,10 @@ Tensor stock_attention(Sim& s, const Tensor& q, const Tensor& k, const Tensor& v
   }
   // matmul(q^T, k^T^T): both folded into batched copies, which bmm keeps.
   (void)q_contiguous;
-  Tensor qb = s.empty(n, es), kb = s.empty(n, es);
+  // Folding [B, H, S, D] (transposed from [B, S, H, D]) into bmm's [B*H, S, D] is a view
+  // when B or H is 1, a copy otherwise.
+  const bool fold_view = a.B == 1 || a.H == 1;
+  Tensor qb = fold_view ? q.detach() : s.empty(n, es), kb = fold_view ? kk.detach() : s.empty(n, es);
   s.record("matmul(copy)", {&q}, {&qb}, {}, [](Grads& gr) { return Grads{gr[0]}; });
   s.record("matmul(copy)", {&kk}, {&kb}, {}, [](Grads& gr) { return Grads{gr[0]}; });
   Tensor sc1 = s.empty(sc, es);
@@ -524,7 +527,7 @@ Tensor stock_attention(Sim& s, const Tensor& q, const Tensor& k, const Tensor& v
   // sc2 stays: the worker's `s` holds the last scores until the function returns.
   Tensor pc = cast(s, p, es);
   p = Tensor{};
-  Tensor vb = s.empty(n, es);
+  Tensor vb = fold_view ? vv.detach() : s.empty(n, es);
   s.record("matmul(copy)", {&vv}, {&vb}, {}, [](Grads& gr) { return Grads{gr[0]}; });
   Tensor o = s.empty(n, es);
   s.record("matmul(p, v)", {&pc, &vb}, {&o}, {pc, vb}, [&s, sc, n, es](Grads& gr) {
