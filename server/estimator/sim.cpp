@@ -206,12 +206,25 @@ void Sim::run(std::deque<Node>& nodes) {
 void Sim::backward(const Tensor& root, Tensor seed) {
   const bool saved_mode = grad_mode;
   grad_mode = false;
+  // A checkpoint's backward is reentrant: a graph task of its own, with its own
+  // dependency counts and input buffers. What the outer one holds (a tied embedding's
+  // first gradient, waiting) stays put until the outer one goes on.
+  std::vector<std::pair<int, Tensor>> outer;
+  outer.reserve(leaves_.size());
+  for (auto& l : leaves_) {
+    outer.emplace_back(l->pending, std::move(l->buffer));
+    l->pending = 0;
+    l->buffer = Tensor{};
+  }
   count_edges(root, graphs_.back());
   if (root.edge.valid()) accumulate(root.edge, std::move(seed));
   run(graphs_.back());
-  for (auto& l : leaves_) {  // every delivery counted was made; nothing is left waiting
-    l->pending = 0;
-    if (l->buffer.defined()) accumulate_grad(*l);
+  // Leaves made during this backward (a checkpoint's recomputed inputs) had no outer state.
+  for (size_t i = 0; i < leaves_.size(); ++i) {
+    Leaf& l = *leaves_[i];
+    if (l.buffer.defined()) accumulate_grad(l);  // every counted delivery was made
+    l.pending = i < outer.size() ? outer[i].first : 0;
+    l.buffer = i < outer.size() ? std::move(outer[i].second) : Tensor{};
   }
   grad_mode = saved_mode;
 }
