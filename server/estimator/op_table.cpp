@@ -707,7 +707,10 @@ Tensor cat2(Sim& s, const Tensor& a, const Tensor& b) {
 Tensor checkpoint(Sim& s, const Runtime& rt, const Tensor& x, const Tensor& anchor,
                   const std::function<Tensor(const Tensor&)>& fn) {
   Tensor rng;
-  if (!rt.cuda) rng = s.empty(5056, 1);  // the CPU generator's state
+  if (!rt.cuda) {
+    rng = s.empty(5056, 1);  // the CPU generator's state, in ctx->saved_data: freed with the graph
+    if (s.grad_mode) s.hold_until_drop(rng);
+  }
   Tensor out;
   {
     const bool mode = s.grad_mode;

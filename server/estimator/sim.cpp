@@ -239,6 +239,7 @@ void Sim::backward_nested(const Tensor& root, Tensor seed) {
 void Sim::drop_graph() {
   graphs_.resize(1);
   graphs_[0].clear();
+  held_.clear();
 }
 
 }  // namespace memfit::estimator::sim

@@ -176,6 +176,9 @@ class Sim {
   void backward_nested(const Tensor& root, Tensor seed);
   // Frees the graph (the loss tensor went out of scope with everything it kept).
   void drop_graph();
+  // Kept until the graph is freed, not when its node has run: what a custom function
+  // puts in ctx->saved_data (release_variables() clears only its saved tensors).
+  void hold_until_drop(const Tensor& t) { held_.push_back(t); }
 
   Leaf* new_leaf(int64_t grad_esize, bool param);
   const std::vector<KeptEntry>& kept() const { return kept_; }
@@ -193,6 +196,7 @@ class Sim {
   std::pmr::monotonic_buffer_resource arena_{64 << 10};
   std::deque<std::deque<Node>> graphs_ = std::deque<std::deque<Node>>(1);
   std::vector<std::unique_ptr<Leaf>> leaves_;
+  std::vector<Tensor> held_;
   int64_t seq_ = 0;
   std::vector<KeptEntry> kept_;
   std::set<std::string> wheres_;
