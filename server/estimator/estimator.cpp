@@ -265,10 +265,11 @@ Estimate estimate(const Input& in) {
     if (t.edge.leaf != nullptr && t.edge.leaf->grad.defined()) e.gradient_bytes += t.edge.leaf->grad.block->charged;
   }
 
-  // Optimizer step: clip (one norm per gradient), AdamW's transients, zero_grad.
+  // Optimizer step: clip (on CUDA one norm per gradient; on the CPU the squares are summed
+  // in place), AdamW's transients, zero_grad.
   s.timeline.begin("optimizer");
   for (const Tensor& t : m->trainable()) {
-    if (t.edge.leaf == nullptr || !t.edge.leaf->grad.defined()) continue;
+    if (!cuda || t.edge.leaf == nullptr || !t.edge.leaf->grad.defined()) continue;
     Tensor n = s.empty(1, 4);
   }
   for (const Tensor& t : m->trainable()) {

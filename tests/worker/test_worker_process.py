@@ -85,6 +85,14 @@ class Training(unittest.TestCase):
         self.assertEqual(r2.code, 0, r2.events[-2:])
         self.assertAlmostEqual(r2.of("eval")[0]["loss"], trained, places=4)
         self.assertEqual(r2.of("eval")[0]["step"], 0)
+        # The folded norms (ln_1 and ln_2 of 2 layers, scale and shift of 64) are counted
+        # in the started event and no longer train as separate parameters; ln_f feeds the
+        # tied head and is not folded.
+        folded, exact = r.of("started")[0], r2.of("started")[0]
+        self.assertEqual(folded["folded_norm_parameters"], 2 * 2 * 2 * 64)
+        self.assertIn("not decayed", folded["folded_norm_note"])
+        self.assertNotIn("folded_norm_parameters", exact)
+        self.assertEqual(exact["trainable_parameters"] - folded["trainable_parameters"], 2 * 2 * 2 * 64)
 
     def test_gradient_accumulation_matches_a_bigger_micro_batch(self):
         runs = []
@@ -93,8 +101,12 @@ class Training(unittest.TestCase):
             r = H.run_worker(H.gpt2_job(d, training={"steps": 3, "micro_batch": mb, "gradient_accumulation": acc}))
             self.assertEqual(r.code, 0, r.events[-2:])
             runs.append(read_safetensors(os.path.join(d, "out", "model", "model.safetensors")))
+        # Adam's update m / sqrt(v) does not shrink with the gradient: where an element's
+        # gradient is at rounding level, the two summation orders move it by different
+        # fractions of the learning rate (3e-3). One c_attn bias element of ~4e-7 differs
+        # by 1.03e-5 (3 steps); atol is 1% of the learning rate.
         for k in runs[0]:
-            np.testing.assert_allclose(runs[0][k], runs[1][k], rtol=1e-4, atol=1e-5, err_msg=k)
+            np.testing.assert_allclose(runs[0][k], runs[1][k], rtol=1e-4, atol=3e-5, err_msg=k)
 
     def test_prompt_completion_bf16_and_early_stopping(self):
         tmp = H.workdir("pc")

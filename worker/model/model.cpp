@@ -330,6 +330,9 @@ void Model::prepare(const at::Device& device) {
         l->norm = n;
       }
       n->merged = true;
+      if (n->gamma.requires_grad()) {
+        folded_norm_parameters_ += n->gamma.numel() + (n->beta.defined() ? n->beta.numel() : 0);
+      }
       n->gamma = n->gamma.detach();
       if (n->beta.defined()) n->beta = n->beta.detach();
     }

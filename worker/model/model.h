@@ -84,6 +84,11 @@ class Model {
   std::vector<at::Tensor> trainable() const;
   int64_t trainable_count() const;
   int64_t parameter_count() const;
+  // Norm parameters (scale and shift) that full fine-tuning would train but memory-sharing
+  // norms folded into the following linear layers: they train as part of those layers'
+  // weights and biases and are unfolded at export. 0 when nothing was folded or they
+  // would not have trained.
+  int64_t folded_norm_parameters() const { return folded_norm_parameters_; }
   // Hugging Face-named tensors as they should be exported: unmerged, Conv1D transposed,
   // fp32 or the job's dtype, on CPU.
   std::vector<std::pair<std::string, at::Tensor>> export_state() const;
@@ -145,6 +150,7 @@ class Model {
   std::vector<std::string> order_;               // registration order of tensor names
   mutable std::vector<std::shared_ptr<std::function<at::Tensor(const at::Tensor&)>>> checkpoint_fns_;
   bool keep_logits_ = false;
+  int64_t folded_norm_parameters_ = 0;
 };
 
 // Losses shared by the architectures. logits [B, S, V] / labels [B, S] (-100 ignored;

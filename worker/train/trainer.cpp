@@ -364,6 +364,14 @@ int run(const spec::Job& job_in, const std::string& spec_text, const RunOptions&
                   {"start_step", st.step},
                   {"memory_limit_bytes", opts.memory_limit},
                   {"memory_bytes", ops::MemoryMeter::stats(device).current_bytes}};
+  if (m->folded_norm_parameters() > 0) {
+    started["folded_norm_parameters"] = m->folded_norm_parameters();
+    started["folded_norm_note"] =
+        "memory-sharing norms folded their scale and shift into the next linear layers: " +
+        std::to_string(m->folded_norm_parameters()) +
+        " norm parameters train as part of those layers' weights (W*diag(scale), weight-decayed as W is) and "
+        "biases (b + W*shift, not decayed), and are unfolded at export";
+  }
   if (!plan.is_null()) started["plan"] = plan;  // memory.preset auto, fitted here
   if (!resumed_from.empty()) started["resumed_from"] = resumed_from;
   if (!fresh.empty()) started["initialized_heads"] = fresh;
