@@ -314,20 +314,30 @@ void SimModel::simulate_export() {
     if (!full && !l->head) continue;
     Tensor w, b;
     if (l->norm != nullptr) {
-      Tensor wf = l->weight.esize == kF32 ? Tensor{} : s_.empty(l->weight.numel, kF32);
-      Tensor g64 = s_.empty(l->in, 8), inv = s_.empty(l->in, 8);
-      g64 = Tensor{};
-      Tensor b64 = l->norm->has_beta ? s_.empty(l->in, 8) : Tensor{};
-      Tensor uw = s_.empty(l->in * l->out, kF32);
-      Tensor bias64 = l->has_bias ? s_.empty(l->out, 8) : Tensor{};
+      // Model::export_tensors: unmerge_norm_affine(w.to(f32), b.to(f32), gamma.to(f32),
+      // beta.to(f32)) (the fp32 copies exist in bf16 jobs; all live through the call),
+      // inside it g64, inv and b64 held to its end, then the result cast back.
+      const SimNorm& n = *l->norm;
+      const bool wlow = l->weight.esize != kF32;
+      const bool nlow = n.gamma.defined() && n.gamma.esize != kF32;
+      Tensor uw, ub;
       {
-        const int64_t rows = std::min(l->out, std::max<int64_t>(1, (int64_t{4} << 20) / std::max<int64_t>(l->in, 1)));
-        Tensor a = s_.empty(rows * l->in, 8), c = s_.empty(rows * l->in, 8);
+        Tensor betaf = n.has_beta && nlow ? s_.empty(l->in, kF32) : Tensor{};
+        Tensor gf = nlow ? s_.empty(l->in, kF32) : Tensor{};
+        Tensor bf = l->bias.defined() && wlow ? s_.empty(l->out, kF32) : Tensor{};
+        Tensor wf = wlow ? s_.empty(l->weight.numel, kF32) : Tensor{};
+        Tensor g64 = s_.empty(l->in, 8), inv = s_.empty(l->in, 8);
+        Tensor b64 = n.has_beta ? s_.empty(l->in, 8) : Tensor{};
+        uw = s_.empty(l->in * l->out, kF32);
+        Tensor bias64 = l->has_bias ? s_.empty(l->out, 8) : Tensor{};
+        {
+          const int64_t rows = std::min(l->out, std::max<int64_t>(1, (int64_t{4} << 20) / std::max<int64_t>(l->in, 1)));
+          Tensor a = s_.empty(rows * l->in, 8), c = s_.empty(rows * l->in, 8);
+        }
+        ub = l->has_bias ? s_.empty(l->out, kF32) : Tensor{};
       }
-      Tensor ub = l->has_bias ? s_.empty(l->out, kF32) : Tensor{};
-      wf = Tensor{};
-      w = l->weight.esize == kF32 ? uw : s_.empty(l->weight.numel, l->weight.esize);
-      b = ub.defined() && l->weight.esize != kF32 ? s_.empty(l->out, l->weight.esize) : ub;
+      w = wlow ? s_.empty(l->weight.numel, l->weight.esize) : uw;
+      b = ub.defined() && wlow ? s_.empty(l->out, l->weight.esize) : ub;
     }
     if (l->conv1d) w = s_.empty(l->weight.numel, l->weight.esize);  // transposed, contiguous
     if (!rt_.cuda) {

@@ -1,7 +1,8 @@
 """The estimator against the worker: every architecture x memory mode x method x
 (micro-batch, length) runs memfit-worker for two steps on CPU under the tracking
-allocator, and `memfit estimate` predicts the same job. Goal (issue 4): within +-3% of
-the measured peak everywhere, and never more than 1% below it.
+allocator, and `memfit estimate` predicts the same job. Held to what tests/estimator/
+sweep.py holds random specs to: within 1% of the measured peak (plus the bound slack the
+estimate reports), never more than 0.5% below it. (The first goal was 3% and 1%.)
 
     python3 tests/estimator/accuracy.py              # the whole grid (ctest runs this)
     python3 tests/estimator/accuracy.py --only gpt2 --verbose
@@ -25,8 +26,8 @@ import worker_harness as H  # noqa: E402
 
 CLI = os.environ.get("MEMFIT_CLI", os.path.join(REPO, "build", "bin", "memfit"))
 THREADS = 2
-TOLERANCE = 0.03   # |estimate / measured - 1| <= 3%
-UNDER = 0.01       # never more than 1% below
+TOLERANCE = 0.01   # |estimate / measured - 1| <= 1% (+ the reported bound slack)
+UNDER = 0.005      # never more than 0.5% below
 # CPU bf16: LibTorch 1.13's oneDNN bf16 GEMMs allocate packing buffers the estimator
 # charges at a bound (docs/ACCOUNTING.md): never under, and over by at most the bound
 # slack the estimate reports (bound_slack_bytes) beyond the tolerance. Reported apart.
