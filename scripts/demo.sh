@@ -125,11 +125,19 @@ echo
 echo "== memfitd is listening on $MEMFIT_SERVER (metrics: $metrics)"
 sed -n '/^device /p' "$demo/memfitd.log"
 memfit() { "$bin/memfit" "$@"; }
+# Submits a spec, shows memfit's line and returns the job id. (Not `tee /dev/stderr`:
+# when the output goes to a file, that reopens it with truncation.)
+submit() {
+  local line
+  line=$(memfit submit -f "$1")
+  echo "$line" >&2
+  echo "${line%% *}"
+}
 
 echo
 echo "== 1. pretrain a GPT-2-shaped model on Moby-Dick, and a ViT on Fashion-MNIST, side by side"
-pre=$(memfit submit -f "$demo/specs/pretrain.yaml" | tee /dev/stderr | cut -d' ' -f1)
-vit=$(memfit submit -f "$demo/specs/vit.yaml" | tee /dev/stderr | cut -d' ' -f1)
+pre=$(submit "$demo/specs/pretrain.yaml")
+vit=$(submit "$demo/specs/vit.yaml")
 sleep 2
 memfit devices
 echo
@@ -137,8 +145,8 @@ memfit watch "$pre"
 
 echo
 echo "== 2. LoRA on that checkpoint: stock ops and memfit's ops, at once"
-exact=$(memfit submit -f "$demo/specs/lora-exact.yaml" | tee /dev/stderr | cut -d' ' -f1)
-mine=$(memfit submit -f "$demo/specs/lora-memfit.yaml" | tee /dev/stderr | cut -d' ' -f1)
+exact=$(submit "$demo/specs/lora-exact.yaml")
+mine=$(submit "$demo/specs/lora-memfit.yaml")
 sleep 2
 memfit devices
 echo

@@ -9,9 +9,15 @@ repo=$1
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 export MEMFIT_DEMO_DIR=$dir/demo
-out=$("$repo/scripts/demo.sh" 2>&1) || { echo "$out"; echo "demo.sh failed"; exit 1; }
+# Into a file, as CI logs and users capture it: the whole output must be there.
+log=$dir/demo.log
+"$repo/scripts/demo.sh" >"$log" 2>&1 || { cat "$log"; echo "demo.sh failed"; exit 1; }
+out=$(tr -d '\0' <"$log")
 echo "$out"
 fail() { echo "FAIL: $*"; exit 1; }
+nul=$(( $(wc -c <"$log") - $(tr -d '\0' <"$log" | wc -c) ))
+[[ $nul == 0 ]] || fail "demo.log holds $nul NUL bytes (output truncated by a reopen)"
+grep -q "^== memfitd is listening on " <<<"$out" || fail "demo.log lost the output before the first job"
 table=$(sed -n '/^job  *state/,/^$/p' <<<"$out")
 [[ $(grep -c " succeeded " <<<"$table") == 4 ]] || fail "expected 4 succeeded jobs"
 for name in gpt2-pretrain-moby-dick vit-fashion-mnist gpt2-lora-exact gpt2-lora-memfit; do
