@@ -224,13 +224,15 @@ Tensor layer_norm(Sim& s, const Runtime& rt, const Tensor& x, int64_t rows, cons
 }
 
 Tensor rms_norm_composite(Sim& s, const Runtime& rt, const Tensor& x, int64_t rows, const Tensor& gamma) {
-  // xf = x.to(float); xf * rsqrt(mean(xf^2) + eps), back to x's dtype, * gamma.
+  // xf = x.to(float); (xf * rsqrt(xf.pow(2).mean(-1) + eps)).to(x's dtype) * gamma, one C++
+  // expression: its temporaries (the square, mean, sum, product) live until its end.
   Tensor xf = x.esize == kF32 ? x : cast(s, x, kF32);
   Tensor p = like(s, xf);  // pow(xf, 2): its node keeps xf
   s.record("rms_norm(pow)", {&xf}, {&p}, {xf}, [&s, xf](Grads& gr) {
+    // pow_backward: grad * (2 * xf.pow(1)), one C++ expression: its temporaries (the
+    // copy and the doubled copy) live until the product exists.
     Tensor a = like(s, xf);   // xf.pow(1)
     Tensor b = like(s, xf);   // * 2
-    a = Tensor{};
     return Grads{like(s, gr[0])};  // grad * that
   });
   Tensor m = s.empty(rows, kF32);
@@ -238,10 +240,8 @@ Tensor rms_norm_composite(Sim& s, const Runtime& rt, const Tensor& x, int64_t ro
   s.record("rms_norm(mean)", {&p}, {&m}, {pk}, [&s, numel = p.numel](Grads&) {
     return Grads{s.empty(numel, kF32)};  // grad.expand / n
   });
-  p = Tensor{};
   Tensor e = s.empty(rows, kF32);
   s.record("rms_norm(add)", {&m}, {&e}, {}, [](Grads& gr) { return Grads{gr[0]}; });
-  m = Tensor{};
   Tensor r = s.empty(rows, kF32);
   const Tensor rk = r.detach();
   s.record("rms_norm(rsqrt)", {&e}, {&r}, {rk}, [&s, rows](Grads&) {
@@ -249,7 +249,6 @@ Tensor rms_norm_composite(Sim& s, const Runtime& rt, const Tensor& x, int64_t ro
     t1 = Tensor{};
     return Grads{s.empty(rows, kF32)};
   });
-  e = Tensor{};
   Tensor prod = like(s, xf);
   s.record("rms_norm(mul)", {&xf, &r}, {&prod}, {xf, rk}, [&s, xf, rows, dxf = xf.requires_grad()](Grads&) {
     Grads g(2);
@@ -260,9 +259,7 @@ Tensor rms_norm_composite(Sim& s, const Runtime& rt, const Tensor& x, int64_t ro
     }
     return g;
   });
-  r = Tensor{};
   Tensor c = x.esize == kF32 ? prod : cast(s, prod, x.esize);
-  prod = Tensor{};
   Tensor out = like(s, c);
   const Tensor ck = gamma.requires_grad() ? c : Tensor{};
   s.record("rms_norm(scale)", {&c, &gamma}, {&out}, {ck}, [&s, ck, gamma, dc = c.requires_grad(), n = c.numel,
@@ -275,7 +272,7 @@ Tensor rms_norm_composite(Sim& s, const Runtime& rt, const Tensor& x, int64_t ro
     }
     return g;
   });
-  return out;
+  return out;  // the temporaries go here, after the output exists
 }
 
 Tensor affine(Sim& s, const Tensor& y, const Tensor& gamma, const Tensor& beta) {

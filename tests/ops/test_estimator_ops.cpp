@@ -269,6 +269,25 @@ TEST(EstimatorOps, ActivationsAndNormsMatchTheRealOps) {
     const Bytes est = r.run([&] { return sim::layer_norm(r.s, r.rt, x, kRows, g, b); });
     expect_same(real, est, affine_grad ? "layer_norm (trainable affine)" : "layer_norm");
   }
+  // LLaMA's RMSNorm as the worker computes it without memory-sharing norms (in fp32, as
+  // the reference code does), frozen and trainable scale, fp32 and bf16.
+  for (const bool bf16 : {false, true})
+  for (const bool scale_grad : {false, true}) {
+    const auto dt = bf16 ? at::kBFloat16 : at::kFloat;
+    const Bytes real = measure_real(
+        [&] {
+          return std::vector<at::Tensor>{at::randn({kRows, kOut}, dt).requires_grad_(true),
+                                         at::ones({kOut}, dt).requires_grad_(scale_grad)};
+        },
+        [&](const std::vector<at::Tensor>& v) {
+          const at::Tensor xf = v[0].to(at::kFloat);
+          return (xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + 1e-6)).to(v[0].scalar_type()) * v[1];
+        });
+    SimRun r;
+    sim::Tensor x = r.t(n, true, bf16 ? 2 : 4), g = r.t(kOut, scale_grad, bf16 ? 2 : 4);
+    const Bytes est = r.run([&] { return sim::rms_norm_composite(r.s, r.rt, x, kRows, g); });
+    expect_same(real, est, std::string("rms_norm composite") + (bf16 ? " bf16" : "") + (scale_grad ? " (trainable scale)" : ""));
+  }
 }
 
 TEST(EstimatorOps, LossesMatchTheRealOps) {
