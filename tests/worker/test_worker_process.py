@@ -42,6 +42,11 @@ class Contract(unittest.TestCase):
         self.assertEqual(w["transformer.h.0.attn.c_attn.weight"].shape, (64, 192))  # Conv1D layout
         with open(os.path.join(model, "config.json")) as f:
             self.assertEqual(json.load(f)["n_embd"], 64)
+        # The tokenizer travels with the model, under the names Hugging Face tools load.
+        self.assertEqual(fin["output"]["tokenizer_files"], ["vocab.json", "merges.txt"])
+        for src, name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+            with open(os.path.join(H.DATA, "gpt2", src), "rb") as a, open(os.path.join(model, name), "rb") as b:
+                self.assertEqual(a.read(), b.read(), name)
         with open(os.path.join(tmp, "out", "metrics.jsonl")) as f:
             self.assertEqual(len(f.read().splitlines()), len(r.events))
         # Only the two newest checkpoints stay.
@@ -68,6 +73,8 @@ class Contract(unittest.TestCase):
         b = w["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"]
         self.assertEqual((a.shape, b.shape), ((4, 64), (192, 4)))
         self.assertGreater(np.abs(b).max(), 0.0)  # B starts at zero and trained
+        self.assertTrue(os.path.isfile(os.path.join(adapter, "vocab.json")))
+        self.assertTrue(os.path.isfile(os.path.join(adapter, "merges.txt")))
 
 
 class Training(unittest.TestCase):
@@ -139,6 +146,7 @@ class Training(unittest.TestCase):
         self.assertIn("10000 images of 28x28", started["train"])
         self.assertEqual(started["trainable_parameters"], 64 * 10 + 10)  # head only: the classifier
         self.assertEqual(r.last()["eval"]["count"], 32)
+        self.assertNotIn("tokenizer_files", r.last()["output"])  # images: no tokenizer
 
     def test_cuda_device_without_cuda_is_bad_input(self):
         r = H.run_worker(H.gpt2_job(H.workdir("cuda")), "--device", "cuda:0")

@@ -260,6 +260,42 @@ void replace_folder(const fs::path& dst, Fill&& fill) {
   fsx::remove_output_tree(old.string());
 }
 
+// The tokenizer files a job read, as Hugging Face tools look for them next to a model:
+// (source path, name in the export). Names follow Tokenizer::load's choice; OpenAI's
+// encoder.json / vocab.bpe become vocab.json / merges.txt (the same formats).
+std::vector<std::pair<fs::path, std::string>> tokenizer_files(const std::string& path) {
+  std::vector<std::pair<fs::path, std::string>> out;
+  if (path.empty()) return out;
+  const fs::path d(path);
+  if (fs::is_regular_file(d)) return {{d, "tokenizer.model"}};
+  auto add = [&](const char* src, const char* name) {
+    if (fs::is_regular_file(d / src)) out.emplace_back(d / src, name);
+  };
+  if (fs::exists(d / "vocab.json")) {
+    add("vocab.json", "vocab.json");
+    add("merges.txt", "merges.txt");
+  } else if (fs::exists(d / "encoder.json")) {
+    add("encoder.json", "vocab.json");
+    add("vocab.bpe", "merges.txt");
+  } else if (fs::exists(d / "vocab.txt")) {
+    add("vocab.txt", "vocab.txt");
+  } else {
+    add("tokenizer.model", "tokenizer.model");
+  }
+  for (const char* extra : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}) add(extra, extra);
+  return out;
+}
+
+// Copies them into an export folder; returns the names written.
+std::vector<std::string> export_tokenizer(const std::string& path, const fs::path& dir) {
+  std::vector<std::string> names;
+  for (const auto& [src, name] : tokenizer_files(path)) {
+    io::write_file_atomic((dir / name).string(), fsx::InputFile(src.string()).read_all(int64_t{256} << 20));
+    names.push_back(name);
+  }
+  return names;
+}
+
 json job_summary(const spec::Job& j) {
   return {{"name", j.name},
           {"architecture", spec::name_of(j.architecture)},
@@ -482,9 +518,11 @@ int run(const spec::Job& job_in, const std::string& spec_text, const RunOptions&
   phases.begin();
   json result;
   const fs::path out(job.output_dir);
+  std::vector<std::string> tokenizer_names;
   if (job.method == spec::Method::kLora) {
     replace_folder(out / "adapter", [&](const fs::path& dir) {
       io::write_tensors((dir / "adapter_model.safetensors").string(), m->export_adapter(), {{"format", "pt"}});
+      tokenizer_names = export_tokenizer(job.tokenizer_path, dir);
       const std::vector<std::string> heads = m->head_modules();
       json cfg_json = {{"peft_type", "LORA"},
                        {"task_type", lm ? "CAUSAL_LM" : "SEQ_CLS"},
@@ -503,12 +541,14 @@ int run(const spec::Job& job_in, const std::string& spec_text, const RunOptions&
   } else {
     replace_folder(out / "model", [&](const fs::path& dir) {
       io::write_tensors((dir / "model.safetensors").string(), m->export_state(), {{"format", "pt"}});
+      tokenizer_names = export_tokenizer(job.tokenizer_path, dir);
       json c = json::parse(fsx::InputFile(job.config_path).read_all(int64_t{16} << 20));
       if (cfg.num_labels > 0 && !lm) c["num_labels"] = cfg.num_labels;
       io::write_file_atomic((dir / "config.json").string(), c.dump(2));
     });
     result["model"] = (out / "model").string();
   }
+  if (!tokenizer_names.empty()) result["tokenizer_files"] = tokenizer_names;
   phases.end("export");
   const ops::MemoryStats ms = ops::MemoryMeter::stats(device);
   json fin = {{"event", "finished"},
