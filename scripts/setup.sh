@@ -18,7 +18,7 @@ packages=(
   nlohmann-json3-dev libyaml-cpp-dev libicu-dev zlib1g-dev
   libgrpc++-dev protobuf-compiler-grpc libsqlite3-dev prometheus-cpp-dev
   prometheus clang
-  python3-torch python3-numpy python3-grpcio python3-protobuf openssl
+  python3-torch python3-numpy python3-grpcio python3-protobuf python3-yaml openssl
 )
 # npm fetches data and tokenizers by package name (scripts/fetch_data.sh); any npm will
 # do, Debian's if there is none.
