@@ -105,7 +105,12 @@ done
   --read-root "$demo" --read-root "$data" --write-root "$demo/out" \
   2> "$demo/memfitd.log" &
 daemon=$!
+prom=""
 stop_daemon() {
+  if [[ -n $prom ]] && kill -0 "$prom" 2>/dev/null; then
+    kill -TERM "$prom"
+    wait "$prom" || true
+  fi
   if kill -0 "$daemon" 2>/dev/null; then
     kill -TERM "$daemon"
     wait "$daemon" || true
@@ -124,6 +129,31 @@ metrics=$(sed -n 's|^memfitd: metrics on \(.*\)|\1|p' "$demo/memfitd.log")
 echo
 echo "== memfitd is listening on $MEMFIT_SERVER (metrics: $metrics)"
 sed -n '/^device /p' "$demo/memfitd.log"
+
+# Debian's Prometheus beside memfitd (loopback, its own folder under the demo's), scraping
+# it every second with the shipped rules and console page: the closing picture reads the
+# jobs' memory back from it. Without prometheus the demo goes on without the picture.
+prom_url=""
+started=$(date +%s)
+if command -v prometheus >/dev/null; then
+  mport=${metrics#http://127.0.0.1:}
+  mport=${mport%%/*}
+  pport=$(/usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  mkdir -p "$demo/prometheus"
+  cat > "$demo/prometheus/prometheus.yml" <<YAML
+global: {scrape_interval: 1s, evaluation_interval: 1s}
+rule_files: [$root/deploy/prometheus/memfit_rules.yml]
+scrape_configs:
+  - job_name: memfitd
+    static_configs: [{targets: ['127.0.0.1:$mport']}]
+YAML
+  prometheus --config.file="$demo/prometheus/prometheus.yml" --storage.tsdb.path="$demo/prometheus/data" \
+    --web.listen-address="127.0.0.1:$pport" --web.console.templates="$root/deploy/prometheus/consoles" \
+    --web.console.libraries="$root/deploy/prometheus/console_libraries" 2> "$demo/prometheus/prometheus.log" &
+  prom=$!
+  prom_url=http://127.0.0.1:$pport
+  echo "== Prometheus on $prom_url, scraping memfitd every second (dashboard: $prom_url/consoles/memfit.html)"
+fi
 memfit() { "$bin/memfit" "$@"; }
 # Submits a spec, shows memfit's line and returns the job id. (Not `tee /dev/stderr`:
 # when the output goes to a file, that reopens it with truncation.)
@@ -163,6 +193,26 @@ memfit list -o json | /usr/bin/python3 "$root/scripts/demo_summary.py"
 echo
 echo "estimated = memfitd's estimate before the job ran; measured = the worker's peak; saved ="
 echo "activation memory memfit's ops keep less than the stock ops would (estimated, per step)."
+if [[ -n $prom_url ]]; then
+  # Wait for Prometheus to have scraped every job's end, then draw.
+  q="$prom_url/api/v1/query?query=count(memfit_job_measured_peak_bytes%7Bstate!%3D%22running%22%7D)"
+  for _ in $(seq 60); do
+    n=$(/usr/bin/python3 -c 'import json, sys, urllib.request
+r = json.load(urllib.request.urlopen(sys.argv[1]))["data"]["result"]
+print(r[0]["value"][1] if r else 0)' "$q" 2>/dev/null || echo 0)
+    [[ $n -ge 4 ]] && break
+    sleep 0.5
+  done
+  if /usr/bin/python3 "$root/scripts/demo_plot.py" --prometheus "$prom_url" --start "$started" --end "$(date +%s)" \
+       --out "$demo/memory.png" > /dev/null; then
+    echo
+    echo "== memory over time: $demo/memory.png"
+    echo "   each job's measured memory against its estimate and reservation, read back from Prometheus"
+  else
+    echo "demo: the memory picture failed (Prometheus log: $demo/prometheus/prometheus.log)" >&2
+  fi
+fi
 if $keep; then
   echo "memfitd keeps running (pid $daemon): MEMFIT_SERVER=$MEMFIT_SERVER $bin/memfit list"
+  [[ -n $prom ]] && echo "Prometheus keeps running (pid $prom): $prom_url/consoles/memfit.html"
 fi

@@ -32,6 +32,11 @@ awk -v a="$mine" -v b="$exact" 'BEGIN {exit !(a < b)}' || fail "memfit LoRA peak
 for d in pretrain/model vit/model lora-exact/adapter lora-memfit/adapter; do
   [[ -d $dir/demo/out/$d ]] || fail "no output $d"
 done
+# The closing picture, drawn from Prometheus: a PNG of a real size.
+grep -q "^== memory over time: $dir/demo/memory.png" <<<"$out" || fail "no memory picture announced"
+png=$dir/demo/memory.png
+[[ $(head -c 8 "$png" | od -An -tx1 | tr -d ' \n') == 89504e470d0a1a0a ]] || fail "$png is not a PNG"
+[[ $(wc -c <"$png") -gt 20000 ]] || fail "$png is only $(wc -c <"$png") bytes"
 grep -q "^demo: memfitd stopped" <<<"$out" || fail "memfitd not stopped"
 grep -q "^memfitd: stopped" "$dir/demo/memfitd.log" || fail "memfitd did not stop cleanly"
 echo "demo OK: exact LoRA peak $exact MiB, memfit LoRA peak $mine MiB"
