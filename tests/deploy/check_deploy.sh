@@ -21,8 +21,24 @@ echo "$out"
 for want in 'listen: "127.0.0.1:7540"' 'state_dir: "/var/lib/memfit"' 'tokens_file: "/etc/memfit/tokens"' \
             'cpu_device_memory: 17179869184' 'margin: 0.08' 'cancel_grace_seconds: 60' \
             'read_roots: ["/models", "/data/{user}"]' 'write_roots: ["/data/{user}/runs"]' \
-            'workers: {user: "nobody", memory_allowance: 2147483648' 'max_user_priority: 10' 'crash_retries: 2'; do
+            'workers: {user: "nobody", memory_allowance: 2147483648' 'max_user_priority: 10' 'crash_retries: 2' \
+            'metrics: {finished_retention_seconds: 600, finished_max_jobs: 1000}'; do
   grep -qF "$want" <<<"$out" || { echo "memfitd --check-config: missing '$want'"; exit 1; }
+done
+# A bad metrics setting stops memfitd (exit 2) with a message naming it.
+for bad in 'metrics: {finished_retention_seconds: -5}' 'metrics: {finished_retention_seconds: soon}' \
+           'metrics: {finished_retention_seconds: 1000000}' 'metrics: {finished_max_jobs: -1}' 'metrics: {retention: 5}'; do
+  echo "$bad" > "$cfg"
+  set +e
+  err=$("$memfitd" --config "$cfg" --check-config 2>&1 >/dev/null)
+  rc=$?
+  set -e
+  key=$(sed 's/^metrics: {\([a-z_]*\):.*/\1/' <<<"$bad")
+  if [ "$rc" -ne 2 ] || ! grep -qF "metrics.$key" <<<"$err"; then
+    echo "memfitd --check-config with '$bad': exit $rc, '$err' (want exit 2 naming metrics.$key)"
+    exit 1
+  fi
+  echo "rejected as expected: $err"
 done
 # The stop timeout must outlast the workers' grace period.
 grace=$(sed -n 's/^ *cancel_grace_seconds: *\([0-9]*\).*/\1/p' "$repo/deploy/memfitd.yaml")
