@@ -1,6 +1,7 @@
 #!/bin/bash
-# The deploy/ files are valid: Prometheus accepts the scrape config and the rules, and
-# memfitd reads the example configuration with the values it says.
+# The deploy/ files are valid: Prometheus accepts the scrape config and the rules, every
+# rule passes its promtool unit test (deploy/prometheus/tests/), and memfitd reads the
+# example configuration with the values it says (and refuses bad metrics settings).
 # usage: check_deploy.sh MEMFITD REPO
 set -euo pipefail
 memfitd=$1
@@ -9,8 +10,24 @@ if ! command -v promtool >/dev/null; then
   echo "promtool missing (Debian: prometheus)"
   exit 1
 fi
-promtool check config "$repo/deploy/prometheus/prometheus.yml"
-promtool check rules "$repo/deploy/prometheus/memfit_rules.yml"
+prom=$repo/deploy/prometheus
+promtool check config "$prom/prometheus.yml"
+promtool check rules "$prom/memfit_rules.yml"
+# Every recording and alerting rule has a promtool unit test, and they pass.
+promtool test rules "$prom"/tests/*.yml
+for name in $(sed -n 's/^ *- record: *\([^ ]*\).*/\1/p' "$prom/memfit_rules.yml"); do
+  grep -qE "expr: *$name([{ ]|\$)" "$prom"/tests/*.yml || { echo "recording rule $name has no promql_expr_test in $prom/tests"; exit 1; }
+done
+for name in $(sed -n 's/^ *- alert: *\([^ ]*\).*/\1/p' "$prom/memfit_rules.yml"); do
+  grep -qE "alertname: *$name *\$" "$prom"/tests/*.yml || { echo "alert $name has no alert_rule_test in $prom/tests"; exit 1; }
+done
+# Rules run as often as the scrape (a recording rule must not lag its series by a minute),
+# and MemfitDown watches the scrape job the config defines.
+scrape=$(sed -n 's/^ *scrape_interval: *\([0-9a-z]*\).*/\1/p' "$prom/prometheus.yml")
+eval_iv=$(sed -n 's/^ *evaluation_interval: *\([0-9a-z]*\).*/\1/p' "$prom/prometheus.yml")
+[ -n "$eval_iv" ] && [ "$eval_iv" = "$scrape" ] || { echo "prometheus.yml: evaluation_interval '$eval_iv' must equal scrape_interval '$scrape'"; exit 1; }
+jobname=$(sed -n 's/^ *- job_name: *\([^ ]*\).*/\1/p' "$prom/prometheus.yml")
+grep -qF "up{job=\"$jobname\"}" "$prom/memfit_rules.yml" || { echo "MemfitDown must watch up{job=\"$jobname\"}"; exit 1; }
 # workers.user must exist where memfitd runs: this machine has no memfit-worker user, so
 # the check reads the file with an account every machine has.
 cfg=$(mktemp)
