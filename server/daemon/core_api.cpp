@@ -305,8 +305,9 @@ Snapshot Core::snapshot() {
   {
     absl::MutexLock lock(&mu_);
     for (const auto& d : devices_.devices()) {
-      const int64_t sample = device_sample(d);
-      s.devices.push_back({d.name, d.kind, d.total_bytes, sched_.reserved_bytes(d.name), devices_.used_bytes(d.name),
+      const int64_t used = devices_.used_bytes(d.name);  // -1 on CPU devices: summed below
+      const int64_t sample = d.kind == "cuda" && used >= 0 ? used : device_sample(d);
+      s.devices.push_back({d.name, d.kind, d.total_bytes, sched_.reserved_bytes(d.name), used,
                            device_peaks_.take(d.name, sample)});
     }
     s.queue_length = static_cast<int64_t>(sched_.queue_length());
