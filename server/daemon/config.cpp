@@ -15,6 +15,8 @@ namespace {
 
 namespace fs = std::filesystem;
 
+constexpr double kMaxRetention = 7 * 86400.0;  // metrics.finished_retention_seconds
+
 int64_t size_of(const std::string& text, const std::string& what) {
   try {
     return estimator::parse_size(text, what);
@@ -27,8 +29,9 @@ double number(const std::string& text, const std::string& what, double lo, doubl
   char* end = nullptr;
   const double v = std::strtod(text.c_str(), &end);
   if (text.empty() || *end != '\0' || !(v >= lo && v <= hi)) {
-    throw ConfigError(what + ": expected a number in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got '" +
-                      text + "'");
+    char range[96];
+    std::snprintf(range, sizeof range, "[%g, %g]", lo, hi);
+    throw ConfigError(what + ": expected a number in " + range + ", got '" + text + "'");
   }
   return v;
 }
@@ -126,6 +129,15 @@ void apply_yaml(Config& c, const std::string& path) {
         else if (sk == "paused") c.paused = boolean(sv, f);
         else throw ConfigError(f + ": unknown setting");
       }
+    } else if (k == "metrics") {
+      if (!v.IsMap()) throw ConfigError(p + "metrics: expected finished_retention_seconds, finished_max_jobs");
+      for (const auto& m : v) {
+        const std::string mk = m.first.as<std::string>(), f = p + "metrics." + mk;
+        const std::string mv = scalar(m.second, f);
+        if (mk == "finished_retention_seconds") c.metrics_finished_retention_seconds = number(mv, f, 0, kMaxRetention);
+        else if (mk == "finished_max_jobs") c.metrics_finished_max_jobs = static_cast<int64_t>(number(mv, f, 0, 1e6));
+        else throw ConfigError(f + ": unknown setting");
+      }
     } else {
       throw ConfigError(p + k + ": unknown setting");
     }
@@ -148,7 +160,8 @@ std::string usage() {
          "               [--read-root DIR]... [--write-root DIR]... [--worker-user NAME]\n"
          "               [--worker-memory-allowance SIZE] [--worker-cgroup DIR] [--crash-retries N]\n"
          "               [--max-queued-per-user N] [--margin F] [--starvation-minutes M]\n"
-         "               [--cancel-grace-seconds S] [--paused] [--check-config]\n"
+         "               [--cancel-grace-seconds S] [--metrics-finished-retention-seconds S]\n"
+         "               [--paused] [--check-config]\n"
          "--check-config reads the configuration, prints it as memfitd will use it, and exits.\n";
 }
 
@@ -189,6 +202,9 @@ std::string describe(const Config& c) {
                 "cancel_grace_seconds: %g, paused: %s}\n",
                 c.margin, c.oom_retries, c.crash_retries, c.oom_growth, c.starvation_minutes, c.cancel_grace_seconds,
                 c.paused ? "true" : "false");
+  o += buf;
+  std::snprintf(buf, sizeof buf, "metrics: {finished_retention_seconds: %g, finished_max_jobs: %lld}\n",
+                c.metrics_finished_retention_seconds, static_cast<long long>(c.metrics_finished_max_jobs));
   return o + buf;
 }
 
@@ -243,7 +259,9 @@ Config load_config(const std::vector<std::string>& args, const std::string& argv
     else if (f == "--margin") c.margin = number(value(), f, 0, 10);
     else if (f == "--starvation-minutes") c.starvation_minutes = number(value(), f, 0, 1e6);
     else if (f == "--cancel-grace-seconds") c.cancel_grace_seconds = number(value(), f, 0, 86400);
-    else if (f == "--paused") c.paused = true;
+    else if (f == "--metrics-finished-retention-seconds") {
+      c.metrics_finished_retention_seconds = number(value(), "metrics.finished_retention_seconds (" + f + ")", 0, kMaxRetention);
+    } else if (f == "--paused") c.paused = true;
     else throw ConfigError("unknown option '" + f + "'\n" + usage());
   }
   if (c.state_dir.empty()) c.state_dir = default_state_dir();

@@ -20,6 +20,7 @@
 //   workers: {user: memfit-worker, memory_allowance: 2GiB, cgroup: /sys/fs/cgroup/memfit}
 //   scheduling: {margin: 0.08, oom_retries: 2, crash_retries: 2, oom_growth: 1.25,
 //                starvation_minutes: 30, cancel_grace_seconds: 60, paused: false}
+//   metrics: {finished_retention_seconds: 600, finished_max_jobs: 1000}
 #pragma once
 
 #include <cstdint>
@@ -75,6 +76,10 @@ struct Config {
   double starvation_minutes = 30;
   double cancel_grace_seconds = 60;
   bool paused = false;            // accept and queue jobs but start no worker (load tests)
+  // /metrics keeps a finished job's series (with its final state) this long, so a job
+  // shorter than the scrape interval is still seen; at most this many finished jobs.
+  double metrics_finished_retention_seconds = 600;
+  int64_t metrics_finished_max_jobs = 1000;
 };
 
 // Defaults, then the YAML file (if given), then the flags. Throws ConfigError naming the

@@ -78,7 +78,26 @@ v1::JobEvent Core::event(const std::string& kind, v1::JobState st, const std::st
 
 void Core::record(v1::Job& j, const std::string& kind, const std::string& msg, const std::string& data) {
   store_.append_event(j, event(kind, j.state(), msg, data));
+  if (j.state() == v1::SUCCEEDED || j.state() == v1::FAILED || j.state() == v1::CANCELLED) remember_finished(j);
   events_cv_.SignalAll();
+}
+
+void Core::remember_finished(const v1::Job& j) {
+  // Only jobs that were placed had series; a job cancelled in the queue never had any.
+  if (j.attempts() == 0 || cfg_.metrics_finished_retention_seconds <= 0 || cfg_.metrics_finished_max_jobs <= 0) return;
+  const int64_t t = j.has_finished_at() ? ms_of(j.finished_at()) : now();
+  absl::MutexLock lock(&recent_mu_);
+  recent_[j.id()] = {GaugeOf(j), t};
+  // Bounded without scrapes too: prune when twice the cap is held.
+  if (static_cast<int64_t>(recent_.size()) > 2 * cfg_.metrics_finished_max_jobs) {
+    std::map<std::string, int64_t> times;
+    for (const auto& [id, r] : recent_) times[id] = r.finished_ms;
+    for (const auto& id : ChooseFinished(times, now(), static_cast<int64_t>(cfg_.metrics_finished_retention_seconds * 1000),
+                                         static_cast<size_t>(cfg_.metrics_finished_max_jobs))
+                              .drop) {
+      recent_.erase(id);
+    }
+  }
 }
 
 // ---- start, recovery ----
@@ -198,6 +217,8 @@ void Core::tick() {
       ended.push_back(id);
     }
   }
+  // Device memory for the peak between scrapes, before the ended attempts are let go.
+  for (const auto& d : devices_.devices()) device_peaks_.observe(d.name, device_sample(d));
   for (const auto& id : ended) {
     finish(id, active_.at(id));
     active_.erase(id);
@@ -205,6 +226,16 @@ void Core::tick() {
   if (!cfg_.paused) {
     for (const auto& p : sched_.schedule(now())) start_worker(p);
   }
+}
+
+int64_t Core::device_sample(const DeviceInfo& d) {
+  const int64_t used = d.kind == "cuda" ? devices_.used_bytes(d.name) : -1;
+  if (used >= 0) return used;
+  int64_t sum = 0;
+  for (const auto& [id, a] : active_) {
+    if (a.device == d.name) sum += std::max(a.report.reported_peak, a.report.memory_bytes);
+  }
+  return sum;
 }
 
 WorkerLaunch Core::launch_of(const v1::Job& j, const sched::Placement& p, const OutputPlace& out) {

@@ -33,6 +33,7 @@
 #include "decide.h"
 #include "devices.h"
 #include "estimator.h"
+#include "metrics_view.h"
 #include "memfit/v1/service.pb.h"
 #include "paths.h"
 #include "runner.h"
@@ -63,20 +64,17 @@ struct Caller {
   bool admin = true;
 };
 
-// What the metrics exporter reads (metrics.cpp); plain numbers under the core's lock.
-struct JobGauge {
-  std::string id, owner, device;
-  int64_t estimated = 0, reserved = 0, measured_peak = 0, activation_bytes = 0, activation_saved = 0;
-  int64_t step = 0, total_steps = 0;
-  double loss = 0;
-};
+// What the metrics exporter reads (metrics.cpp): plain values taken under the core's
+// locks. `jobs`: the running jobs and the finished ones still retained
+// (metrics.finished_retention_seconds), each with its state.
 struct Snapshot {
   struct Dev {
     std::string name, kind;
     int64_t total = 0, reserved = 0, used = 0;
+    int64_t peak = 0;  // the highest sample since the previous snapshot (PeakWindow)
   };
   std::vector<Dev> devices;
-  std::vector<JobGauge> jobs;
+  std::vector<JobSeries> jobs;
   std::map<int, int64_t> jobs_by_state;  // v1::JobState -> count
   int64_t queue_length = 0;
   int64_t oom_retries_total = 0;
@@ -111,6 +109,8 @@ class Core {
   v1::ReadJobLogResponse read_log(const Caller& c, const v1::ReadJobLogRequest& r);
   v1::ListDevicesResponse devices();
   v1::EstimateJobResponse estimate(const Caller& c, const v1::EstimateJobRequest& r);
+  // For /metrics. Each call ends the devices' peak window (the next one reports the peak
+  // since this one) and hands over the histogram samples gathered since the last call.
   Snapshot snapshot();
 
   // One pass of the loop (tests drive it directly). Throws what the store throws.
@@ -156,6 +156,12 @@ class Core {
   // A record that could not be read: the job fails (SYSTEM, corrupt_record).
   void fail_corrupt(v1::Job stub);
   void loop();
+  // Memory in use on a device for its peak: NVML's used bytes on a GPU; on a CPU device
+  // the sum of its running attempts' highest reported memory (the workers' meters report
+  // between steps, and a step's peak only as the peak so far).
+  int64_t device_sample(const DeviceInfo& d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A job reached a final state: keep its series for metrics.finished_retention_seconds.
+  void remember_finished(const v1::Job& j) ABSL_LOCKS_EXCLUDED(recent_mu_);
   int64_t now() const { return clock_(); }
   estimator::DeviceModel device_model() const;
 
@@ -181,6 +187,15 @@ class Core {
   int64_t oom_retries_total_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<double> new_ratios_ ABSL_GUARDED_BY(mu_);
   std::vector<double> new_placements_ ABSL_GUARDED_BY(mu_);
+  PeakWindow device_peaks_ ABSL_GUARDED_BY(mu_);
+  // Finished jobs whose series /metrics still exports (a leaf lock: taken under mu_ or
+  // alone, nothing taken under it).
+  struct Retained {
+    JobSeries series;
+    int64_t finished_ms = 0;
+  };
+  absl::Mutex recent_mu_;
+  std::map<std::string, Retained> recent_ ABSL_GUARDED_BY(recent_mu_);
   // The loop's store-error backoff: the last message and when it was last logged.
   std::string last_loop_error_;
   int64_t last_loop_error_logged_ms_ = 0;

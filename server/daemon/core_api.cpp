@@ -305,7 +305,10 @@ Snapshot Core::snapshot() {
   {
     absl::MutexLock lock(&mu_);
     for (const auto& d : devices_.devices()) {
-      s.devices.push_back({d.name, d.kind, d.total_bytes, sched_.reserved_bytes(d.name), devices_.used_bytes(d.name)});
+      const int64_t used = devices_.used_bytes(d.name);  // -1 on CPU devices: summed below
+      const int64_t sample = d.kind == "cuda" && used >= 0 ? used : device_sample(d);
+      s.devices.push_back({d.name, d.kind, d.total_bytes, sched_.reserved_bytes(d.name), used,
+                           device_peaks_.take(d.name, sample)});
     }
     s.queue_length = static_cast<int64_t>(sched_.queue_length());
     s.oom_retries_total = oom_retries_total_;
@@ -316,24 +319,26 @@ Snapshot Core::snapshot() {
     s.jobs_by_state[st] = store_.count(static_cast<v1::JobState>(st));
   }
   std::map<std::string, int64_t> cpu_used;
+  std::set<std::string> running;
   for (const auto& j : store_.in_states({v1::RUNNING, v1::CANCELLING})) {
-    JobGauge g;
-    g.id = j.id();
-    g.owner = j.owner();
-    g.device = j.device();
-    g.estimated = j.plan().estimated_peak_bytes();
-    g.reserved = j.plan().reserved_bytes();
-    g.measured_peak = j.progress().peak_memory_bytes();
-    g.activation_bytes = j.progress().activation_bytes() > 0 ? j.progress().activation_bytes() : j.plan().activation_bytes();
-    g.activation_saved = std::max<int64_t>(0, j.plan().exact_activation_bytes() - j.plan().activation_bytes());
-    g.step = j.progress().step();
-    g.total_steps = j.progress().total_steps();
-    g.loss = j.progress().loss();
+    s.jobs.push_back(GaugeOf(j));
+    running.insert(j.id());
     cpu_used[j.device()] += j.progress().memory_bytes();
-    s.jobs.push_back(g);
   }
   for (auto& d : s.devices) {
     if (d.used < 0) d.used = cpu_used[d.name];
+    d.peak = std::max(d.peak, d.used);
+  }
+  // Finished jobs still retained, the most recently finished first.
+  absl::MutexLock lock(&recent_mu_);
+  std::map<std::string, int64_t> times;
+  for (const auto& [id, r] : recent_) times[id] = r.finished_ms;
+  const FinishedChoice c =
+      ChooseFinished(times, now(), static_cast<int64_t>(cfg_.metrics_finished_retention_seconds * 1000),
+                     static_cast<size_t>(std::max<int64_t>(0, cfg_.metrics_finished_max_jobs)));
+  for (const auto& id : c.drop) recent_.erase(id);
+  for (const auto& id : c.keep) {
+    if (running.count(id) == 0) s.jobs.push_back(recent_.at(id).series);
   }
   return s;
 }

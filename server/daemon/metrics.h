@@ -1,9 +1,14 @@
 // memfitd's Prometheus endpoint: one collector that builds every family from the core's
-// snapshot at scrape time, so per-job series exist exactly while their job runs.
+// snapshot at scrape time. Per-job series exist while their job runs and, with its final
+// state, for metrics.finished_retention_seconds after it ends (metrics_view.h decides).
 #pragma once
 
+#include <prometheus/metric_family.h>
+
+#include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace prometheus {
 class Exposer;
@@ -13,6 +18,20 @@ namespace memfit::daemon {
 
 class Core;
 class MetricsCollector;
+struct Snapshot;
+
+// The families of successive scrapes: gauges from each snapshot, the histograms summed
+// over every snapshot it was given. Tests serialize its output.
+class MetricFamilies {
+ public:
+  MetricFamilies();
+  ~MetricFamilies();
+  std::vector<prometheus::MetricFamily> build(const Snapshot& s);
+
+ private:
+  struct Histograms;
+  std::unique_ptr<Histograms> h_;
+};
 
 class MetricsExporter {
  public:

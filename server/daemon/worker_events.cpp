@@ -58,6 +58,8 @@ std::optional<EventRecord> ApplyWorkerLine(const std::string& line, v1::Job& j, 
     pr->set_tokens_per_second(get<double>(e, "tokens_per_second", 0.0));
     pr->set_memory_bytes(size_of(e, "memory_bytes"));
     pr->set_peak_memory_bytes(std::max(pr->peak_memory_bytes(), size_of(e, "peak_memory_bytes")));
+    a.memory_bytes = pr->memory_bytes();
+    a.reported_peak = std::max({a.reported_peak, a.memory_bytes, size_of(e, "peak_memory_bytes")});
     if (e.contains("activation_bytes")) pr->set_activation_bytes(size_of(e, "activation_bytes"));
     char buf[96];
     std::snprintf(buf, sizeof buf, "step %lld/%lld loss %.4f", static_cast<long long>(pr->step()),
@@ -74,6 +76,7 @@ std::optional<EventRecord> ApplyWorkerLine(const std::string& line, v1::Job& j, 
     a.terminal = "finished";
     a.measured_peak = size_of(e, "peak_memory_bytes");
     a.measured_reserved = size_of(e, "peak_reserved_bytes");
+    a.reported_peak = std::max(a.reported_peak, a.measured_peak);
     pr->set_peak_memory_bytes(std::max(pr->peak_memory_bytes(), a.measured_peak));
     if (e.contains("activation_bytes")) pr->set_activation_bytes(size_of(e, "activation_bytes"));
     v1::JobResult* res = j.mutable_result();

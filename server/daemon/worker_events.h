@@ -16,6 +16,9 @@ struct AttemptReport {
   std::string fail_reason, fail_message;
   int64_t measured_peak = 0, measured_reserved = 0;
   int64_t steps = 0;  // step events of this attempt (a resumed, already finished run has none)
+  // What the worker's meter reported in this attempt: the last step's bytes in use, and
+  // the highest peak so far (step and finished events).
+  int64_t memory_bytes = 0, reported_peak = 0;
 };
 
 struct EventRecord {

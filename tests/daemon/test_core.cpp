@@ -442,3 +442,104 @@ TEST_F(CoreTest, AWorkerThatCannotStartFailsAsSystem) {
 
 }  // namespace
 }  // namespace memfit::daemon
+
+namespace memfit::daemon {
+namespace {
+
+const JobSeries* Exported(const Snapshot& s, const std::string& id) {
+  for (const auto& j : s.jobs) {
+    if (j.id == id) return &j;
+  }
+  return nullptr;
+}
+
+// A job shorter than the scrape interval: placed, one step and finished between two
+// snapshots. Its series stay (state succeeded) for the retention, by the core's clock;
+// the device's peak between the snapshots counts its reported peak.
+TEST_F(CoreTest, FinishedJobsStayExportedForTheRetention) {
+  cfg_.metrics_finished_retention_seconds = 600;
+  Open();
+  const v1::Job cancelled_in_queue = Submit();
+  core_->cancel(Caller{}, cancelled_in_queue.id());
+  const v1::Job j = Submit();
+  EXPECT_EQ(core_->snapshot().jobs.size(), 0u);
+  core_->tick();
+  Snapshot s = core_->snapshot();
+  ASSERT_NE(Exported(s, j.id()), nullptr);
+  EXPECT_EQ(Exported(s, j.id())->state, "running");
+  EXPECT_EQ(Exported(s, j.id())->model, "gpt2");
+  EXPECT_EQ(Exported(s, j.id())->preset, "custom");
+  EXPECT_EQ(Exported(s, j.id())->name, "t");
+  W(j.id()).lines.push_back(R"({"event":"step","step":1,"total_steps":10,"loss":3.0,"memory_bytes":300,"peak_memory_bytes":900})");
+  End(j.id(), kFinished);
+  now_ += 13'000;
+  s = core_->snapshot();
+  ASSERT_EQ(s.jobs.size(), 1u);  // the job cancelled in the queue never had series
+  const JobSeries* g = Exported(s, j.id());
+  ASSERT_NE(g, nullptr);
+  EXPECT_EQ(g->state, "succeeded");
+  EXPECT_EQ(g->measured_peak, 1000);
+  EXPECT_EQ(g->step, 1);
+  EXPECT_EQ(g->device, "cpu:0");
+  EXPECT_EQ(s.devices.at(0).peak, 1000);  // the finished event's peak, seen at the last tick
+  EXPECT_EQ(s.devices.at(0).used, 0);
+  EXPECT_EQ(core_->snapshot().devices.at(0).peak, 0);  // a new window
+  now_ += 600'000 - 13'000 - 1;
+  EXPECT_NE(Exported(core_->snapshot(), j.id()), nullptr);
+  now_ += 1;
+  EXPECT_EQ(Exported(core_->snapshot(), j.id()), nullptr);
+  EXPECT_EQ(Exported(core_->snapshot(), j.id()), nullptr);  // forgotten, not only hidden
+}
+
+TEST_F(CoreTest, RetentionZeroExportsRunningJobsOnly) {
+  cfg_.metrics_finished_retention_seconds = 0;
+  Open();
+  const v1::Job j = Submit();
+  core_->tick();
+  EXPECT_NE(Exported(core_->snapshot(), j.id()), nullptr);
+  End(j.id(), kOom);  // requeued and placed again, bigger, in the same tick
+  EXPECT_EQ(Exported(core_->snapshot(), j.id())->reserved, Get(j.id()).plan().reserved_bytes());
+  End(j.id(), kFinished);
+  EXPECT_EQ(core_->snapshot().jobs.size(), 0u);
+}
+
+TEST_F(CoreTest, TheFinishedJobCapKeepsTheNewest) {
+  cfg_.metrics_finished_max_jobs = 2;
+  Open();
+  std::vector<std::string> ids;
+  for (int i = 0; i < 3; ++i) {
+    const v1::Job j = Submit();
+    core_->tick();
+    now_ += 1000;
+    End(j.id(), kFinished);
+    ids.push_back(j.id());
+  }
+  const Snapshot s = core_->snapshot();
+  ASSERT_EQ(s.jobs.size(), 2u);
+  EXPECT_EQ(s.jobs[0].id, ids[2]);
+  EXPECT_EQ(s.jobs[1].id, ids[1]);
+}
+
+// CPU devices: the peak between scrapes is the sum of the running jobs' reported peaks
+// (the workers report a step's peak only as their peak so far), not the bytes in use
+// between steps.
+TEST_F(CoreTest, CpuDevicePeakSumsTheRunningJobsReportedPeaks) {
+  const v1::Job a = Submit();
+  const v1::Job b = Submit();
+  core_->tick();
+  ASSERT_EQ(launcher_.launches.size(), 2u);
+  W(a.id()).lines.push_back(R"({"event":"step","step":1,"total_steps":10,"loss":3.0,"memory_bytes":30,"peak_memory_bytes":300})");
+  W(b.id()).lines.push_back(R"({"event":"step","step":1,"total_steps":10,"loss":3.0,"memory_bytes":20,"peak_memory_bytes":200})");
+  core_->tick();
+  Snapshot s = core_->snapshot();
+  EXPECT_EQ(s.devices.at(0).used, 50);
+  EXPECT_EQ(s.devices.at(0).peak, 500);
+  End(a.id(), kFinished);  // peak 1000 at its end
+  s = core_->snapshot();
+  EXPECT_EQ(s.devices.at(0).peak, 1200);  // a (1000) + b (200), seen before a was let go
+  EXPECT_EQ(s.devices.at(0).used, 20);
+  EXPECT_EQ(core_->snapshot().devices.at(0).peak, 200);  // b alone now
+}
+
+}  // namespace
+}  // namespace memfit::daemon

@@ -19,6 +19,19 @@ TEST(WorkerEvents, StepUpdatesProgress) {
   EXPECT_EQ(a.steps, 1);
 }
 
+TEST(WorkerEvents, TheAttemptKeepsItsOwnMemoryReadings) {
+  v1::Job j;
+  j.mutable_progress()->set_peak_memory_bytes(5000);  // an earlier attempt's peak
+  AttemptReport a;
+  ASSERT_TRUE(ApplyWorkerLine(R"({"event":"step","step":1,"memory_bytes":100,"peak_memory_bytes":400})", j, a));
+  ASSERT_TRUE(ApplyWorkerLine(R"({"event":"step","step":2,"memory_bytes":120,"peak_memory_bytes":300})", j, a));
+  EXPECT_EQ(a.memory_bytes, 120);
+  EXPECT_EQ(a.reported_peak, 400);
+  EXPECT_EQ(j.progress().peak_memory_bytes(), 5000);  // the job's: over every attempt
+  ASSERT_TRUE(ApplyWorkerLine(R"({"event":"finished","peak_memory_bytes":450})", j, a));
+  EXPECT_EQ(a.reported_peak, 450);
+}
+
 TEST(WorkerEvents, FinishedAndFailedSetTheAttempt) {
   v1::Job j;
   AttemptReport a;

@@ -1,6 +1,7 @@
 #!/bin/bash
-# The deploy/ files are valid: Prometheus accepts the scrape config and the rules, and
-# memfitd reads the example configuration with the values it says.
+# The deploy/ files are valid: Prometheus accepts the scrape config and the rules, every
+# rule passes its promtool unit test (deploy/prometheus/tests/), and memfitd reads the
+# example configuration with the values it says (and refuses bad metrics settings).
 # usage: check_deploy.sh MEMFITD REPO
 set -euo pipefail
 memfitd=$1
@@ -9,8 +10,24 @@ if ! command -v promtool >/dev/null; then
   echo "promtool missing (Debian: prometheus)"
   exit 1
 fi
-promtool check config "$repo/deploy/prometheus/prometheus.yml"
-promtool check rules "$repo/deploy/prometheus/memfit_rules.yml"
+prom=$repo/deploy/prometheus
+promtool check config "$prom/prometheus.yml"
+promtool check rules "$prom/memfit_rules.yml"
+# Every recording and alerting rule has a promtool unit test, and they pass.
+promtool test rules "$prom"/tests/*.yml
+for name in $(sed -n 's/^ *- record: *\([^ ]*\).*/\1/p' "$prom/memfit_rules.yml"); do
+  grep -qE "expr: *$name([{ ]|\$)" "$prom"/tests/*.yml || { echo "recording rule $name has no promql_expr_test in $prom/tests"; exit 1; }
+done
+for name in $(sed -n 's/^ *- alert: *\([^ ]*\).*/\1/p' "$prom/memfit_rules.yml"); do
+  grep -qE "alertname: *$name *\$" "$prom"/tests/*.yml || { echo "alert $name has no alert_rule_test in $prom/tests"; exit 1; }
+done
+# Rules run as often as the scrape (a recording rule must not lag its series by a minute),
+# and MemfitDown watches the scrape job the config defines.
+scrape=$(sed -n 's/^ *scrape_interval: *\([0-9a-z]*\).*/\1/p' "$prom/prometheus.yml")
+eval_iv=$(sed -n 's/^ *evaluation_interval: *\([0-9a-z]*\).*/\1/p' "$prom/prometheus.yml")
+[ -n "$eval_iv" ] && [ "$eval_iv" = "$scrape" ] || { echo "prometheus.yml: evaluation_interval '$eval_iv' must equal scrape_interval '$scrape'"; exit 1; }
+jobname=$(sed -n 's/^ *- job_name: *\([^ ]*\).*/\1/p' "$prom/prometheus.yml")
+grep -qF "up{job=\"$jobname\"}" "$prom/memfit_rules.yml" || { echo "MemfitDown must watch up{job=\"$jobname\"}"; exit 1; }
 # workers.user must exist where memfitd runs: this machine has no memfit-worker user, so
 # the check reads the file with an account every machine has.
 cfg=$(mktemp)
@@ -21,8 +38,24 @@ echo "$out"
 for want in 'listen: "127.0.0.1:7540"' 'state_dir: "/var/lib/memfit"' 'tokens_file: "/etc/memfit/tokens"' \
             'cpu_device_memory: 17179869184' 'margin: 0.08' 'cancel_grace_seconds: 60' \
             'read_roots: ["/models", "/data/{user}"]' 'write_roots: ["/data/{user}/runs"]' \
-            'workers: {user: "nobody", memory_allowance: 2147483648' 'max_user_priority: 10' 'crash_retries: 2'; do
+            'workers: {user: "nobody", memory_allowance: 2147483648' 'max_user_priority: 10' 'crash_retries: 2' \
+            'metrics: {finished_retention_seconds: 600, finished_max_jobs: 1000}'; do
   grep -qF "$want" <<<"$out" || { echo "memfitd --check-config: missing '$want'"; exit 1; }
+done
+# A bad metrics setting stops memfitd (exit 2) with a message naming it.
+for bad in 'metrics: {finished_retention_seconds: -5}' 'metrics: {finished_retention_seconds: soon}' \
+           'metrics: {finished_retention_seconds: 1000000}' 'metrics: {finished_max_jobs: -1}' 'metrics: {retention: 5}'; do
+  echo "$bad" > "$cfg"
+  set +e
+  err=$("$memfitd" --config "$cfg" --check-config 2>&1 >/dev/null)
+  rc=$?
+  set -e
+  key=$(sed 's/^metrics: {\([a-z_]*\):.*/\1/' <<<"$bad")
+  if [ "$rc" -ne 2 ] || ! grep -qF "metrics.$key" <<<"$err"; then
+    echo "memfitd --check-config with '$bad': exit $rc, '$err' (want exit 2 naming metrics.$key)"
+    exit 1
+  fi
+  echo "rejected as expected: $err"
 done
 # The stop timeout must outlast the workers' grace period.
 grace=$(sed -n 's/^ *cancel_grace_seconds: *\([0-9]*\).*/\1/p' "$repo/deploy/memfitd.yaml")

@@ -180,8 +180,8 @@ def run_memfitd(*args):
     return r.returncode, r.stderr
 
 
-def metric_value(text, name, **labels):
-    """The value of one series in Prometheus text format, or None."""
+def metric_value(text, name, /, **labels):
+    """The value of one series in Prometheus text format, or None (a label may be called `name`)."""
     for line in text.splitlines():
         if not line.startswith(name) or line.startswith("#"):
             continue

@@ -456,7 +456,9 @@ class Configuration(unittest.TestCase):
                              (yaml("scheduling: {margin: 0.1, bogus: 1}\n"), "scheduling.bogus: unknown setting"),
                              (yaml("limits: {max_message_bytes: huge}\n"), "limits.max_message_bytes"),
                              (yaml("devices: [{name: cpu:0}]\n"), "devices[0]: needs name and memory"),
-                             (yaml("listen: [1, 2\n"), "memfitd-4.yaml: yaml-cpp")):
+                             (yaml("metrics: {finished_retention_seconds: -1}\n"), "metrics.finished_retention_seconds"),
+                             (["--metrics-finished-retention-seconds", "x"], "metrics.finished_retention_seconds"),
+                             (yaml("listen: [1, 2\n"), "memfitd-5.yaml: yaml-cpp")):
             code, err = D.run_memfitd(*state, *args)
             self.assertEqual(code, 2, (args, err))
             self.assertIn(needle, err.splitlines()[0], args)  # said on the first line
@@ -501,8 +503,13 @@ class Metrics(unittest.TestCase):
                                      training={"checkpoint_interval": 100000}))
             d.wait(j.id, lambda x: x.progress.step >= 2)
             m = d.metrics()
-            labels = {"job": j.id, "owner": "local"}
+            labels = {"job_id": j.id, "owner": "local", "state": "running"}
             dev = d.get(j.id).device
+            self.assertNotIn('job="', m)  # the scrape job's label is Prometheus' own
+            self.assertEqual(D.metric_value(m, "memfit_job_info", job_id=j.id, name=j.name, owner="local",
+                                            model="gpt2", method="lora", preset="memfit_best"), 1)
+            self.assertEqual(D.metric_value(m, "memfit_job_steps", **labels, device=dev),
+                             D.metric_value(m, "memfit_job_steps", job_id=j.id))
             self.assertEqual(D.metric_value(m, "memfit_job_reserved_bytes", **labels), j.plan.reserved_bytes)
             self.assertEqual(D.metric_value(m, "memfit_job_estimated_peak_bytes", **labels),
                              j.plan.estimated_peak_bytes)
@@ -516,6 +523,12 @@ class Metrics(unittest.TestCase):
             self.assertEqual(D.metric_value(m, "memfit_device_memory_reserved_bytes", device=dev),
                              j.plan.reserved_bytes)
             self.assertGreater(D.metric_value(m, "memfit_device_memory_used_bytes", device=dev), 0)
+            # The peak since the last scrape: on a CPU device the running job's reported peak,
+            # above the bytes in use between steps.
+            self.assertGreater(D.metric_value(m, "memfit_device_memory_peak_bytes", device=dev),
+                               D.metric_value(m, "memfit_device_memory_used_bytes", device=dev))
+            self.assertEqual(D.metric_value(m, "memfit_device_memory_peak_bytes", device="cpu:1" if dev == "cpu:0"
+                                            else "cpu:0"), 0)
             self.assertEqual(D.metric_value(m, "memfit_jobs", state="running"), 1)
             self.assertEqual(D.metric_value(m, "memfit_placement_latency_seconds_count"), 1)
             for line in m.splitlines():
@@ -529,7 +542,13 @@ class Metrics(unittest.TestCase):
             d.jobs.CancelJob(pb.CancelJobRequest(id=j.id), timeout=30)
             d.wait(j.id, timeout=60)
             m = d.metrics()
-            self.assertIsNone(D.metric_value(m, "memfit_job_reserved_bytes", job=j.id))
+            # Finished: its last values stay (metrics.finished_retention_seconds, 600 s) with
+            # its final state; no series says it runs.
+            self.assertIsNone(D.metric_value(m, "memfit_job_reserved_bytes", job_id=j.id, state="running"))
+            self.assertEqual(D.metric_value(m, "memfit_job_reserved_bytes", job_id=j.id, state="cancelled"),
+                             j.plan.reserved_bytes)
+            self.assertGreaterEqual(D.metric_value(m, "memfit_job_steps", job_id=j.id, state="cancelled"), 2)
+            self.assertEqual(D.metric_value(m, "memfit_job_info", job_id=j.id), 1)
             self.assertEqual(D.metric_value(m, "memfit_jobs", state="cancelled"), 1)
             self.assertEqual(D.metric_value(m, "memfit_device_memory_reserved_bytes", device=dev), 0)
             if not promtool:
