@@ -108,7 +108,10 @@ at::Tensor linear_cross_entropy(const at::Tensor& h, const at::Tensor& weight,
 enum class AttentionImpl { kAuto, kBatched, kPerHead };
 
 struct AttentionOptions {
-  bool causal = false;         // key j visible to query i iff j <= i + (Sk - S)
+  // Causal: key j visible to query i iff j <= i + (Sk - S) (bottom-right alignment, as
+  // PyTorch's is_causal with a KV cache and flash-attn). With S > Sk the first S - Sk
+  // queries see no key: their output is 0 and no gradient flows through them.
+  bool causal = false;
   double scale = 0.0;          // 0: 1 / sqrt(head_dim)
   at::Tensor key_padding_mask; // bool [B, Sk], true = attend; undefined = all
   int64_t chunk_bytes = 16 << 20;  // bound on the score blocks alive at once

@@ -70,7 +70,8 @@ inline kernels::AttentionRows rows_of(const Geometry& g, int64_t s0, int64_t c, 
   r.ld = len;
   r.chunk = c;
   r.rows_per_batch = g.H * c;
-  r.causal_base = g.causal ? s0 + (g.Sk - g.S) + 1 : -1;
+  r.causal = g.causal;
+  r.causal_base = s0 + (g.Sk - g.S) + 1;  // negative while queries see no key
   if (key_mask.defined()) {
     r.key_mask = key_mask.data_ptr<uint8_t>();
     r.key_mask_ld = key_mask.size(1);
