@@ -249,6 +249,27 @@ TEST(Attention, NonContiguousInputsAndEmptyBatches) {
   ASSERT_FALSE(q.is_contiguous());
   EXPECT_TRUE(memfit::test::close(memfit::ops::attention(q, k, v),
                                   memfit::ops::attention(q.contiguous(), k.contiguous(), v.contiguous()), 1e-6, 1e-7));
+  // head_dim strided (every other element): each implementation reads it as such.
+  const at::Tensor wide = at::randn({2, 9, 3, 4, 16});
+  const at::Tensor qs = wide.select(2, 0).slice(3, 0, 16, 2), ks = wide.select(2, 1).slice(3, 0, 16, 2),
+                   vs = wide.select(2, 2).slice(3, 0, 16, 2);
+  ASSERT_EQ(qs.stride(3), 2);
+  const at::Tensor dy = at::randn({2, 9, 4, 8});
+  for (const AttentionImpl impl : {AttentionImpl::kAuto, AttentionImpl::kBatched, AttentionImpl::kPerHead}) {
+    memfit::ops::AttentionOptions o;
+    o.causal = true;
+    o.impl = impl;
+    const at::Tensor leaf = wide.clone().requires_grad_(true), b = qs.contiguous().requires_grad_(true);
+    const at::Tensor a = leaf.select(2, 0).slice(3, 0, 16, 2);  // strided like qs
+    ASSERT_EQ(a.stride(3), 2);
+    const at::Tensor ya = memfit::ops::attention(a, ks, vs, o);
+    const at::Tensor yb = memfit::ops::attention(b, ks.contiguous(), vs.contiguous(), o);
+    EXPECT_TRUE(memfit::test::close(ya, yb, 1e-6, 1e-7)) << static_cast<int>(impl);
+    ya.backward(dy);
+    yb.backward(dy);
+    EXPECT_TRUE(memfit::test::close(leaf.grad().select(2, 0).slice(3, 0, 16, 2), b.grad(), 1e-6, 1e-7))
+        << static_cast<int>(impl);
+  }
   const at::Tensor e = at::randn({0, 5, 2, 4}).requires_grad_(true);
   const at::Tensor ye = memfit::ops::attention(e, e, e);
   EXPECT_EQ(ye.sizes(), e.sizes());

@@ -104,7 +104,7 @@ at::Tensor linear_cross_entropy(const at::Tensor& h, const at::Tensor& weight,
 // ---- Attention -------------------------------------------------------------------
 // How attention schedules its work. kAuto: per head on CPU when every thread gets at
 // least one (batch, kv-head) pair, else batched. Both give the same results and keep the
-// same tensors; kPerHead is CPU only.
+// same tensors; kPerHead is CPU only, and a q strided along head_dim runs batched.
 enum class AttentionImpl { kAuto, kBatched, kPerHead };
 
 struct AttentionOptions {

@@ -80,9 +80,12 @@ inline kernels::AttentionRows rows_of(const Geometry& g, int64_t s0, int64_t c, 
 }
 
 // The per-head CPU path pays off when every thread gets at least one (batch, kv-head)
-// pair; with fewer pairs the batched path keeps both cores on each product.
+// pair; with fewer pairs the batched path keeps both cores on each product. The
+// per-head path gathers q rows with a contiguous head_dim; a q strided along head_dim
+// runs batched (whose CPU gather falls back to ATen for it), whatever impl asks.
 inline bool use_per_head(const at::Tensor& q, const Geometry& g, int threads, int64_t impl) {
   if (impl == 1) return false;  // AttentionImpl::kBatched
+  if (q.size(3) > 1 && q.stride(3) != 1) return false;
   if (impl == 2) return true;   // AttentionImpl::kPerHead (checked: CPU)
   return q.device().is_cpu() && g.B * g.Hk >= threads;
 }
