@@ -87,7 +87,9 @@ at::Tensor swiglu_linear(const at::Tensor& g, const at::Tensor& u, const LinearW
 
 // ---- Dropout ---------------------------------------------------------------------
 // Keeps a 1-bit mask (ceil(numel / 8) bytes). Identity (and keeps nothing) when
-// !training or p == 0. The mask's seed comes from ATen's default CPU generator.
+// !training or p == 0. The mask's seed comes from ATen's default CPU generator. Kept
+// elements are scaled by fl32(1 / (1 - p)) (p as given, in double), forward and
+// backward alike; so is LoRA dropout inside linear, and its replay in backward.
 at::Tensor dropout(const at::Tensor& x, double p, bool training);
 
 // ---- Loss over a large vocabulary (beyond the paper) -----------------------------
