@@ -1,8 +1,10 @@
 // Memory-efficient attention: exact against a float64 composite, what it keeps, and
 // that chunking bounds the transient.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "memory_meter.h"
@@ -84,6 +86,93 @@ INSTANTIATE_TEST_SUITE_P(
              (std::get<1>(info.param) == AttentionImpl::kBatched ? "_batched" : "_per_head");
     });
 
+// Causal alignment is bottom-right (PyTorch's is_causal with a KV cache, flash-attn):
+// query i sees key j iff j <= i + (Sk - S). With S > Sk the first S - Sk queries see no
+// key: their output and every gradient through them are 0. The reference masks
+// explicitly in float64 and zeroes such rows itself (softmax of an all -inf row is NaN).
+at::Tensor causal_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const int64_t H = q.size(2), Hk = k.size(2), S = q.size(1), Sk = k.size(1);
+  const at::Tensor kk = k.repeat_interleave(H / Hk, 2), vv = v.repeat_interleave(H / Hk, 2);
+  const at::Tensor s = at::matmul(q.transpose(1, 2), kk.transpose(1, 2).transpose(2, 3)) /
+                       std::sqrt(static_cast<double>(q.size(3)));
+  at::Tensor visible = at::zeros({S, Sk}, at::kBool);
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t n = std::clamp<int64_t>(i + (Sk - S) + 1, 0, Sk);  // keys 0 .. i + Sk - S
+    if (n > 0) visible[i].narrow(0, 0, n).fill_(true);
+  }
+  const at::Tensor any = visible.any(-1, /*keepdim=*/true);  // [S, 1]
+  const at::Tensor masked = s.masked_fill(visible.logical_not(), -std::numeric_limits<double>::infinity())
+                                .masked_fill(any.logical_not(), 0.0);
+  const at::Tensor p = at::softmax(masked, -1) * any.to(at::kDouble);
+  return at::matmul(p, vv.transpose(1, 2)).transpose(1, 2);
+}
+
+struct CausalCase {
+  int64_t B, S, Sk, H, Hk, D;
+  int64_t chunk_bytes;
+};
+
+class CausalAlignmentTest
+    : public ::testing::TestWithParam<std::tuple<CausalCase, AttentionImpl, int>> {};
+
+TEST_P(CausalAlignmentTest, MatchesBottomRightFloat64Reference) {
+  const CausalCase c = std::get<0>(GetParam());
+  const int threads = std::get<2>(GetParam());
+  const int saved_threads = at::get_num_threads();
+  at::set_num_threads(threads);
+  at::manual_seed(31);
+  const at::Tensor q0 = at::randn({c.B, c.S, c.H, c.D}), k0 = at::randn({c.B, c.Sk, c.Hk, c.D});
+  const at::Tensor v0 = at::randn({c.B, c.Sk, c.Hk, c.D}), dy = at::randn({c.B, c.S, c.H, c.D});
+  const at::Tensor q = q0.clone().requires_grad_(true), k = k0.clone().requires_grad_(true),
+                   v = v0.clone().requires_grad_(true);
+  memfit::ops::AttentionOptions o;
+  o.causal = true;
+  o.chunk_bytes = c.chunk_bytes;
+  o.impl = std::get<1>(GetParam());
+  const at::Tensor y = memfit::ops::attention(q, k, v, o);
+  y.backward(dy);
+  at::set_num_threads(saved_threads);
+  const at::Tensor qr = q0.to(at::kDouble).requires_grad_(true), kr = k0.to(at::kDouble).requires_grad_(true),
+                   vr = v0.to(at::kDouble).requires_grad_(true);
+  const at::Tensor yr = causal_reference(qr, kr, vr);
+  yr.backward(dy.to(at::kDouble));
+  const auto err = [](const at::Tensor& a, const at::Tensor& b) {
+    return (a.to(at::kDouble) - b).abs().max().item<double>();
+  };
+  EXPECT_TRUE(memfit::test::close(y, yr, 1e-4, 1e-5)) << "max |err| out " << err(y, yr);
+  EXPECT_TRUE(memfit::test::close(q.grad(), qr.grad(), 1e-4, 1e-5)) << "max |err| dq " << err(q.grad(), qr.grad());
+  EXPECT_TRUE(memfit::test::close(k.grad(), kr.grad(), 1e-4, 1e-5)) << "max |err| dk " << err(k.grad(), kr.grad());
+  EXPECT_TRUE(memfit::test::close(v.grad(), vr.grad(), 1e-4, 1e-5)) << "max |err| dv " << err(v.grad(), vr.grad());
+  if (c.S > c.Sk) {  // the first S - Sk queries see no key: exactly 0, no NaN
+    EXPECT_EQ(y.narrow(1, 0, c.S - c.Sk).abs().max().item<float>(), 0.0f);
+    EXPECT_EQ(q.grad().narrow(1, 0, c.S - c.Sk).abs().max().item<float>(), 0.0f);
+  }
+  EXPECT_FALSE(k.grad().isnan().any().item<bool>());
+  EXPECT_FALSE(v.grad().isnan().any().item<bool>());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CausalAlignmentTest,
+    ::testing::Combine(
+        ::testing::Values(CausalCase{1, 129, 77, 2, 1, 8, 16 << 20},   // S > Sk, GQA (issue 11)
+                          CausalCase{2, 129, 77, 4, 2, 8, 24640},      // S > Sk, chunks of 10-40 queries
+                          CausalCase{1, 77, 129, 2, 1, 8, 16 << 20},   // S < Sk
+                          CausalCase{2, 40, 90, 4, 2, 8, 28800},       // S < Sk, chunks of 10-40 queries
+                          CausalCase{2, 64, 64, 4, 2, 8, 16 << 20},    // S == Sk
+                          CausalCase{1, 1, 50, 4, 2, 8, 16 << 20},     // one query: sees every key
+                          CausalCase{2, 50, 1, 4, 2, 8, 16 << 20},     // one key: only the last query sees it
+                          CausalCase{1, 1, 1, 2, 1, 8, 16 << 20}),
+        ::testing::Values(AttentionImpl::kAuto, AttentionImpl::kBatched, AttentionImpl::kPerHead),
+        ::testing::Values(1, 2)),
+    [](const auto& info) {
+      const CausalCase& c = std::get<0>(info.param);
+      const AttentionImpl impl = std::get<1>(info.param);
+      return "S" + std::to_string(c.S) + "_Sk" + std::to_string(c.Sk) + "_B" + std::to_string(c.B) + "_Hk" +
+             std::to_string(c.Hk) + "_chunk" + std::to_string(c.chunk_bytes) +
+             (impl == AttentionImpl::kAuto ? "_auto" : impl == AttentionImpl::kBatched ? "_batched" : "_per_head") +
+             "_t" + std::to_string(std::get<2>(info.param));
+    });
+
 TEST(Attention, RowsThatSeeNoKeyOutputZero) {
   const at::Tensor q = at::randn({1, 4, 2, 8}).requires_grad_(true);
   const at::Tensor k = at::randn({1, 5, 2, 8}).requires_grad_(true), v = at::randn({1, 5, 2, 8}).requires_grad_(true);
@@ -160,6 +249,27 @@ TEST(Attention, NonContiguousInputsAndEmptyBatches) {
   ASSERT_FALSE(q.is_contiguous());
   EXPECT_TRUE(memfit::test::close(memfit::ops::attention(q, k, v),
                                   memfit::ops::attention(q.contiguous(), k.contiguous(), v.contiguous()), 1e-6, 1e-7));
+  // head_dim strided (every other element): each implementation reads it as such.
+  const at::Tensor wide = at::randn({2, 9, 3, 4, 16});
+  const at::Tensor qs = wide.select(2, 0).slice(3, 0, 16, 2), ks = wide.select(2, 1).slice(3, 0, 16, 2),
+                   vs = wide.select(2, 2).slice(3, 0, 16, 2);
+  ASSERT_EQ(qs.stride(3), 2);
+  const at::Tensor dy = at::randn({2, 9, 4, 8});
+  for (const AttentionImpl impl : {AttentionImpl::kAuto, AttentionImpl::kBatched, AttentionImpl::kPerHead}) {
+    memfit::ops::AttentionOptions o;
+    o.causal = true;
+    o.impl = impl;
+    const at::Tensor leaf = wide.clone().requires_grad_(true), b = qs.contiguous().requires_grad_(true);
+    const at::Tensor a = leaf.select(2, 0).slice(3, 0, 16, 2);  // strided like qs
+    ASSERT_EQ(a.stride(3), 2);
+    const at::Tensor ya = memfit::ops::attention(a, ks, vs, o);
+    const at::Tensor yb = memfit::ops::attention(b, ks.contiguous(), vs.contiguous(), o);
+    EXPECT_TRUE(memfit::test::close(ya, yb, 1e-6, 1e-7)) << static_cast<int>(impl);
+    ya.backward(dy);
+    yb.backward(dy);
+    EXPECT_TRUE(memfit::test::close(leaf.grad().select(2, 0).slice(3, 0, 16, 2), b.grad(), 1e-6, 1e-7))
+        << static_cast<int>(impl);
+  }
   const at::Tensor e = at::randn({0, 5, 2, 4}).requires_grad_(true);
   const at::Tensor ye = memfit::ops::attention(e, e, e);
   EXPECT_EQ(ye.sizes(), e.sizes());

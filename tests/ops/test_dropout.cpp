@@ -26,7 +26,7 @@ TEST(Dropout, DropsTheRightFractionAndScalesTheRest) {
     const double frac = 1.0 - kept.to(at::kDouble).mean().item<double>();
     // Binomial sd is sqrt(p(1-p)/n) < 4e-4; allow 10 sd.
     EXPECT_NEAR(frac, p, 4e-3) << "p=" << p;
-    const float scale = 1.0f / (1.0f - static_cast<float>(p));
+    const float scale = static_cast<float>(1.0 / (1.0 - p));  // 10 at p = 0.9, not 9.999998
     EXPECT_TRUE(at::equal(y.masked_select(kept), x.masked_select(kept) * scale)) << "p=" << p;
   }
 }
@@ -38,8 +38,28 @@ TEST(Dropout, BackwardUsesTheSameMask) {
   const at::Tensor dy = at::randn({3, 1001});
   y.backward(dy);
   const at::Tensor mask = y.ne(0);
-  const float scale = 1.0f / 0.7f;
+  const float scale = static_cast<float>(1.0 / (1.0 - 0.3));
   EXPECT_TRUE(at::equal(x.grad(), at::where(mask, dy * scale, at::zeros_like(dy))));
+}
+
+// Forward and backward scale kept elements by one and the same fp32 number, the float
+// nearest 1 / (1 - p) (at p = 0.999 forward used to scale by 1000.0129 and backward by
+// 1000).
+TEST(Dropout, BackwardScalesByTheForwardScale) {
+  for (double p : {0.999, 0.5, 0.1}) {
+    at::manual_seed(23);
+    const at::Tensor x = at::ones({1 << 16}).requires_grad_(true);
+    const at::Tensor y = memfit::ops::dropout(x, p, true);
+    y.backward(at::ones_like(y));
+    const at::Tensor kept = y.ne(0);
+    ASSERT_GT(kept.sum().item<int64_t>(), 0) << "p=" << p;
+    const float scale = static_cast<float>(1.0 / (1.0 - p));
+    const at::Tensor fwd = y.masked_select(kept), bwd = x.grad().masked_select(kept);
+    EXPECT_TRUE(at::equal(fwd, bwd)) << "p=" << p << ": forward " << fwd[0].item<float>()
+                                     << ", backward " << bwd[0].item<float>();
+    EXPECT_TRUE(at::equal(fwd, at::full_like(fwd, scale))) << "p=" << p << ": " << fwd[0].item<float>();
+    EXPECT_TRUE(at::equal(x.grad().masked_select(kept.logical_not()), at::zeros({x.numel() - fwd.numel()})));
+  }
 }
 
 TEST(Dropout, SeededByTheDefaultGenerator) {

@@ -59,6 +59,14 @@ TEST(Gpu, MsNorms) {
   compare({x}, [](const auto& v) { return memfit::ops::ms_rms_norm(v[0], 1e-6); }, 1e-4);
   const at::Tensor odd = at::randn({5, 33});
   compare({odd}, [](const auto& v) { return memfit::ops::ms_layer_norm(v[0], 1e-5); }, 1e-4);
+  // Constant rows at BERT's eps (variance exactly 0 on both) and rows of |x| ~ 1e30
+  // (squares scaled on CUDA, in double on CPU).
+  const at::Tensor flat = at::tensor({0.7f, -1234.567f, 0.0f}).view({3, 1}).expand({3, 4096}).contiguous();
+  compare({flat}, [](const auto& v) { return memfit::ops::ms_layer_norm(v[0], 1e-12); }, 1e-4);
+  compare({flat}, [](const auto& v) { return memfit::ops::ms_rms_norm(v[0], 1e-12); }, 1e-4);
+  const at::Tensor huge = (at::randn({4, 768}, at::kDouble) * 1e30 + 5e29).to(at::kFloat);
+  compare({huge}, [](const auto& v) { return memfit::ops::ms_layer_norm(v[0], 1e-5); }, 1e-4);
+  compare({huge}, [](const auto& v) { return memfit::ops::ms_rms_norm(v[0], 1e-5); }, 1e-4);
 }
 
 TEST(Gpu, DropoutDrawsTheSameMaskAsCpu) {

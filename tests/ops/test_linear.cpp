@@ -78,6 +78,24 @@ TEST(LoraLinear, DropoutGradientsMatchCompositeWithTheSameMask) {
   EXPECT_TRUE(memfit::test::close(ye, composite(x0, c, 0.5, x0), 1e-5, 1e-6));
 }
 
+// The backward replays dropout(x) with the forward's scale: at p = 0.999, where
+// fl32(1 / (1 - fl32(p))) = 1000.0129 and 1 / (1 - p) = 1000 differ by 1.3e-5, the LoRA
+// factors' gradients match the composite (whose dropout output is the forward's) closely.
+TEST(LoraLinear, DropoutReplayUsesTheForwardScale) {
+  at::manual_seed(13);
+  const Lora l = make(512, 32, 4, false);
+  const Lora c{l.w, l.b, l.a.detach().clone().requires_grad_(true), l.bb.detach().clone().requires_grad_(true)};
+  const at::Tensor x0 = at::randn({64, 512}), dy = at::randn({64, 32});
+  at::manual_seed(98);
+  const at::Tensor ya = memfit::ops::linear(x0, LinearWeights::lora(l.w, l.b, l.a, l.bb, 0.5, 0.999), true);
+  at::manual_seed(98);
+  const at::Tensor yb = composite(x0, c, 0.5, memfit::ops::dropout(x0, 0.999, true));
+  ya.backward(dy);
+  yb.backward(dy);
+  EXPECT_TRUE(memfit::test::close(l.a.grad(), c.a.grad(), 2e-6, 1e-9));
+  EXPECT_TRUE(memfit::test::close(l.bb.grad(), c.bb.grad(), 2e-6, 1e-9));
+}
+
 TEST(LoraLinear, FrozenLinearKeepsNothingLoraKeepsOneInput) {
   at::manual_seed(13);
   const int64_t in = 256, out = 128;

@@ -107,20 +107,19 @@ void ms_norm_backward(k::NormKind kind, const at::Tensor& dy, const at::Tensor& 
 }
 
 void dropout_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mask, double p,
-                     uint64_t seed) {
+                     float scale, uint64_t seed) {
   const auto dt = kernel_dtype(x, "memfit dropout");
   const int64_t n = x.numel();
   const float pf = static_cast<float>(p);
-  run(x, [&] { k::dropout_forward_cpu(dt, raw(x), raw(y), ptr<uint8_t>(mask), n, pf, seed); },
-      [&](void* s) { k::dropout_forward_cuda(dt, raw(x), raw(y), ptr<uint8_t>(mask), n, pf, seed, s); });
+  run(x, [&] { k::dropout_forward_cpu(dt, raw(x), raw(y), ptr<uint8_t>(mask), n, pf, scale, seed); },
+      [&](void* s) { k::dropout_forward_cuda(dt, raw(x), raw(y), ptr<uint8_t>(mask), n, pf, scale, seed, s); });
 }
 
-void dropout_apply(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& y, double scale) {
+void dropout_apply(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& y, float scale) {
   const auto dt = kernel_dtype(x, "memfit dropout apply");
   const int64_t n = x.numel();
-  const float sc = static_cast<float>(scale);
-  run(x, [&] { k::dropout_apply_cpu(dt, raw(x), ptr<uint8_t>(mask), raw(y), n, sc); },
-      [&](void* s) { k::dropout_apply_cuda(dt, raw(x), ptr<uint8_t>(mask), raw(y), n, sc, s); });
+  run(x, [&] { k::dropout_apply_cpu(dt, raw(x), ptr<uint8_t>(mask), raw(y), n, scale); },
+      [&](void* s) { k::dropout_apply_cuda(dt, raw(x), ptr<uint8_t>(mask), raw(y), n, scale, s); });
 }
 
 void act_forward(k::Act act, const at::Tensor& x, const at::Tensor& h) {

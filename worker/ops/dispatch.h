@@ -36,9 +36,10 @@ void ms_norm_forward(kernels::NormKind kind, const at::Tensor& x, const at::Tens
 void ms_norm_backward(kernels::NormKind kind, const at::Tensor& dy, const at::Tensor& y,
                       const at::Tensor& rstd, const at::Tensor& dx);
 
+// scale: kernels::dropout_scale(p), the same float for forward, backward and replays.
 void dropout_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mask, double p,
-                     uint64_t seed);
-void dropout_apply(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& y, double scale);
+                     float scale, uint64_t seed);
+void dropout_apply(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& y, float scale);
 
 void act_forward(kernels::Act act, const at::Tensor& x, const at::Tensor& h);
 void act_backward(kernels::Act act, const at::Tensor& x, const at::Tensor& dh, const at::Tensor& dx);

@@ -87,7 +87,9 @@ at::Tensor swiglu_linear(const at::Tensor& g, const at::Tensor& u, const LinearW
 
 // ---- Dropout ---------------------------------------------------------------------
 // Keeps a 1-bit mask (ceil(numel / 8) bytes). Identity (and keeps nothing) when
-// !training or p == 0. The mask's seed comes from ATen's default CPU generator.
+// !training or p == 0. The mask's seed comes from ATen's default CPU generator. Kept
+// elements are scaled by fl32(1 / (1 - p)) (p as given, in double), forward and
+// backward alike; so is LoRA dropout inside linear, and its replay in backward.
 at::Tensor dropout(const at::Tensor& x, double p, bool training);
 
 // ---- Loss over a large vocabulary (beyond the paper) -----------------------------
@@ -104,11 +106,14 @@ at::Tensor linear_cross_entropy(const at::Tensor& h, const at::Tensor& weight,
 // ---- Attention -------------------------------------------------------------------
 // How attention schedules its work. kAuto: per head on CPU when every thread gets at
 // least one (batch, kv-head) pair, else batched. Both give the same results and keep the
-// same tensors; kPerHead is CPU only.
+// same tensors; kPerHead is CPU only, and a q strided along head_dim runs batched.
 enum class AttentionImpl { kAuto, kBatched, kPerHead };
 
 struct AttentionOptions {
-  bool causal = false;         // key j visible to query i iff j <= i + (Sk - S)
+  // Causal: key j visible to query i iff j <= i + (Sk - S) (bottom-right alignment, as
+  // PyTorch's is_causal with a KV cache and flash-attn). With S > Sk the first S - Sk
+  // queries see no key: their output is 0 and no gradient flows through them.
+  bool causal = false;
   double scale = 0.0;          // 0: 1 / sqrt(head_dim)
   at::Tensor key_padding_mask; // bool [B, Sk], true = attend; undefined = all
   int64_t chunk_bytes = 16 << 20;  // bound on the score blocks alive at once

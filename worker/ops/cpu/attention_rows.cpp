@@ -22,7 +22,7 @@ struct RowView {
 
 inline RowView row_view(const AttentionRows& g, int64_t r) {
   int64_t limit = g.len;
-  if (g.causal_base >= 0) limit = std::clamp<int64_t>(g.causal_base + r % g.chunk, 0, g.len);
+  if (g.causal) limit = std::clamp<int64_t>(g.causal_base + r % g.chunk, 0, g.len);
   const uint8_t* mask = g.key_mask ? g.key_mask + (r / g.rows_per_batch) * g.key_mask_ld : nullptr;
   return {limit, mask};
 }

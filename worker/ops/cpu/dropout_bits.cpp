@@ -13,12 +13,13 @@ namespace {
 // Blocks start on whole mask bytes (multiples of 8 elements) and never cross a 2^32
 // boundary of the element index, so the index's high word is constant in a block.
 template <typename T>
-void forward_impl(const T* x, T* y, uint8_t* mask, int64_t n, float p, uint64_t seed) {
+void forward_impl(const T* x, T* y, uint8_t* mask, int64_t n, float p, float scale_arg,
+                  uint64_t seed) {
   const int64_t nbytes = packed1_bytes(n);
   at::parallel_for(0, nbytes, cpu::kGrain / 8, [&](int64_t b0, int64_t b1) {
     // Scalars as locals (not captured references), so that the loops vectorize.
     const uint32_t threshold = dropout_threshold(p);
-    const float scale = 1.0f / (1.0f - p);
+    const float scale = scale_arg;
     const uint64_t s = seed;
     uint8_t keep[cpu::kBlock];
     const int64_t end = std::min(b1 * 8, n);
@@ -73,11 +74,11 @@ void apply_impl(const T* x, const uint8_t* mask, T* y, int64_t n, float scale_ar
 }  // namespace
 
 void dropout_forward_cpu(DType dt, const void* x, void* y, uint8_t* mask, int64_t n, float p,
-                         uint64_t seed) {
+                         float scale, uint64_t seed) {
   if (n <= 0) return;
   cpu::dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    forward_impl<T>(static_cast<const T*>(x), static_cast<T*>(y), mask, n, p, seed);
+    forward_impl<T>(static_cast<const T*>(x), static_cast<T*>(y), mask, n, p, scale, seed);
   });
 }
 

@@ -6,20 +6,34 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "cpu/common.h"
 
 namespace memfit::kernels {
 namespace {
 
-template <typename T>
-float row_sum(const T* x, int64_t cols) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < cols; ++j) s += cpu::to_f32(x[j]);
-  return s;
+// sum_j f(x[j]) in double over 32 independent lanes (four vector accumulators with
+// AVX-512, so the adds do not wait on each other), then the lanes added up.
+template <typename T, typename F>
+double row_sum_f64(const T* x, int64_t cols, F f) {
+  constexpr int kLanes = 32;
+  double acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= cols; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) acc[k] += f(static_cast<double>(cpu::to_f32(x[j + k])));
+  }
+  for (int k = 0; j < cols; ++j, ++k) acc[k] += f(static_cast<double>(cpu::to_f32(x[j])));
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
+  }
+  return acc[0];
 }
 
+// Row statistics in double, two-pass: a constant row gives a mean equal to its value
+// and a variance of exactly 0 (fp32 sums left the mean one rounding off, which eps 1e-12
+// turned into outputs near +-1), and squares of |x| up to FLT_MAX do not overflow.
+// Per-row locals only: the op allocates nothing beyond y and rstd.
 template <typename T, bool kLayerNorm>
 void forward_impl(const T* x, T* y, float* rstd, int64_t rows, int64_t cols, float eps) {
   const int64_t grain = std::max<int64_t>(1, cpu::kGrain / std::max<int64_t>(cols, 1));
@@ -27,17 +41,28 @@ void forward_impl(const T* x, T* y, float* rstd, int64_t rows, int64_t cols, flo
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * cols;
       T* yr = y + r * cols;
-      const float inv_n = 1.0f / static_cast<float>(cols);
-      const float mean = kLayerNorm ? row_sum(xr, cols) * inv_n : 0.0f;
-      float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t j = 0; j < cols; ++j) {
-        const float d = cpu::to_f32(xr[j]) - mean;
-        ss += d * d;
+      const double n = static_cast<double>(cols);
+      const double mean = kLayerNorm ? row_sum_f64(xr, cols, [](double v) { return v; }) / n : 0.0;
+      const double ss = row_sum_f64(xr, cols, [mean](double v) { return (v - mean) * (v - mean); });
+      const double rs = 1.0 / std::sqrt(ss / n + static_cast<double>(eps));
+      rstd[r] = static_cast<float>(rs);
+      // Every |x - mean| <= sqrt(ss): below 1e38 the differences fit in fp32, and with rs
+      // a normal float y is formed in fp32, the mean split into two floats (x - mean_hi
+      // is exact where it matters, x near the mean; mean_lo carries the rest). Otherwise
+      // (|x| near FLT_MAX) in double.
+      if (ss < 1e76 && rs >= static_cast<double>(std::numeric_limits<float>::min())) {
+        const float rsf = static_cast<float>(rs);
+        const float mean_hi = static_cast<float>(mean);
+        const float mean_lo = static_cast<float>(mean - static_cast<double>(mean_hi));
+        for (int64_t j = 0; j < cols; ++j) {
+          yr[j] = cpu::from_f32<T>(((cpu::to_f32(xr[j]) - mean_hi) - mean_lo) * rsf);
+        }
+      } else {
+        for (int64_t j = 0; j < cols; ++j) {
+          const double d = static_cast<double>(cpu::to_f32(xr[j])) - mean;
+          yr[j] = cpu::from_f32<T>(static_cast<float>(d * rs));
+        }
       }
-      const float rs = 1.0f / std::sqrt(ss * inv_n + eps);
-      rstd[r] = rs;
-      for (int64_t j = 0; j < cols; ++j) yr[j] = cpu::from_f32<T>((cpu::to_f32(xr[j]) - mean) * rs);
     }
   });
 }

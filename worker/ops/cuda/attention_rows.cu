@@ -31,7 +31,7 @@ __device__ float block_reduce(float v, float* scratch) {
 }
 
 __device__ __forceinline__ int64_t row_limit(const AttentionRows& g, int64_t r) {
-  if (g.causal_base < 0) return g.len;
+  if (!g.causal) return g.len;
   const int64_t lim = g.causal_base + r % g.chunk;
   return lim < 0 ? 0 : (lim > g.len ? g.len : lim);
 }

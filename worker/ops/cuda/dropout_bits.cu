@@ -40,10 +40,9 @@ __global__ void apply_kernel(const T* x, const uint8_t* __restrict__ mask, T* y,
 }  // namespace
 
 void dropout_forward_cuda(DType dt, const void* x, void* y, uint8_t* mask, int64_t n, float p,
-                          uint64_t seed, StreamHandle stream) {
+                          float scale, uint64_t seed, StreamHandle stream) {
   if (n <= 0) return;
   const uint32_t threshold = dropout_threshold(p);
-  const float scale = 1.0f / (1.0f - p);
   cuda::dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     forward_kernel<T><<<cuda::blocks_for(packed1_bytes(n)), cuda::kThreads, 0,

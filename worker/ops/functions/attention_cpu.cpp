@@ -52,7 +52,8 @@ k::AttentionRows task_rows(const Geometry& g, int64_t s0, int64_t c, int64_t len
   r.ld = len;
   r.chunk = c;
   r.rows_per_batch = g.G * c;
-  r.causal_base = g.causal ? s0 + (g.Sk - g.S) + 1 : -1;
+  r.causal = g.causal;
+  r.causal_base = s0 + (g.Sk - g.S) + 1;  // negative while queries see no key
   if (mask.defined()) {
     r.key_mask = mask.data_ptr<uint8_t>() + b * mask.size(1);
     r.key_mask_ld = mask.size(1);

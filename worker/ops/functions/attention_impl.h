@@ -70,7 +70,8 @@ inline kernels::AttentionRows rows_of(const Geometry& g, int64_t s0, int64_t c, 
   r.ld = len;
   r.chunk = c;
   r.rows_per_batch = g.H * c;
-  r.causal_base = g.causal ? s0 + (g.Sk - g.S) + 1 : -1;
+  r.causal = g.causal;
+  r.causal_base = s0 + (g.Sk - g.S) + 1;  // negative while queries see no key
   if (key_mask.defined()) {
     r.key_mask = key_mask.data_ptr<uint8_t>();
     r.key_mask_ld = key_mask.size(1);
@@ -79,9 +80,12 @@ inline kernels::AttentionRows rows_of(const Geometry& g, int64_t s0, int64_t c, 
 }
 
 // The per-head CPU path pays off when every thread gets at least one (batch, kv-head)
-// pair; with fewer pairs the batched path keeps both cores on each product.
+// pair; with fewer pairs the batched path keeps both cores on each product. The
+// per-head path gathers q rows with a contiguous head_dim; a q strided along head_dim
+// runs batched (whose CPU gather falls back to ATen for it), whatever impl asks.
 inline bool use_per_head(const at::Tensor& q, const Geometry& g, int threads, int64_t impl) {
   if (impl == 1) return false;  // AttentionImpl::kBatched
+  if (q.size(3) > 1 && q.stride(3) != 1) return false;
   if (impl == 2) return true;   // AttentionImpl::kPerHead (checked: CPU)
   return q.device().is_cpu() && g.B * g.Hk >= threads;
 }

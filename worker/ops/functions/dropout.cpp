@@ -27,22 +27,23 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 struct DropoutFn : public torch::autograd::Function<DropoutFn> {
-  // Keeps: mask [ceil(numel / 8)] uint8.
+  // Keeps: mask [ceil(numel / 8)] uint8, and the scale forward used (a scalar).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p) {
     const at::Tensor xc = x.contiguous();
     at::Tensor y = at::empty(xc.sizes(), xc.options());
     at::Tensor mask = at::empty({kernels::packed1_bytes(xc.numel())}, xc.options().dtype(at::kByte));
-    detail::dropout_forward(xc, y, mask, p, detail::next_dropout_seed());
+    const float scale = kernels::dropout_scale(p);  // once, for both directions
+    detail::dropout_forward(xc, y, mask, p, scale, detail::next_dropout_seed());
     ctx->save_for_backward({mask});
-    ctx->saved_data["p"] = p;
+    ctx->saved_data["scale"] = static_cast<double>(scale);  // exact: a float widened
     return y;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor mask = ctx->get_saved_variables()[0];
-    const double p = ctx->saved_data["p"].toDouble();
+    const float scale = static_cast<float>(ctx->saved_data["scale"].toDouble());
     const at::Tensor dy = grads[0].contiguous();
     at::Tensor dx = at::empty(dy.sizes(), dy.options());
-    detail::dropout_apply(dy, mask, dx, 1.0 / (1.0 - p));
+    detail::dropout_apply(dy, mask, dx, scale);
     return {dx, at::Tensor()};
   }
 };

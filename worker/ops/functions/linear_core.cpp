@@ -68,7 +68,7 @@ at::Tensor lora_input(const at::Tensor& x2, const LinearWeights& w) {
 at::Tensor apply_mask(const at::Tensor& z, const at::Tensor& mask, double p) {
   at::Tensor zc = z.contiguous();
   at::Tensor out = at::empty_like(zc);
-  dropout_apply(zc, mask, out, 1.0 / (1.0 - p));
+  dropout_apply(zc, mask, out, kernels::dropout_scale(p));  // the forward's scale
   return out;
 }
 
@@ -85,7 +85,8 @@ at::Tensor linear_forward(const at::Tensor& x, const LinearWeights& w, bool trai
       at::Tensor zc = z.contiguous();
       at::Tensor zd = at::empty_like(zc);
       *mask = at::empty({kernels::packed1_bytes(zc.numel())}, zc.options().dtype(at::kByte));
-      dropout_forward(zc, zd, *mask, w.lora_dropout, next_dropout_seed());
+      dropout_forward(zc, zd, *mask, w.lora_dropout, kernels::dropout_scale(w.lora_dropout),
+                      next_dropout_seed());
       z = zd;
     }
     const at::Tensor xa = at::mm(z, w.lora_a.t());

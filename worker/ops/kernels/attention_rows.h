@@ -4,10 +4,12 @@
 // Row geometry: rows are ordered (batch, kv_head, group, i) with i in [0, c) the query
 // offset inside the chunk; `rows_per_batch` = kv_heads * group * c. Query i of the chunk
 // may see key j iff
-//   j < causal_base + i   (only when causal_base >= 0; causal_base = s0 + (Sk - S) + 1)
+//   j < causal_base + i   (only when causal; causal_base = s0 + (Sk - S) + 1, any sign)
 //   and key_mask[b * key_mask_ld + j] != 0   (only when key_mask != nullptr).
-// Hidden keys get probability 0; a row that sees no key has all-zero probabilities and
-// logsumexp -inf.
+// Causal alignment is bottom-right (PyTorch's is_causal with a KV cache, flash-attn):
+// query s sees keys j <= s + (Sk - S), so with S > Sk the first S - Sk queries see none
+// and causal_base is negative. Hidden keys get probability 0; a row that sees no key has
+// all-zero probabilities and logsumexp -inf (output 0, gradients 0, no NaN).
 #pragma once
 
 #include <cstdint>
@@ -22,7 +24,8 @@ struct AttentionRows {
   int64_t ld = 0;              // row stride of the score block (>= len)
   int64_t chunk = 1;           // c: queries per (batch, head) in the block
   int64_t rows_per_batch = 1;  // kv_heads * group * c
-  int64_t causal_base = -1;    // < 0: not causal
+  bool causal = false;         // apply the causal limit below
+  int64_t causal_base = 0;     // causal: row i of a chunk sees keys j < causal_base + i
   const uint8_t* key_mask = nullptr;  // [batch, key_mask_ld] or null
   int64_t key_mask_ld = 0;
 };

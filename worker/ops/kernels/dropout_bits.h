@@ -3,7 +3,8 @@
 // Element i is kept iff mix32(seed, i) >= threshold, threshold = round(p * 2^32)
 // (clamped), where mix32 is the counter-based hash below: the mask depends only on
 // (seed, i), so CPU and CUDA draw the same mask for the same seed, and a forward can be
-// replayed. Kept elements are scaled by 1 / (1 - p).
+// replayed. Kept elements are scaled by dropout_scale(p), the float nearest 1 / (1 - p),
+// computed once by the caller and passed to forward and backward alike.
 //
 // Mask layout: element i in byte i >> 3 at bit i & 7, ceil(n / 8) bytes.
 #pragma once
@@ -43,16 +44,21 @@ MEMFIT_HD uint32_t dropout_threshold(float p) {
   return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t + 0.5);
 }
 
-// x: [n] -> y: [n] (x's dtype), mask: [packed1_bytes(n)]. p in [0, 1).
+// The one scale of kept elements for drop probability p (double, as the op takes it):
+// forward, backward and any replay of dropout(x) use this very float.
+MEMFIT_HD float dropout_scale(double p) { return static_cast<float>(1.0 / (1.0 - p)); }
+
+// x: [n] -> y: [n] (x's dtype), mask: [packed1_bytes(n)]. p in [0, 1) sets the mask;
+// kept elements are multiplied by scale (= dropout_scale(p)).
 void dropout_forward_cpu(DType dt, const void* x, void* y, uint8_t* mask, int64_t n, float p,
-                         uint64_t seed);
-// y = x * mask * scale; the backward of dropout (x = dy, scale = 1 / (1 - p)) and its
-// replay in a backward that recomputes dropout(x). y may alias x.
+                         float scale, uint64_t seed);
+// y = x * mask * scale; the backward of dropout (x = dy, scale = dropout_scale(p)) and
+// its replay in a backward that recomputes dropout(x). y may alias x.
 void dropout_apply_cpu(DType dt, const void* x, const uint8_t* mask, void* y, int64_t n,
                        float scale);
 
 void dropout_forward_cuda(DType dt, const void* x, void* y, uint8_t* mask, int64_t n, float p,
-                          uint64_t seed, StreamHandle stream);
+                          float scale, uint64_t seed, StreamHandle stream);
 void dropout_apply_cuda(DType dt, const void* x, const uint8_t* mask, void* y, int64_t n,
                         float scale, StreamHandle stream);
 
