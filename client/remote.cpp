@@ -143,9 +143,10 @@ int exit_code_of(v1::JobState s) {
   return kExitJobFailed;
 }
 
-std::string to_json(const google::protobuf::Message& m, bool pretty) {
+std::string to_json(const google::protobuf::Message& m, bool pretty, bool all_fields) {
   google::protobuf::util::JsonPrintOptions o;
   o.preserve_proto_field_names = true;
+  o.always_print_primitive_fields = all_fields;
   o.add_whitespace = pretty;
   std::string out;
   (void)google::protobuf::util::MessageToJsonString(m, &out, o);
