@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdarg>
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -49,6 +50,22 @@ int64_t saved_bytes(const v1::Job& j) {
   return std::max<int64_t>(0, j.plan().exact_activation_bytes() - j.plan().activation_bytes());
 }
 
+// printf onto a string.
+__attribute__((format(printf, 2, 3))) void appendf(std::string& out, const char* fmt, ...) {
+  va_list ap, again;
+  va_start(ap, fmt);
+  va_copy(again, ap);
+  const int n = std::vsnprintf(nullptr, 0, fmt, ap);
+  va_end(ap);
+  if (n > 0) {
+    const size_t at = out.size();
+    out.resize(at + static_cast<size_t>(n) + 1);
+    std::vsnprintf(&out[at], static_cast<size_t>(n) + 1, fmt, again);
+    out.resize(at + static_cast<size_t>(n));
+  }
+  va_end(again);
+}
+
 std::string fixed4(double x) {
   char buf[48];
   std::snprintf(buf, sizeof buf, "%.4f", x);
@@ -58,29 +75,32 @@ std::string fixed4(double x) {
 // A measured size: 0 means nothing measured yet.
 std::string known_size(int64_t b) { return b > 0 ? human_size(b) : "-"; }
 
-void print_job(const v1::Job& j) {
+}  // namespace
+
+std::string job_text(const v1::Job& j) {
+  std::string out;
   const auto& p = j.plan();
-  std::printf("job         %s  (%s)\n", printable(j.id()).c_str(), printable(j.name()).c_str());
-  std::printf("owner       %s\n", printable(j.owner()).c_str());
-  std::printf("state       %s%s\n", state_name(j.state()).c_str(),
+  appendf(out, "job         %s  (%s)\n", printable(j.id()).c_str(), printable(j.name()).c_str());
+  appendf(out, "owner       %s\n", printable(j.owner()).c_str());
+  appendf(out, "state       %s%s\n", state_name(j.state()).c_str(),
               j.device().empty() ? "" : (" on " + printable(j.device())).c_str());
-  std::printf("created     %s   started %s   finished %s   attempts %d\n", when(j.created_at()).c_str(),
+  appendf(out, "created     %s   started %s   finished %s   attempts %d\n", when(j.created_at()).c_str(),
               when(j.started_at()).c_str(), when(j.finished_at()).c_str(), j.attempts());
-  std::printf("memory      estimated %s, reserved %s (micro-batch %lld x %lld)\n",
+  appendf(out, "memory      estimated %s, reserved %s (micro-batch %lld x %lld)\n",
               human_size(p.estimated_peak_bytes()).c_str(), human_size(p.reserved_bytes()).c_str(),
               static_cast<long long>(p.micro_batch()), static_cast<long long>(p.gradient_accumulation()));
-  std::printf("            activations %s kept, %s saved by memfit's ops\n", human_size(p.activation_bytes()).c_str(),
+  appendf(out, "            activations %s kept, %s saved by memfit's ops\n", human_size(p.activation_bytes()).c_str(),
               human_size(saved_bytes(j)).c_str());
   const auto& m = p.memory();
-  std::printf("options     activation %s, norm %s, attention %s%s%s%s\n", printable(m.activation()).c_str(),
+  appendf(out, "options     activation %s, norm %s, attention %s%s%s%s\n", printable(m.activation()).c_str(),
               printable(m.norm()).c_str(), printable(m.attention()).c_str(), m.fused_mlp() ? ", fused MLP" : "", m.fused_loss() ? ", fused loss" : "",
               m.activation_checkpointing() ? ", checkpointing" : "");
-  if (!p.level().empty()) std::printf("auto        %s\n", printable(p.level()).c_str());
-  for (const auto& r : p.reasons()) std::printf("            - %s\n", printable(r).c_str());
+  if (!p.level().empty()) appendf(out, "auto        %s\n", printable(p.level()).c_str());
+  for (const auto& r : p.reasons()) appendf(out, "            - %s\n", printable(r).c_str());
   const auto& pr = j.progress();
   if (pr.total_steps() > 0) {
     // Before the first step there is no loss and no measured peak yet: "-", not 0.
-    std::printf("progress    step %lld/%lld, loss %s, peak %s\n", static_cast<long long>(pr.step()),
+    appendf(out, "progress    step %lld/%lld, loss %s, peak %s\n", static_cast<long long>(pr.step()),
                 static_cast<long long>(pr.total_steps()), pr.step() > 0 ? fixed4(pr.loss()).c_str() : "-",
                 known_size(pr.peak_memory_bytes()).c_str());
   }
@@ -91,18 +111,21 @@ void print_job(const v1::Job& j) {
       std::snprintf(error, sizeof error, "%+.2f%%",
                     100.0 * (static_cast<double>(p.estimated_peak_bytes()) / static_cast<double>(r.measured_peak_bytes()) - 1.0));
     }
-    std::printf("result      measured peak %s (estimate %s)", known_size(r.measured_peak_bytes()).c_str(), error);
-    if (r.eval_loss() != 0) std::printf(", eval loss %.4f", r.eval_loss());
-    if (r.eval_accuracy() != 0) std::printf(", accuracy %.2f%%", 100 * r.eval_accuracy());
-    std::printf("\n");
-    if (!r.adapter_dir().empty()) std::printf("output      %s\n", printable(r.adapter_dir()).c_str());
-    if (!r.model_dir().empty()) std::printf("output      %s\n", printable(r.model_dir()).c_str());
+    appendf(out, "result      measured peak %s (estimate %s)", known_size(r.measured_peak_bytes()).c_str(), error);
+    if (r.eval_loss() != 0) appendf(out, ", eval loss %.4f", r.eval_loss());
+    if (r.eval_accuracy() != 0) appendf(out, ", accuracy %.2f%%", 100 * r.eval_accuracy());
+    appendf(out, "\n");
+    if (!r.adapter_dir().empty()) appendf(out, "output      %s\n", printable(r.adapter_dir()).c_str());
+    if (!r.model_dir().empty()) appendf(out, "output      %s\n", printable(r.model_dir()).c_str());
   }
   if (j.state() == v1::FAILED) {
-    std::printf("failure     %s (%s): %s\n", j.failure().kind() == v1::USER_INPUT ? "your input" : "system",
+    appendf(out, "failure     %s (%s): %s\n", j.failure().kind() == v1::USER_INPUT ? "your input" : "system",
                 printable(j.failure().reason()).c_str(), printable(j.failure().message()).c_str());
   }
+  return out;
 }
+
+namespace {
 
 // Every event of the job so far, in order.
 std::vector<v1::JobEvent> list_events(Remote& r, const std::string& id) {
@@ -294,7 +317,7 @@ int get(Remote& r, const Common& c, const std::string& id) {
   r.check(r.jobs().GetJob(ctx.get(), g, &j), "job " + id);
   if (c.output == Output::kJson) std::printf("%s\n", to_json(j).c_str());
   else if (c.output == Output::kYaml) std::printf("%s", json_to_yaml(to_json(j.spec(), true, false)).c_str());
-  else print_job(j);
+  else std::printf("%s", job_text(j).c_str());
   return kExitOk;
 }
 

@@ -56,6 +56,10 @@ int exit_code_of(v1::JobState s);
 std::string to_json(const google::protobuf::Message& m, bool pretty = true, bool all_fields = true);
 std::string json_to_yaml(const std::string& json);
 
+// `memfit get`'s text for a job: "-" for what is not known yet (loss and peak before the
+// first step, the estimate's error before a measured peak).
+std::string job_text(const v1::Job& j);
+
 // A plain text table: header row, then rows; columns padded to their widest cell. Every
 // cell goes through printable() (text.h): a cell cannot carry a control character.
 std::string table(const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows);

@@ -409,6 +409,25 @@ TEST(Completion, BashScriptFromTheDefinitions) {
   expect_usage_error({"completion"}, "memfit completion: SHELL is required");
 }
 
+TEST(GetText, NotKnownYetIsADash) {
+  v1::Job j;
+  j.set_id("j1");
+  j.set_state(v1::RUNNING);
+  j.mutable_progress()->set_total_steps(10);
+  std::string t = job_text(j);
+  EXPECT_NE(t.find("progress    step 0/10, loss -, peak -\n"), std::string::npos) << t;
+  EXPECT_EQ(t.find("0.0000"), std::string::npos) << t;
+  EXPECT_EQ(t.find("peak 0 B"), std::string::npos) << t;
+  j.mutable_progress()->set_step(3);
+  j.mutable_progress()->set_loss(2.5);
+  j.mutable_progress()->set_peak_memory_bytes(3 << 20);
+  t = job_text(j);
+  EXPECT_NE(t.find("progress    step 3/10, loss 2.5000, peak 3.0 MiB\n"), std::string::npos) << t;
+  j.set_state(v1::SUCCEEDED);  // no measured peak: no estimate error (not inf%)
+  t = job_text(j);
+  EXPECT_NE(t.find("measured peak - (estimate -)"), std::string::npos) << t;
+}
+
 TEST(JsonOutput, EveryFieldEvenZero) {
   v1::Device d;
   d.set_name("cpu:0");
