@@ -305,7 +305,8 @@ int submit(Remote& r, const Common& c, const SubmitArgs& a) {
   }
   std::fflush(stdout);
   if (!a.watch) return kExitOk;
-  Watcher w(r, isatty(STDOUT_FILENO) != 0);
+  // Every event of a job just submitted: none is old news.
+  Watcher w(r, isatty(STDOUT_FILENO) != 0, kTailAll);
   return w.run(j.id());
 }
 

@@ -435,6 +435,15 @@ TEST(JsonOutput, EveryFieldEvenZero) {
   EXPECT_NE(all.find("\"reserved_bytes\":\"0\""), std::string::npos) << all;
   EXPECT_NE(all.find("\"used_bytes\""), std::string::npos) << all;
   EXPECT_EQ(to_json(d, false, false), "{\"name\":\"cpu:0\"}");
+  // a message not set yet is null, not left out and not zeros
+  v1::Job j;
+  j.set_id("j1");
+  j.mutable_plan()->set_reserved_bytes(5);
+  const std::string t = to_json(j, false);
+  EXPECT_NE(t.find("\"progress\":null"), std::string::npos) << t;
+  EXPECT_NE(t.find("\"started_at\":null"), std::string::npos) << t;
+  EXPECT_NE(t.find("\"reserved_bytes\":\"5\""), std::string::npos) << t;
+  EXPECT_NE(t.find("\"memory\":null"), std::string::npos) << t;  // plan.memory, one level down
 }
 
 }  // namespace
