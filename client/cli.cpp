@@ -211,7 +211,9 @@ Definition::Definition() {
   v = verb("submit", {"send a job spec to memfitd (--watch: follow it to the end)",
                       "Send a job spec (JSON or YAML) to memfitd. It is checked here first, with the "
                       "worker's own reader, then by the daemon, which estimates its memory and queues it. "
-                      "Relative paths in the spec are made absolute against its folder.",
+                      "Relative paths in the spec are made absolute against its folder. --after JOB chains "
+                      "jobs: this one waits, queued, until JOB succeeded (a pretrain, then LoRA on its "
+                      "checkpoint), and is cancelled with the reason when JOB fails or is cancelled.",
                       "submit -f lora.yaml --watch"});
   v->add_option("-f,--file", inv_.submit.file, "the job spec, JSON or YAML")->type_name("SPEC")->required();
   v->add_flag("-w,--watch", inv_.submit.watch, "follow the job to its end, as `memfit watch` does");
@@ -220,6 +222,9 @@ Definition::Definition() {
          "-1000..1000", integer(-1000, 1000));
   v->add_option("--request-id", inv_.submit.request_id, "the same ID again returns the first job: safe to retry")
       ->type_name("ID");
+  v->add_option("--after", inv_.submit.after,
+                "start only once job JOB succeeded; if it fails or is cancelled, this one is cancelled")
+      ->type_name("JOB");
   output(v, {"table", "json"}, "table, or json: the job as memfitd queued it");
   connection(v);
 

@@ -37,6 +37,7 @@ struct SubmitArgs {
   bool watch = false;
   int priority = 0;
   std::string request_id;
+  std::string after;  // --after JOB: placed only once JOB succeeded
 };
 
 struct ListArgs {

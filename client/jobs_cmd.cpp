@@ -118,6 +118,10 @@ std::string job_text(const v1::Job& j) {
     if (!r.adapter_dir().empty()) appendf(out, "output      %s\n", printable(r.adapter_dir()).c_str());
     if (!r.model_dir().empty()) appendf(out, "output      %s\n", printable(r.model_dir()).c_str());
   }
+  if (!j.after().empty()) appendf(out, "after       %s\n", printable(j.after()).c_str());
+  if (j.state() == v1::CANCELLED && !j.failure().message().empty()) {
+    appendf(out, "cancelled   %s\n", printable(j.failure().message()).c_str());
+  }
   if (j.state() == v1::FAILED) {
     appendf(out, "failure     %s (%s): %s\n", j.failure().kind() == v1::USER_INPUT ? "your input" : "system",
                 printable(j.failure().reason()).c_str(), printable(j.failure().message()).c_str());
@@ -192,7 +196,7 @@ class Watcher {
                   human_size(j.plan().estimated_peak_bytes()).c_str(), human_size(j.plan().reserved_bytes()).c_str());
       if (j.result().eval_loss() != 0) std::printf(", eval loss %.4f", j.result().eval_loss());
       if (j.result().eval_accuracy() != 0) std::printf(", accuracy %.2f%%", 100 * j.result().eval_accuracy());
-    } else if (j.state() == v1::FAILED) {
+    } else if (j.state() == v1::FAILED || (j.state() == v1::CANCELLED && !j.failure().message().empty())) {
       std::printf(": %s", printable(j.failure().message()).c_str());
     }
     std::printf("\n");
@@ -293,14 +297,16 @@ int submit(Remote& r, const Common& c, const SubmitArgs& a) {
   }
   req.set_priority(a.priority);
   req.set_request_id(a.request_id);
+  req.set_after(a.after);
   v1::Job j;
   auto ctx = r.context();
   r.check(r.jobs().SubmitJob(ctx.get(), req, &j), "submit " + a.file);
   if (c.output == Output::kJson) {
     std::printf("%s\n", to_json(j).c_str());
   } else {
-    std::printf("%s queued: estimated peak %s, reserving %s\n", printable(j.id()).c_str(),
-                human_size(j.plan().estimated_peak_bytes()).c_str(), human_size(j.plan().reserved_bytes()).c_str());
+    std::printf("%s queued: estimated peak %s, reserving %s%s\n", printable(j.id()).c_str(),
+                human_size(j.plan().estimated_peak_bytes()).c_str(), human_size(j.plan().reserved_bytes()).c_str(),
+                j.after().empty() ? "" : ("; after " + printable(j.after()) + " succeeds").c_str());
     if (!j.plan().level().empty()) std::printf("  memory auto: %s\n", printable(j.plan().level()).c_str());
   }
   std::fflush(stdout);

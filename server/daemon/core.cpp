@@ -112,6 +112,10 @@ void Core::start(bool run_loop) {
       fail_corrupt(j);
       continue;
     }
+    if (!j.after().empty() && j.attempts() == 0) {
+      waiting_[j.id()] = j.after();  // the loop's release_waiting decides (it may have ended meanwhile)
+      continue;
+    }
     try {
       sched_.enqueue({j.id(), j.owner(), j.priority(), ms_of(j.created_at()), j.plan().reserved_bytes()});
     } catch (const std::invalid_argument& e) {
@@ -202,8 +206,43 @@ void Core::tick() {
     finish(id, active_.at(id));
     active_.erase(id);
   }
+  release_waiting();
   if (!cfg_.paused) {
     for (const auto& p : sched_.schedule(now())) start_worker(p);
+  }
+}
+
+void Core::release_waiting() {
+  for (auto it = waiting_.begin(); it != waiting_.end();) {
+    const AfterDecision d = DecideAfter(it->second, store_.get(it->second));
+    if (d.action == AfterDecision::Action::kWait) {
+      ++it;
+      continue;
+    }
+    v1::Job j = load(it->first);
+    it = waiting_.erase(it);
+    if (j.state() != v1::QUEUED) continue;  // cancelled meanwhile
+    if (d.action == AfterDecision::Action::kRelease) {
+      record(j, "after", d.message);
+      try {
+        sched_.enqueue({j.id(), j.owner(), j.priority(), ms_of(j.created_at()), j.plan().reserved_bytes()});
+      } catch (const std::invalid_argument& e) {
+        j.set_state(v1::FAILED);
+        j.mutable_failure()->set_kind(v1::SYSTEM);
+        j.mutable_failure()->set_reason("rejected");
+        j.mutable_failure()->set_message(std::string("cannot be queued: ") + e.what());
+        *j.mutable_finished_at() = ts(now());
+        record(j, "state", "failed: " + j.failure().message());
+      }
+    } else {
+      // Cancelled, the reason in its failure (kind: the user's chain of jobs).
+      j.set_state(v1::CANCELLED);
+      j.mutable_failure()->set_kind(v1::USER_INPUT);
+      j.mutable_failure()->set_reason("after");
+      j.mutable_failure()->set_message(d.message);
+      *j.mutable_finished_at() = ts(now());
+      record(j, "state", "cancelled: " + d.message);
+    }
   }
 }
 

@@ -59,6 +59,20 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
   if (!r.request_id().empty()) {
     if (auto j = store_.find_by_request(c.user, r.request_id())) return *j;
   }
+  // --after: a job the caller sees, not already failed or cancelled.
+  bool wait_for_after = false;
+  if (!r.after().empty()) {
+    const auto dep = store_.get(r.after());
+    if (!dep) throw CoreError(Code::kInvalidArgument, "after: no job " + r.after());
+    if (!c.admin && dep->owner() != c.user) {
+      throw CoreError(Code::kPermissionDenied, "after: job " + r.after() + " belongs to another user");
+    }
+    const AfterDecision d = DecideAfter(r.after(), dep);
+    if (d.action == AfterDecision::Action::kCancel) {
+      throw CoreError(Code::kFailedPrecondition, "after: " + d.message + "; nothing to wait for");
+    }
+    wait_for_after = d.action == AfterDecision::Action::kWait;
+  }
   char id[48];
   int64_t largest = 0;
   {
@@ -67,6 +81,7 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
                   static_cast<unsigned long long>(seq_++ % 1000000));
     largest = sched_.largest_device_bytes();
   }
+  if (r.after() == id) throw CoreError(Code::kInvalidArgument, "after: a job cannot wait for itself");
   const Admission a = admit(c, r.spec(), id, largest, /*for_submit=*/true);
   if (a.plan.reserved_bytes() > largest) {
     std::string msg = "the job needs " + size(a.plan.reserved_bytes()) + " (estimated peak " +
@@ -86,8 +101,10 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
   *j.mutable_created_at() = ts(now());
   *j.mutable_plan() = a.plan;
   j.set_request_id(r.request_id());
+  j.set_after(r.after());
   const std::string msg = "queued: estimated peak " + size(a.plan.estimated_peak_bytes()) + ", reserving " +
-                          size(a.plan.reserved_bytes());
+                          size(a.plan.reserved_bytes()) +
+                          (wait_for_after ? "; placed after job " + r.after() + " succeeds" : "");
   // A folder the user named is this job's from here on (two jobs cannot claim one
   // folder). The job's own folder in the state dir is made when it first starts.
   try {
@@ -118,7 +135,10 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
     absl::MutexLock lock(&mu_);
     // A cancel that came between the insert and here already made the job CANCELLED.
     if (cancelled_in_submit_.erase(j.id()) == 0) {
-      sched_.enqueue({j.id(), j.owner(), j.priority(), ms_of(j.created_at()), a.plan.reserved_bytes()});
+      // Waiting for another job: the loop releases it (release_waiting), even if that job
+      // ended between the check above and here.
+      if (!j.after().empty()) waiting_[j.id()] = j.after();
+      else sched_.enqueue({j.id(), j.owner(), j.priority(), ms_of(j.created_at()), a.plan.reserved_bytes()});
     }
     wake_.SignalAll();
     events_cv_.SignalAll();
@@ -170,7 +190,9 @@ v1::Job Core::cancel(const Caller& c, const std::string& id) {
   if (terminal(j.state()) || j.state() == v1::CANCELLING) return j;
   if (j.state() == v1::QUEUED) {
     // Not in the queue and not running: its submit is between the insert and the enqueue.
-    if (!sched_.remove_queued(id) && active_.count(id) == 0) cancelled_in_submit_.insert(id);
+    if (!sched_.remove_queued(id) && waiting_.erase(id) == 0 && active_.count(id) == 0) {
+      cancelled_in_submit_.insert(id);
+    }
     j.set_state(v1::CANCELLED);
     *j.mutable_finished_at() = ts(now());
     record(j, "state", "cancelled by " + c.user + " while queued");

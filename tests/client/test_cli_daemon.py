@@ -300,6 +300,42 @@ class Cli(unittest.TestCase):
         self.assertGreater(int(done["result"]["measured_peak_bytes"]), 0)
         self.assertIsNotNone(done["started_at"])
 
+    def test_submit_after_chains_jobs(self):
+        first = json.loads(self.memfit("submit", "-f", spec_file(self.d.dir, "first", steps=3), "-o", "json").stdout)
+        r = self.memfit("submit", "-f", spec_file(self.d.dir, "second", steps=2), "--after", first["id"], "--watch")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn(f"; after {first['id']} succeeds", r.stdout.splitlines()[0])
+        self.assertIn(f"after: job {first['id']} succeeded", r.stdout)
+        second = r.stdout.split()[0]
+        a, b = self.json_of("get", first["id"]), self.json_of("get", second)
+        self.assertEqual(a["state"], "SUCCEEDED")
+        self.assertEqual(b["after"], first["id"])
+        self.assertGreaterEqual(b["started_at"], a["finished_at"])  # RFC 3339 UTC strings sort as times
+        self.assertIn(f"after       {first['id']}", self.memfit("get", second).stdout)
+
+        # the job it waits for is cancelled: this one is cancelled, saying why
+        long = json.loads(self.memfit("submit", "-f", spec_file(self.d.dir, "long-first", steps=100000,
+                                                               training={"checkpoint_interval": 100000}),
+                                      "-o", "json").stdout)
+        waiting = json.loads(self.memfit("submit", "-f", spec_file(self.d.dir, "waits", steps=2), "--after",
+                                         long["id"], "-o", "json").stdout)
+        self.assertEqual(waiting["state"], "QUEUED")
+        self.memfit("cancel", long["id"])
+        w = self.memfit("watch", waiting["id"])
+        self.assertEqual(w.returncode, 11, w.stdout + w.stderr)
+        self.assertEqual(w.stdout.splitlines()[-1], f"{waiting['id']} cancelled: job {long['id']}, which this job "
+                                                    "waited for (after), was cancelled")
+        self.assertEqual(self.json_of("get", waiting["id"])["started_at"], None)  # never ran
+        # refused: no such job, another user's, one already cancelled
+        spec = spec_file(self.d.dir, "refused", steps=2)
+        for args, kw, code, needle in (
+                (["--after", "j0000000000000-000000"], {}, 2, "after: no job j0000000000000-000000"),
+                (["--after", waiting["id"]], {"token": OTHER}, 4, "belongs to another user"),
+                (["--after", long["id"]], {}, 2, "was cancelled; nothing to wait for")):
+            r = self.memfit("submit", "-f", spec, *args, **kw)
+            self.assertEqual(r.returncode, code, r.stderr)
+            self.assertIn(needle, r.stderr)
+
     def test_completion_script(self):
         r = self.memfit("completion", "bash")
         self.assertEqual(r.returncode, 0)
