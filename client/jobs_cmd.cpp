@@ -87,7 +87,7 @@ std::string job_text(const v1::Job& j) {
   appendf(out, "created     %s   started %s   finished %s   attempts %d\n", when(j.created_at()).c_str(),
               when(j.started_at()).c_str(), when(j.finished_at()).c_str(), j.attempts());
   appendf(out, "memory      estimated %s, reserved %s (micro-batch %lld x %lld)\n",
-              human_size(p.estimated_peak_bytes()).c_str(), human_size(p.reserved_bytes()).c_str(),
+              known_size(p.estimated_peak_bytes()).c_str(), known_size(p.reserved_bytes()).c_str(),
               static_cast<long long>(p.micro_batch()), static_cast<long long>(p.gradient_accumulation()));
   appendf(out, "            activations %s kept, %s saved by memfit's ops\n", human_size(p.activation_bytes()).c_str(),
               human_size(saved_bytes(j)).c_str());
@@ -304,9 +304,15 @@ int submit(Remote& r, const Common& c, const SubmitArgs& a) {
   if (c.output == Output::kJson) {
     std::printf("%s\n", to_json(j).c_str());
   } else {
-    std::printf("%s queued: estimated peak %s, reserving %s%s\n", printable(j.id()).c_str(),
-                human_size(j.plan().estimated_peak_bytes()).c_str(), human_size(j.plan().reserved_bytes()).c_str(),
-                j.after().empty() ? "" : ("; after " + printable(j.after()) + " succeeds").c_str());
+    if (j.plan().reserved_bytes() == 0 && !j.after().empty()) {
+      // Its inputs come from that job: memfitd estimates it once that job succeeded.
+      std::printf("%s queued: after %s succeeds (estimated then)\n", printable(j.id()).c_str(),
+                  printable(j.after()).c_str());
+    } else {
+      std::printf("%s queued: estimated peak %s, reserving %s%s\n", printable(j.id()).c_str(),
+                  human_size(j.plan().estimated_peak_bytes()).c_str(), human_size(j.plan().reserved_bytes()).c_str(),
+                  j.after().empty() ? "" : ("; after " + printable(j.after()) + " succeeds").c_str());
+    }
     if (!j.plan().level().empty()) std::printf("  memory auto: %s\n", printable(j.plan().level()).c_str());
   }
   std::fflush(stdout);

@@ -188,7 +188,63 @@ void Core::loop() {
   }
 }
 
+void Core::admit_released() {
+  std::vector<std::pair<std::string, std::string>> todo;
+  int64_t largest = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [id, after] : waiting_) todo.emplace_back(id, after);
+    largest = sched_.largest_device_bytes();
+  }
+  for (const auto& [id, after] : todo) {
+    const auto dep = store_.get(after);
+    if (!dep || dep->state() != v1::SUCCEEDED) continue;
+    const v1::Job j = load(id);
+    if (j.state() != v1::QUEUED || j.plan().reserved_bytes() > 0) continue;
+    // Admission, as at submit, outside the lock (it reads files).
+    Admission a;
+    std::string err;
+    bool claimed = false;
+    try {
+      a = admit(Caller{j.owner(), false}, j.spec(), id, largest, /*for_submit=*/true);
+      if (a.plan.reserved_bytes() > largest) {
+        err = "the job needs " + size(a.plan.reserved_bytes()) + " but the largest device has " + size(largest);
+      } else if (!a.output.in_state_dir) {
+        ClaimOutput(a.output, id, cfg_.worker_uid, cfg_.worker_gid);
+        claimed = true;
+      }
+    } catch (const CoreError& e) {
+      err = e.what();
+    } catch (const PathError& e) {
+      err = e.what();
+    }
+    absl::MutexLock lock(&mu_);
+    v1::Job cur = load(id);
+    if (cur.state() != v1::QUEUED || waiting_.count(id) == 0) {  // cancelled meanwhile
+      if (claimed) ReleaseOutput(a.output);
+      continue;
+    }
+    if (!err.empty()) {
+      waiting_.erase(id);
+      cur.set_state(v1::FAILED);
+      cur.mutable_failure()->set_kind(v1::USER_INPUT);
+      cur.mutable_failure()->set_reason("after");
+      cur.mutable_failure()->set_message("when job " + after + " succeeded: " + err);
+      *cur.mutable_finished_at() = ts(now());
+      record(cur, "failed", cur.failure().message());
+      continue;
+    }
+    *cur.mutable_spec() = a.worker_spec;
+    cur.mutable_spec()->clear_name();
+    *cur.mutable_plan() = a.plan;
+    record(cur, "estimated",
+           "estimated peak " + size(a.plan.estimated_peak_bytes()) + ", reserving " + size(a.plan.reserved_bytes()),
+           a.estimate_json);
+  }
+}
+
 void Core::tick() {
+  admit_released();
   absl::MutexLock lock(&mu_);
   std::vector<std::string> ended;
   for (auto& [id, a] : active_) {
@@ -220,6 +276,10 @@ void Core::release_waiting() {
       continue;
     }
     v1::Job j = load(it->first);
+    if (d.action == AfterDecision::Action::kRelease && j.state() == v1::QUEUED && j.plan().reserved_bytes() == 0) {
+      ++it;  // not admitted yet (its inputs came with that job): admit_released, next tick
+      continue;
+    }
     it = waiting_.erase(it);
     if (j.state() != v1::QUEUED) continue;  // cancelled meanwhile
     if (d.action == AfterDecision::Action::kRelease) {

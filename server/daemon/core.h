@@ -153,6 +153,9 @@ class Core {
   void finish(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void requeue(v1::Job& j, int64_t reservation, const std::string& kind, const std::string& why)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Waiting jobs admitted at submit without their inputs (written by the job they wait
+  // for): admitted now that it succeeded (estimate, reservation, output), or failed.
+  void admit_released() ABSL_LOCKS_EXCLUDED(mu_);
   // The jobs in waiting_ whose other job ended: placed in the queue, or cancelled.
   void release_waiting() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A record that could not be read: the job fails (SYSTEM, corrupt_record).

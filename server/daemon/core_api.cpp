@@ -82,8 +82,19 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
     largest = sched_.largest_device_bytes();
   }
   if (r.after() == id) throw CoreError(Code::kInvalidArgument, "after: a job cannot wait for itself");
-  const Admission a = admit(c, r.spec(), id, largest, /*for_submit=*/true);
-  if (a.plan.reserved_bytes() > largest) {
+  // A job that waits may read what the job before it writes (a pretrain's model, then
+  // LoRA on it): when its inputs are not there yet, it is admitted (estimated, reserved,
+  // its output claimed) when it is released instead, and fails then if they still are not.
+  Admission a;
+  std::string deferred;
+  try {
+    a = admit(c, r.spec(), id, largest, /*for_submit=*/true);
+  } catch (const CoreError& e) {
+    if (!wait_for_after || e.code == Code::kPermissionDenied) throw;
+    deferred = e.what();
+    a.worker_spec = r.spec();
+  }
+  if (deferred.empty() && a.plan.reserved_bytes() > largest) {
     std::string msg = "the job needs " + size(a.plan.reserved_bytes()) + " (estimated peak " +
                       size(a.plan.estimated_peak_bytes()) + " + " + std::to_string(static_cast<int>(cfg_.margin * 100)) +
                       "% margin) but the largest device has " + size(largest);
@@ -102,13 +113,15 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
   *j.mutable_plan() = a.plan;
   j.set_request_id(r.request_id());
   j.set_after(r.after());
-  const std::string msg = "queued: estimated peak " + size(a.plan.estimated_peak_bytes()) + ", reserving " +
-                          size(a.plan.reserved_bytes()) +
-                          (wait_for_after ? "; placed after job " + r.after() + " succeeds" : "");
+  const std::string msg =
+      deferred.empty() ? "queued: estimated peak " + size(a.plan.estimated_peak_bytes()) + ", reserving " +
+                             size(a.plan.reserved_bytes()) +
+                             (wait_for_after ? "; placed after job " + r.after() + " succeeds" : "")
+                       : "queued after job " + r.after() + "; estimated when it succeeds (not yet: " + deferred + ")";
   // A folder the user named is this job's from here on (two jobs cannot claim one
   // folder). The job's own folder in the state dir is made when it first starts.
   try {
-    if (!a.output.in_state_dir) ClaimOutput(a.output, id, cfg_.worker_uid, cfg_.worker_gid);
+    if (deferred.empty() && !a.output.in_state_dir) ClaimOutput(a.output, id, cfg_.worker_uid, cfg_.worker_gid);
   } catch (const PathError& e) {
     if (!r.request_id().empty()) {
       if (auto prev = store_.find_by_request(c.user, r.request_id())) return *prev;  // a concurrent twin won
@@ -118,13 +131,13 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
   try {
     // The limit is checked in the insert's transaction: concurrent submits cannot pass it.
     if (!store_.insert_job(j, event("submitted", v1::QUEUED, msg, a.estimate_json), cfg_.max_queued_per_user)) {
-      if (!a.output.in_state_dir) ReleaseOutput(a.output);
+      if (deferred.empty() && !a.output.in_state_dir) ReleaseOutput(a.output);
       throw CoreError(Code::kResourceExhausted, "user " + c.user + " already has " +
                                                     std::to_string(cfg_.max_queued_per_user) +
                                                     " queued jobs (limits.max_queued_per_user)");
     }
   } catch (const store::StoreError&) {
-    if (!a.output.in_state_dir) ReleaseOutput(a.output);
+    if (deferred.empty() && !a.output.in_state_dir) ReleaseOutput(a.output);
     if (!r.request_id().empty()) {
       if (auto prev = store_.find_by_request(c.user, r.request_id())) return *prev;  // a concurrent twin won
     }

@@ -336,6 +336,38 @@ class Cli(unittest.TestCase):
             self.assertEqual(r.returncode, code, r.stderr)
             self.assertIn(needle, r.stderr)
 
+    def test_submit_after_a_pretrain_whose_model_does_not_exist_yet(self):
+        # The demo's chain in one go: LoRA on the model the pretrain writes. Its config and
+        # weights are not there at submit: memfitd estimates it when the pretrain succeeded.
+        pre = json.loads(self.memfit("submit", "-f", spec_file(self.d.dir, "pre", steps=3, method={"kind": "full"}),
+                                     "-o", "json").stdout)
+        model = os.path.join(self.d.dir, "pre", "out", "model")
+        lora = spec_file(self.d.dir, "lora-on-pre", steps=2)
+        with open(lora) as f:
+            s = json.load(f)
+        s["model"] = {"architecture": "gpt2", "config_path": os.path.join(model, "config.json"),
+                      "weights_path": os.path.join(model, "model.safetensors")}
+        with open(lora, "w") as f:
+            json.dump(s, f)
+        r = self.memfit("submit", "-f", lora, "--after", pre["id"], "--watch")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn(f"queued: after {pre['id']} succeeds (estimated then)", r.stdout.splitlines()[0])
+        self.assertIn("estimated: estimated peak", r.stdout)
+        done = self.json_of("get", r.stdout.split()[0])
+        self.assertEqual(done["state"], "SUCCEEDED")
+        self.assertGreater(int(done["plan"]["reserved_bytes"]), 0)
+        # inputs still missing when the job it waited for succeeded: failed, saying so
+        missing = spec_file(self.d.dir, "missing-after", steps=2)
+        with open(missing) as f:
+            s = json.load(f)
+        s["model"]["config_path"] = os.path.join(self.d.dir, "nowhere", "config.json")
+        with open(missing, "w") as f:
+            json.dump(s, f)
+        first = json.loads(self.memfit("submit", "-f", spec_file(self.d.dir, "short", steps=2), "-o", "json").stdout)
+        r = self.memfit("submit", "-f", missing, "--after", first["id"], "--watch")
+        self.assertEqual(r.returncode, 10, r.stdout + r.stderr)
+        self.assertIn(f"failed: when job {first['id']} succeeded: model.config_path", r.stdout)
+
     def test_completion_script(self):
         r = self.memfit("completion", "bash")
         self.assertEqual(r.returncode, 0)

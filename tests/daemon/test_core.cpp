@@ -555,5 +555,38 @@ TEST_F(CoreTest, AfterSurvivesARestart) {
   EXPECT_EQ(launcher_.launches[1].job_id, b.id());
 }
 
+// The job it waits for writes this one's inputs (a pretrain's model): not there at submit,
+// so it is admitted when that job succeeded, or fails then if they are still missing.
+TEST_F(CoreTest, AfterAdmitsInputsWrittenByTheJobBefore) {
+  const v1::Job a = Submit();
+  v1::SubmitJobRequest r = Request();
+  r.set_after(a.id());
+  r.mutable_spec()->mutable_model()->set_config_path(dir_ + "/in/later/config.json");
+  const v1::Job b = core_->submit(Caller{}, r);
+  EXPECT_EQ(b.state(), v1::QUEUED);
+  EXPECT_EQ(b.plan().reserved_bytes(), 0);  // not estimated yet
+  r.mutable_spec()->mutable_model()->set_config_path(dir_ + "/in/never/config.json");
+  const v1::Job c = core_->submit(Caller{}, r);
+  // without --after, a missing input is refused at once
+  v1::SubmitJobRequest plain = r;
+  plain.clear_after();
+  EXPECT_THROW(core_->submit(Caller{}, plain), CoreError);
+  core_->tick();
+  fs::create_directories(dir_ + "/in/later");
+  fs::copy_file(dir_ + "/in/config.json", dir_ + "/in/later/config.json");
+  End(a.id(), kFinished);
+  core_->tick();
+  const v1::Job gb = Get(b.id());
+  EXPECT_EQ(gb.state(), v1::RUNNING);
+  EXPECT_GT(gb.plan().reserved_bytes(), 0);
+  const auto kinds = Kinds(b.id());
+  EXPECT_NE(std::find(kinds.begin(), kinds.end(), "estimated"), kinds.end());
+  const v1::Job gc = Get(c.id());
+  EXPECT_EQ(gc.state(), v1::FAILED);
+  EXPECT_EQ(gc.failure().kind(), v1::USER_INPUT);
+  EXPECT_EQ(gc.failure().message().rfind("when job " + a.id() + " succeeded: model.config_path", 0), 0u)
+      << gc.failure().message();
+}
+
 }  // namespace
 }  // namespace memfit::daemon
