@@ -15,6 +15,7 @@
 #include <map>
 #include <memory>
 
+#include "args.h"
 #include "estimator.h"
 #include "memfit/v1/service.pb.h"
 #include "text.h"
@@ -124,6 +125,8 @@ class Definition {
   std::string usage_line(const CLI::App* v) const;
   std::string error_for(const CLI::App* v, const std::string& message) const;
   std::string missing(const CLI::App* v, const CLI::RequiredError& e) const;
+  std::string unknown(const CLI::App* v, const std::string& what, const std::string& typed) const;
+  std::string completion_bash() const;
 
   CLI::App app_{"memfit: memory-efficient fine-tuning", "memfit"};
   Invocation inv_;
@@ -131,6 +134,8 @@ class Definition {
   std::vector<CLI::App*> verbs_;
   std::map<const CLI::App*, Doc> docs_;
   std::vector<CLI::Option*> estimate_connection_;
+  // The values an option takes, for shell completion.
+  std::map<const CLI::Option*, std::vector<std::string>> choices_;
 };
 
 void Definition::help_flag(CLI::App* app) {
@@ -156,7 +161,8 @@ void Definition::job_argument(CLI::App* v) {
 std::vector<CLI::Option*> Definition::connection(CLI::App* v) {
   return {
       v->add_option("-s,--server", inv_.common.server,
-                    "memfitd's address (MEMFIT_SERVER; default " + std::string(kDefaultServer) + ")")
+                    "memfitd's address: host (port 7540), host:port, [v6]:port, grpc://host[:port] or "
+                    "dns:///host[:port] (MEMFIT_SERVER; default " + std::string(kDefaultServer) + ")")
           ->type_name("HOST:PORT")
           ->group(kConnection),
       v->add_option("--token", inv_.common.token, "your API token (MEMFIT_TOKEN)")->type_name("T")->group(kConnection),
@@ -180,6 +186,15 @@ void Definition::output(CLI::App* v, const std::vector<std::string>& formats, co
       },
       what);
   expect(o, expected, one_of(formats, {{"text", "table"}}))->type_name(names)->group(kOptions);
+  choices_[o] = formats;
+}
+
+// --tail N: a count, or "all".
+CLI::Option* tail_option(CLI::App* v, int64_t& into, const std::string& what) {
+  auto* o = v->add_option_function<std::string>(
+      "--tail", [&into](const std::string& n) { into = n == "all" ? kTailAll : std::stoll(n); }, what);
+  expect(o, "a count (0 or more) or all", [](std::string& n) { return n == "all" || integer(0, INT64_MAX)(n); });
+  return o->type_name("N");
 }
 
 Definition::Definition() {
@@ -196,7 +211,9 @@ Definition::Definition() {
   v = verb("submit", {"send a job spec to memfitd (--watch: follow it to the end)",
                       "Send a job spec (JSON or YAML) to memfitd. It is checked here first, with the "
                       "worker's own reader, then by the daemon, which estimates its memory and queues it. "
-                      "Relative paths in the spec are made absolute against its folder.",
+                      "Relative paths in the spec are made absolute against its folder. --after JOB chains "
+                      "jobs: this one waits, queued, until JOB succeeded (a pretrain, then LoRA on its "
+                      "checkpoint), and is cancelled with the reason when JOB fails or is cancelled.",
                       "submit -f lora.yaml --watch"});
   v->add_option("-f,--file", inv_.submit.file, "the job spec, JSON or YAML")->type_name("SPEC")->required();
   v->add_flag("-w,--watch", inv_.submit.watch, "follow the job to its end, as `memfit watch` does");
@@ -205,6 +222,9 @@ Definition::Definition() {
          "-1000..1000", integer(-1000, 1000));
   v->add_option("--request-id", inv_.submit.request_id, "the same ID again returns the first job: safe to retry")
       ->type_name("ID");
+  v->add_option("--after", inv_.submit.after,
+                "start only once job JOB succeeded; if it fails or is cancelled, this one is cancelled")
+      ->type_name("JOB");
   output(v, {"table", "json"}, "table, or json: the job as memfitd queued it");
   connection(v);
 
@@ -236,6 +256,7 @@ Definition::Definition() {
            s = lower;
            return true;
          });
+  choices_[v->get_option("--state")] = {"queued", "running", "cancelling", "succeeded", "failed", "cancelled"};
   auto* all = v->add_flag("--all-users", inv_.list.all_users, "everyone's jobs (admins)");
   auto* owner = v->add_option("--owner", inv_.list.owner, "this user's jobs (admins)")->type_name("USER");
   all->excludes(owner);
@@ -254,9 +275,12 @@ Definition::Definition() {
   v = verb("watch", {"live progress until the job ends (exit code: how it ended)",
                      "Follow a job until it ends: a live progress line on a terminal (step, loss, speed, "
                      "ETA, peak memory against the reservation, memory saved by memfit's ops), plain "
-                     "lines otherwise. Exit code: 0 succeeded, 10 failed, 11 cancelled.",
-                     "watch j0001732810000000-000042"});
+                     "lines otherwise. What happened before comes first: every event but the steps "
+                     "before the last one (--tail N: the last N events; --tail all: every one). "
+                     "Exit code: 0 succeeded, 10 failed, 11 cancelled.",
+                     "watch j0001732810000000-000042 --tail 20"});
   job_argument(v);
+  tail_option(v, inv_.watch.tail, "the last N events first (default: all but the older steps; all: every one)");
   connection(v);
 
   v = verb("events", {"everything that happened to a job",
@@ -271,8 +295,9 @@ Definition::Definition() {
                     "The worker's output file: its JSON-lines events (--stderr: its error stream). On a "
                     "terminal, control characters in it are shown escaped (\\x1b); redirected, or with "
                     "--raw, the bytes are written as they are.",
-                    "logs j0001732810000000-000042 --follow"});
+                    "logs j0001732810000000-000042 --tail 20 --follow"});
   job_argument(v);
+  tail_option(v, inv_.logs.tail, "the last N lines first (default all), then --follow goes on");
   v->add_flag("--stderr", inv_.logs.stderr_stream, "the worker's error stream instead");
   v->add_flag("-f,--follow", inv_.logs.follow, "keep printing until the job ends");
   v->add_flag("--raw", inv_.logs.raw, "the bytes as they are, even on a terminal");
@@ -304,6 +329,7 @@ Definition::Definition() {
   expect(v->add_option("--device", inv_.estimate.device, "the device kind (default: the spec's)")
              ->type_name("cpu|cuda"),
          "cpu or cuda", [](std::string& d) { return d == "cpu" || d.rfind("cuda", 0) == 0; });
+  choices_[v->get_option("--device")] = {"cpu", "cuda"};
   expect(v->add_option("--threads", inv_.estimate.threads, "CPU threads (default: this machine's)")
              ->type_name("N"),
          "1..65536", integer(1, 65536));
@@ -322,7 +348,24 @@ Definition::Definition() {
       "-o,--output", [this](const std::string& f) { inv_.estimate.json_out = f == "json"; },
       "text, or json: one object");
   expect(o, "json or text", one_of({"text", "json"}))->type_name("text|json");
+  choices_[o] = {"text", "json"};
   estimate_connection_ = connection(v);
+
+  v = verb("version", {"the CLI's version and memfitd's",
+                       "The version of this CLI and, when memfitd answers at --server, the daemon's "
+                       "(with the git commit each was built from). Without a daemon it prints the CLI's and "
+                       "says memfitd is unreachable; the exit code is 0 either way.",
+                       "version -o json"});
+  output(v, {"table", "json"}, "table, or json: {\"cli\": ..., \"daemon\": ...}");
+  connection(v);
+
+  v = verb("completion", {"a shell completion script (bash)",
+                          "Prints a bash completion script for memfit's commands and flags. Load it with "
+                          "`source <(memfit completion bash)`, or save it as "
+                          "/etc/bash_completion.d/memfit (or ~/.local/share/bash-completion/completions/memfit).",
+                          "completion bash > ~/.local/share/bash-completion/completions/memfit"});
+  expect(v->add_option("SHELL", inv_.shell, "the shell: bash")->required(), "bash", one_of({"bash"}));
+  choices_[v->get_option("SHELL")] = {"bash"};
 
   v = verb("help", {"this text, or a command's (memfit help COMMAND)", "The help of memfit or of one command.",
                     "help submit"});
@@ -425,12 +468,34 @@ std::string Definition::usage() const {
   for (const auto* v : verbs_) {
     out += "  " + v->get_name() + std::string(width - v->get_name().size() + 2, ' ') + docs_.at(v).summary + "\n";
   }
-  return out + "\n" +
-         wrap("`memfit COMMAND --help` shows its options and an example. Every command but estimate talks to "
-              "memfitd at --server HOST:PORT (MEMFIT_SERVER, default " +
-                  std::string(kDefaultServer) +
-                  ") with --token T (MEMFIT_TOKEN); --tls-ca FILE (MEMFIT_TLS_CA) or --tls for a TLS server.",
-              0);
+  // The flags most commands share, as the commands' own help shows them (they go after
+  // the command: memfit list --server H).
+  out += "\nconnection (after the command; every command but estimate and completion talks to memfitd):\n";
+  const std::vector<std::pair<std::string, std::string>> shared = {
+      {"-s, --server ADDRESS", "memfitd's address (MEMFIT_SERVER; default " + std::string(kDefaultServer) +
+                                   "): host, host:port, [v6]:port, grpc://host[:port], dns:///host[:port]"},
+      {"--token T", "your API token (MEMFIT_TOKEN)"},
+      {"--tls-ca FILE", "TLS, trusting this PEM certificate (MEMFIT_TLS_CA)"},
+      {"--tls", "TLS, trusting the system's certificate authorities"},
+  };
+  const std::vector<std::pair<std::string, std::string>> output = {
+      {"-o, --output FORMAT", "table (default) or json, with every field; get also takes yaml (the spec)"},
+      {"-h, --help", "this help; memfit COMMAND --help: the command's options and an example"},
+  };
+  size_t w = 0;
+  for (const auto& [l, d] : shared) w = std::max(w, l.size());
+  for (const auto& [l, d] : output) w = std::max(w, l.size());
+  auto rows = [&](const std::vector<std::pair<std::string, std::string>>& list) {
+    std::string r;
+    for (const auto& [l, d] : list) {
+      const std::string desc = wrap(d, 2 + w + 2);
+      r += "  " + l + std::string(w - l.size() + 2, ' ') + desc.substr(std::min(desc.size(), 2 + w + 2));
+    }
+    return r;
+  };
+  out += rows(shared);
+  out += "\noptions:\n" + rows(output);
+  return out;
 }
 
 std::string Definition::error_for(const CLI::App* v, const std::string& message) const {
@@ -449,6 +514,91 @@ std::string Definition::missing(const CLI::App* v, const CLI::RequiredError& e) 
     }
   }
   return e.what();
+}
+
+// "unknown command 'sumbit'; did you mean 'submit'?" (one line): the closest of the
+// defined names, or a pointer to the help.
+std::string Definition::unknown(const CLI::App* v, const std::string& what, const std::string& typed) const {
+  std::vector<std::string> names;
+  if (what == "command") {
+    for (const auto* verb : verbs_) names.push_back(verb->get_name());
+  } else {
+    for (const auto* o : (v ? v : &app_)->get_options()) {
+      for (const auto& l : o->get_lnames()) names.push_back("--" + l);
+      for (const auto& sn : o->get_snames()) names.push_back("-" + sn);
+    }
+  }
+  const std::string name = typed.substr(0, typed.find('='));
+  const std::string guess = closest(name, names);
+  if (!guess.empty()) return "unknown " + what + " '" + typed + "'; did you mean '" + guess + "'?";
+  return "unknown " + what + " '" + typed + "' (" +
+         (what == "command" || v == nullptr || v == &app_ ? std::string("memfit --help lists them")
+                                                           : "memfit " + v->get_name() + " --help lists them") +
+         ")";
+}
+
+// A bash completion script from the definitions: the verbs, each verb's flags, the values
+// of the flags that take a fixed set of them, and file names for files.
+std::string Definition::completion_bash() const {
+  auto join = [](const std::vector<std::string>& xs) {
+    std::string r;
+    for (const auto& x : xs) r += (r.empty() ? "" : " ") + x;
+    return r;
+  };
+  std::vector<std::string> verbs;
+  for (const auto* v : verbs_) verbs.push_back(v->get_name());
+  std::string flags_case, values_case, args_case;
+  std::vector<std::string> file_flags;
+  for (const auto* v : verbs_) {
+    std::vector<std::string> flags;
+    std::string values;
+    for (const auto* o : v->get_options()) {
+      if (o->get_positional()) {
+        const auto c = choices_.find(o);
+        if (c != choices_.end()) args_case += "    " + v->get_name() + ") words=\"" + join(c->second) + "\" ;;\n";
+        if (o->get_name() == "COMMAND") args_case += "    " + v->get_name() + ") words=\"" + join(verbs) + "\" ;;\n";
+        continue;
+      }
+      std::vector<std::string> names;
+      for (const auto& l : o->get_lnames()) names.push_back("--" + l);
+      for (const auto& sn : o->get_snames()) names.push_back("-" + sn);
+      flags.insert(flags.end(), names.begin(), names.end());
+      std::string pattern;
+      for (const auto& n : names) pattern += (pattern.empty() ? "" : "|") + n;
+      const auto c = choices_.find(o);
+      if (c != choices_.end()) {
+        values += "        " + pattern + ") words=\"" + join(c->second) + "\" ;;\n";
+      } else if (o->get_type_name() == "SPEC" || o->get_type_name() == "FILE") {
+        values += "        " + pattern + ") COMPREPLY=($(compgen -f -- \"$cur\")); return ;;\n";
+      } else if (!is_flag(o)) {
+        values += "        " + pattern + ") return ;;\n";  // a value to type: nothing to offer
+      }
+    }
+    flags_case += "    " + v->get_name() + ") flags=\"" + join(flags) + "\" ;;\n";
+    if (!values.empty()) {
+      values_case += "    " + v->get_name() + ")\n      case \"$prev\" in\n" + values + "      esac ;;\n";
+    }
+  }
+  return "# bash completion for memfit (generated by `memfit completion bash`)\n"
+         "_memfit() {\n"
+         "  local cur=\"${COMP_WORDS[COMP_CWORD]}\" prev=\"${COMP_WORDS[COMP_CWORD-1]}\"\n"
+         "  local verb=\"\" i words=\"\" flags=\"\"\n"
+         "  for ((i = 1; i < COMP_CWORD; i++)); do\n"
+         "    case \"${COMP_WORDS[i]}\" in -*) ;; *) verb=\"${COMP_WORDS[i]}\"; break ;; esac\n"
+         "  done\n"
+         "  COMPREPLY=()\n"
+         "  if [[ -z \"$verb\" ]]; then\n"
+         "    COMPREPLY=($(compgen -W \"" + join(verbs) + " --help -h\" -- \"$cur\"))\n"
+         "    return\n"
+         "  fi\n"
+         "  case \"$verb\" in\n" + values_case + "  esac\n"
+         "  if [[ -n \"$words\" ]]; then COMPREPLY=($(compgen -W \"$words\" -- \"$cur\")); return; fi\n"
+         "  case \"$verb\" in\n" + flags_case + "  esac\n"
+         "  if [[ \"$cur\" == -* ]]; then COMPREPLY=($(compgen -W \"$flags\" -- \"$cur\")); return; fi\n"
+         "  case \"$verb\" in\n" + args_case + "  esac\n"
+         "  if [[ -n \"$words\" ]]; then COMPREPLY=($(compgen -W \"$words\" -- \"$cur\")); return; fi\n"
+         "}\n"
+         "complete -F _memfit memfit\n";
 }
 
 Parsed Definition::parse(const std::vector<std::string>& args) {
@@ -491,16 +641,19 @@ Parsed Definition::parse(const std::vector<std::string>& args) {
       const bool verbs_flag = std::any_of(verbs_.begin(), verbs_.end(), [&](const CLI::App* v) {
         return v->get_option_no_throw(name) != nullptr;
       });
-      p.err = error_for(nullptr, "unknown option '" + x + "'" +
-                                     (verbs_flag ? " (a command's flags go after it: memfit COMMAND " + name + " ...)" : ""));
+      p.err = error_for(nullptr, verbs_flag ? "unknown option '" + x + "' (a command's flags go after it: memfit COMMAND " +
+                                                  name + " ...)"
+                                            : unknown(nullptr, "option", x));
+    } else if (x.empty()) {
+      p.err = error_for(nullptr, "no command (memfit --help lists them)");
     } else {
-      p.err = error_for(nullptr, "unknown command '" + x + "'") + "\n" + usage();
+      p.err = error_for(nullptr, unknown(nullptr, "command", x));
     }
     return p;
   }
   if (!left_over(v).empty()) {
     const std::string x = left_over(v).front();
-    p.err = error_for(v, (!x.empty() && x[0] == '-' ? "unknown option '" : "unexpected argument '") + x + "'");
+    p.err = error_for(v, !x.empty() && x[0] == '-' ? unknown(v, "option", x) : "unexpected argument '" + x + "'");
     return p;
   }
   if (v->get_name() == "help") {
@@ -516,12 +669,25 @@ Parsed Definition::parse(const std::vector<std::string>& args) {
         return p;
       }
     }
-    p.err = error_for(nullptr, "unknown command '" + help_topic_ + "'") + "\n" + usage();
+    p.err = error_for(nullptr, unknown(nullptr, "command", help_topic_));
     return p;
   }
   inv_.verb = v->get_name();
-  if (inv_.common.server.empty()) inv_.common.server = kDefaultServer;
   for (const auto* o : estimate_connection_) inv_.estimate.remote = inv_.estimate.remote || o->count() > 0;
+  if (inv_.verb == "completion") {
+    inv_.completion_script = completion_bash();
+  } else if (inv_.verb != "estimate" || inv_.estimate.remote) {
+    // memfitd's address as users type it (args.h), checked before any network.
+    const CLI::Option* flag = v->get_option_no_throw("--server");
+    if (inv_.common.server.empty()) inv_.common.server = kDefaultServer;
+    try {
+      inv_.common.server = server_target(inv_.common.server);
+    } catch (const std::invalid_argument& e) {
+      p.err = error_for(v, (flag != nullptr && flag->count() > 0 ? "--server: " : "MEMFIT_SERVER: ") + std::string(e.what()));
+      return p;
+    }
+  }
+  if (inv_.common.server.empty()) inv_.common.server = kDefaultServer;
   p.run = true;
   p.code = kExitOk;
   p.invocation = inv_;
@@ -545,6 +711,10 @@ int run(const std::vector<std::string>& args) {
     return p.code;
   }
   if (p.invocation.verb == "estimate") return estimate_cmd(p.invocation);
+  if (p.invocation.verb == "completion") {
+    std::fputs(p.invocation.completion_script.c_str(), stdout);
+    return kExitOk;
+  }
   return remote_cmd(p.invocation);
 }
 

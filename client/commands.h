@@ -37,6 +37,7 @@ struct SubmitArgs {
   bool watch = false;
   int priority = 0;
   std::string request_id;
+  std::string after;  // --after JOB: placed only once JOB succeeded
 };
 
 struct ListArgs {
@@ -46,7 +47,17 @@ struct ListArgs {
   int64_t limit = 1000000;
 };
 
+// --tail: how much history before following. kTailAll: every event/line;
+// kTailDefault (watch without --tail): every event but the steps before the last one.
+constexpr int64_t kTailAll = -1;
+constexpr int64_t kTailDefault = -2;
+
+struct WatchArgs {
+  int64_t tail = kTailDefault;
+};
+
 struct LogsArgs {
+  int64_t tail = kTailAll;  // the last N lines first
   bool stderr_stream = false;
   bool follow = false;
   bool raw = false;  // bytes as they are even on a terminal
@@ -72,14 +83,17 @@ struct Invocation {
   SubmitArgs submit;
   ListArgs list;
   LogsArgs logs;
+  WatchArgs watch;
   EstimateArgs estimate;
+  std::string shell;  // of `completion`
+  std::string completion_script;  // `completion`: the script, rendered by parse()
 };
 
 // memfit estimate (estimate_cmd.cpp): locally, or memfitd's answer when remote.
 int estimate_cmd(const Invocation& inv);
 
 // The daemon verbs (jobs_cmd.cpp): submit, get, list, cancel, watch, events, logs,
-// devices.
+// devices, version (which answers without a daemon too).
 int remote_cmd(const Invocation& inv);
 
 }  // namespace memfit::cli

@@ -90,7 +90,7 @@ void write_plan_spec(const std::string& source, const std::string& target, const
   const std::string tmp = target + ".tmp";
   {
     std::ofstream out(tmp, std::ios::trunc);
-    out << to_json(s, true) << "\n";
+    out << to_json(s, true, /*all_fields=*/false) << "\n";  // a spec: only what is set
     out.close();
     if (!out) throw CliError(kExitError, "--write-spec: cannot write " + tmp);
   }

@@ -5,12 +5,15 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdarg>
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "args.h"
 #include "commands.h"
+#include "memfit_version.h"
 #include "remote.h"
 #include "spec.h"
 #include "text.h"
@@ -47,53 +50,110 @@ int64_t saved_bytes(const v1::Job& j) {
   return std::max<int64_t>(0, j.plan().exact_activation_bytes() - j.plan().activation_bytes());
 }
 
-void print_job(const v1::Job& j) {
+// printf onto a string.
+__attribute__((format(printf, 2, 3))) void appendf(std::string& out, const char* fmt, ...) {
+  va_list ap, again;
+  va_start(ap, fmt);
+  va_copy(again, ap);
+  const int n = std::vsnprintf(nullptr, 0, fmt, ap);
+  va_end(ap);
+  if (n > 0) {
+    const size_t at = out.size();
+    out.resize(at + static_cast<size_t>(n) + 1);
+    std::vsnprintf(&out[at], static_cast<size_t>(n) + 1, fmt, again);
+    out.resize(at + static_cast<size_t>(n));
+  }
+  va_end(again);
+}
+
+std::string fixed4(double x) {
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%.4f", x);
+  return buf;
+}
+
+// A measured size: 0 means nothing measured yet.
+std::string known_size(int64_t b) { return b > 0 ? human_size(b) : "-"; }
+
+}  // namespace
+
+std::string job_text(const v1::Job& j) {
+  std::string out;
   const auto& p = j.plan();
-  std::printf("job         %s  (%s)\n", printable(j.id()).c_str(), printable(j.name()).c_str());
-  std::printf("owner       %s\n", printable(j.owner()).c_str());
-  std::printf("state       %s%s\n", state_name(j.state()).c_str(),
+  appendf(out, "job         %s  (%s)\n", printable(j.id()).c_str(), printable(j.name()).c_str());
+  appendf(out, "owner       %s\n", printable(j.owner()).c_str());
+  appendf(out, "state       %s%s\n", state_name(j.state()).c_str(),
               j.device().empty() ? "" : (" on " + printable(j.device())).c_str());
-  std::printf("created     %s   started %s   finished %s   attempts %d\n", when(j.created_at()).c_str(),
+  appendf(out, "created     %s   started %s   finished %s   attempts %d\n", when(j.created_at()).c_str(),
               when(j.started_at()).c_str(), when(j.finished_at()).c_str(), j.attempts());
-  std::printf("memory      estimated %s, reserved %s (micro-batch %lld x %lld)\n",
-              human_size(p.estimated_peak_bytes()).c_str(), human_size(p.reserved_bytes()).c_str(),
+  appendf(out, "memory      estimated %s, reserved %s (micro-batch %lld x %lld)\n",
+              known_size(p.estimated_peak_bytes()).c_str(), known_size(p.reserved_bytes()).c_str(),
               static_cast<long long>(p.micro_batch()), static_cast<long long>(p.gradient_accumulation()));
-  std::printf("            activations %s kept, %s saved by memfit's ops\n", human_size(p.activation_bytes()).c_str(),
+  appendf(out, "            activations %s kept, %s saved by memfit's ops\n", human_size(p.activation_bytes()).c_str(),
               human_size(saved_bytes(j)).c_str());
   const auto& m = p.memory();
-  std::printf("options     activation %s, norm %s, attention %s%s%s%s\n", printable(m.activation()).c_str(),
+  appendf(out, "options     activation %s, norm %s, attention %s%s%s%s\n", printable(m.activation()).c_str(),
               printable(m.norm()).c_str(), printable(m.attention()).c_str(), m.fused_mlp() ? ", fused MLP" : "", m.fused_loss() ? ", fused loss" : "",
               m.activation_checkpointing() ? ", checkpointing" : "");
-  if (!p.level().empty()) std::printf("auto        %s\n", printable(p.level()).c_str());
-  for (const auto& r : p.reasons()) std::printf("            - %s\n", printable(r).c_str());
+  if (!p.level().empty()) appendf(out, "auto        %s\n", printable(p.level()).c_str());
+  for (const auto& r : p.reasons()) appendf(out, "            - %s\n", printable(r).c_str());
   const auto& pr = j.progress();
   if (pr.total_steps() > 0) {
-    std::printf("progress    step %lld/%lld, loss %.4f, peak %s\n", static_cast<long long>(pr.step()),
-                static_cast<long long>(pr.total_steps()), pr.loss(), human_size(pr.peak_memory_bytes()).c_str());
+    // Before the first step there is no loss and no measured peak yet: "-", not 0.
+    appendf(out, "progress    step %lld/%lld, loss %s, peak %s\n", static_cast<long long>(pr.step()),
+                static_cast<long long>(pr.total_steps()), pr.step() > 0 ? fixed4(pr.loss()).c_str() : "-",
+                known_size(pr.peak_memory_bytes()).c_str());
   }
   if (j.state() == v1::SUCCEEDED) {
     const auto& r = j.result();
-    std::printf("result      measured peak %s (estimate %+.2f%%)", human_size(r.measured_peak_bytes()).c_str(),
-                p.estimated_peak_bytes() > 0
-                    ? 100.0 * (static_cast<double>(p.estimated_peak_bytes()) / static_cast<double>(r.measured_peak_bytes()) - 1.0)
-                    : 0.0);
-    if (r.eval_loss() != 0) std::printf(", eval loss %.4f", r.eval_loss());
-    if (r.eval_accuracy() != 0) std::printf(", accuracy %.2f%%", 100 * r.eval_accuracy());
-    std::printf("\n");
-    if (!r.adapter_dir().empty()) std::printf("output      %s\n", printable(r.adapter_dir()).c_str());
-    if (!r.model_dir().empty()) std::printf("output      %s\n", printable(r.model_dir()).c_str());
+    char error[32] = "-";
+    if (p.estimated_peak_bytes() > 0 && r.measured_peak_bytes() > 0) {
+      std::snprintf(error, sizeof error, "%+.2f%%",
+                    100.0 * (static_cast<double>(p.estimated_peak_bytes()) / static_cast<double>(r.measured_peak_bytes()) - 1.0));
+    }
+    appendf(out, "result      measured peak %s (estimate %s)", known_size(r.measured_peak_bytes()).c_str(), error);
+    if (r.eval_loss() != 0) appendf(out, ", eval loss %.4f", r.eval_loss());
+    if (r.eval_accuracy() != 0) appendf(out, ", accuracy %.2f%%", 100 * r.eval_accuracy());
+    appendf(out, "\n");
+    if (!r.adapter_dir().empty()) appendf(out, "output      %s\n", printable(r.adapter_dir()).c_str());
+    if (!r.model_dir().empty()) appendf(out, "output      %s\n", printable(r.model_dir()).c_str());
+  }
+  if (!j.after().empty()) appendf(out, "after       %s\n", printable(j.after()).c_str());
+  if (j.state() == v1::CANCELLED && !j.failure().message().empty()) {
+    appendf(out, "cancelled   %s\n", printable(j.failure().message()).c_str());
   }
   if (j.state() == v1::FAILED) {
-    std::printf("failure     %s (%s): %s\n", j.failure().kind() == v1::USER_INPUT ? "your input" : "system",
+    appendf(out, "failure     %s (%s): %s\n", j.failure().kind() == v1::USER_INPUT ? "your input" : "system",
                 printable(j.failure().reason()).c_str(), printable(j.failure().message()).c_str());
   }
+  return out;
+}
+
+namespace {
+
+// Every event of the job so far, in order.
+std::vector<v1::JobEvent> list_events(Remote& r, const std::string& id) {
+  std::vector<v1::JobEvent> all;
+  std::string page;
+  do {
+    v1::ListJobEventsRequest req;
+    req.set_id(id);
+    req.set_page_size(1000);
+    req.set_page_token(page);
+    v1::ListJobEventsResponse out;
+    auto ctx = r.context();
+    r.check(r.jobs().ListJobEvents(ctx.get(), req, &out), "job " + id);
+    for (const auto& e : out.events()) all.push_back(e);
+    page = out.next_page_token();
+  } while (!page.empty());
+  return all;
 }
 
 // ---- watch ----
 
 class Watcher {
  public:
-  Watcher(Remote& r, bool tty) : r_(r), tty_(tty) {}
+  Watcher(Remote& r, bool tty, int64_t tail = kTailDefault) : r_(r), tty_(tty), tail_(tail) {}
 
   int run(const std::string& id) {
     id_ = id;
@@ -104,9 +164,26 @@ class Watcher {
       std::printf("%s %s: %s\n", printable(j.id()).c_str(), printable(j.name()).c_str(),
                   state_name(j.state()).c_str());
     }
+    // What happened so far, cut to --tail; then the stream from the last event shown.
+    const std::vector<v1::JobEvent> history = list_events(r_, id);
+    std::vector<size_t> keep;
+    size_t last_step = history.size();
+    for (size_t i = 0; i < history.size(); ++i) {
+      if (history[i].kind() == "step") last_step = i;
+    }
+    for (size_t i = 0; i < history.size(); ++i) {
+      if (tail_ == kTailAll) keep.push_back(i);
+      else if (tail_ == kTailDefault) {
+        if (history[i].kind() != "step" || i == last_step) keep.push_back(i);
+      } else if (static_cast<int64_t>(history.size() - i) <= tail_) {
+        keep.push_back(i);
+      }
+    }
+    for (size_t i : keep) show(history[i]);
     auto ctx = r_.context(0);
     v1::WatchJobRequest req;
     req.set_id(id);
+    req.set_after_seq(history.empty() ? 0 : history.back().seq());
     auto reader = r_.jobs().WatchJob(ctx.get(), req);
     v1::JobEvent e;
     while (reader->Read(&e)) show(e);
@@ -119,7 +196,7 @@ class Watcher {
                   human_size(j.plan().estimated_peak_bytes()).c_str(), human_size(j.plan().reserved_bytes()).c_str());
       if (j.result().eval_loss() != 0) std::printf(", eval loss %.4f", j.result().eval_loss());
       if (j.result().eval_accuracy() != 0) std::printf(", accuracy %.2f%%", 100 * j.result().eval_accuracy());
-    } else if (j.state() == v1::FAILED) {
+    } else if (j.state() == v1::FAILED || (j.state() == v1::CANCELLED && !j.failure().message().empty())) {
       std::printf(": %s", printable(j.failure().message()).c_str());
     }
     std::printf("\n");
@@ -198,6 +275,7 @@ class Watcher {
   Remote& r_;
   std::string id_;
   bool tty_;
+  int64_t tail_;
   bool line_open_ = false;
   int64_t reserved_ = 0, saved_ = 0, peak_ = 0;
   double first_step_time_ = -1;
@@ -219,19 +297,28 @@ int submit(Remote& r, const Common& c, const SubmitArgs& a) {
   }
   req.set_priority(a.priority);
   req.set_request_id(a.request_id);
+  req.set_after(a.after);
   v1::Job j;
   auto ctx = r.context();
   r.check(r.jobs().SubmitJob(ctx.get(), req, &j), "submit " + a.file);
   if (c.output == Output::kJson) {
     std::printf("%s\n", to_json(j).c_str());
   } else {
-    std::printf("%s queued: estimated peak %s, reserving %s\n", printable(j.id()).c_str(),
-                human_size(j.plan().estimated_peak_bytes()).c_str(), human_size(j.plan().reserved_bytes()).c_str());
+    if (j.plan().reserved_bytes() == 0 && !j.after().empty()) {
+      // Its inputs come from that job: memfitd estimates it once that job succeeded.
+      std::printf("%s queued: after %s succeeds (estimated then)\n", printable(j.id()).c_str(),
+                  printable(j.after()).c_str());
+    } else {
+      std::printf("%s queued: estimated peak %s, reserving %s%s\n", printable(j.id()).c_str(),
+                  human_size(j.plan().estimated_peak_bytes()).c_str(), human_size(j.plan().reserved_bytes()).c_str(),
+                  j.after().empty() ? "" : ("; after " + printable(j.after()) + " succeeds").c_str());
+    }
     if (!j.plan().level().empty()) std::printf("  memory auto: %s\n", printable(j.plan().level()).c_str());
   }
   std::fflush(stdout);
   if (!a.watch) return kExitOk;
-  Watcher w(r, isatty(STDOUT_FILENO) != 0);
+  // Every event of a job just submitted: none is old news.
+  Watcher w(r, isatty(STDOUT_FILENO) != 0, kTailAll);
   return w.run(j.id());
 }
 
@@ -242,8 +329,8 @@ int get(Remote& r, const Common& c, const std::string& id) {
   auto ctx = r.context();
   r.check(r.jobs().GetJob(ctx.get(), g, &j), "job " + id);
   if (c.output == Output::kJson) std::printf("%s\n", to_json(j).c_str());
-  else if (c.output == Output::kYaml) std::printf("%s", json_to_yaml(to_json(j.spec())).c_str());
-  else print_job(j);
+  else if (c.output == Output::kYaml) std::printf("%s", json_to_yaml(to_json(j.spec(), true, false)).c_str());
+  else std::printf("%s", job_text(j).c_str());
   return kExitOk;
 }
 
@@ -303,19 +390,7 @@ int cancel(Remote& r, const Common& c, const std::string& id) {
 }
 
 int events(Remote& r, const Common& c, const std::string& id) {
-  std::vector<v1::JobEvent> all;
-  std::string page;
-  do {
-    v1::ListJobEventsRequest req;
-    req.set_id(id);
-    req.set_page_size(1000);
-    req.set_page_token(page);
-    v1::ListJobEventsResponse out;
-    auto ctx = r.context();
-    r.check(r.jobs().ListJobEvents(ctx.get(), req, &out), "job " + id);
-    for (const auto& e : out.events()) all.push_back(e);
-    page = out.next_page_token();
-  } while (!page.empty());
+  const std::vector<v1::JobEvent> all = list_events(r, id);
   if (c.output == Output::kJson) {
     std::printf("[");
     for (size_t i = 0; i < all.size(); ++i) std::printf("%s%s", i ? ",\n" : "\n", to_json(all[i], false).c_str());
@@ -326,6 +401,41 @@ int events(Remote& r, const Common& c, const std::string& id) {
   for (const auto& e : all) rows.push_back({std::to_string(e.seq()), when(e.time()), e.kind(), state_name(e.state()), e.message()});
   std::printf("%s", table({"SEQ", "TIME", "EVENT", "STATE", "MESSAGE"}, rows).c_str());
   return kExitOk;
+}
+
+// Where the last a.tail lines of the log begin: read backwards from its end, 1 MiB at a
+// time, until enough line feeds are seen (tail_start, args.h).
+int64_t tail_offset(Remote& r, const std::string& id, const LogsArgs& a) {
+  auto read = [&](int64_t offset, int32_t limit) {
+    v1::ReadJobLogRequest req;
+    req.set_id(id);
+    req.set_stream(a.stderr_stream ? "stderr" : "stdout");
+    req.set_offset(offset);
+    req.set_limit(limit);
+    v1::ReadJobLogResponse out;
+    auto ctx = r.context();
+    r.check(r.jobs().ReadJobLog(ctx.get(), req, &out), "job " + id);
+    return out;
+  };
+  const int64_t size = read(0, 1).size();
+  const int64_t chunk = 1 << 20;
+  std::string data;  // the file's end, from `from` to `size`
+  int64_t from = size;
+  while (from > 0) {
+    const int64_t start = std::max<int64_t>(0, from - chunk);
+    std::string part;
+    while (start + static_cast<int64_t>(part.size()) < from) {
+      const auto got = read(start + static_cast<int64_t>(part.size()),
+                            static_cast<int32_t>(from - start - static_cast<int64_t>(part.size())));
+      if (got.data().empty()) break;
+      part += got.data();
+    }
+    data = part + data;
+    from = start;
+    const size_t at = tail_start(data, a.tail, from == 0);
+    if (at != std::string_view::npos) return from + static_cast<int64_t>(at);
+  }
+  return 0;
 }
 
 // The worker's output file. On a terminal, control characters are shown escaped (lines
@@ -347,6 +457,7 @@ int logs(Remote& r, const std::string& id, const LogsArgs& a) {
     std::fflush(stdout);
   };
   int64_t offset = 0;
+  if (a.tail != kTailAll) offset = tail_offset(r, id, a);
   for (;;) {
     v1::ReadJobLogRequest req;
     req.set_id(id);
@@ -372,6 +483,41 @@ int logs(Remote& r, const std::string& id, const LogsArgs& a) {
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
   }
   write("", true);
+  return kExitOk;
+}
+
+// `memfit version`: the CLI's, then memfitd's when it answers (exit 0 either way: the
+// CLI's version is always known).
+int version(const Common& c) {
+  const std::string cli_commit = kMemfitCommit;
+  json out = {{"cli", {{"version", kMemfitVersion}, {"commit", cli_commit}}}, {"server", c.server}};
+  std::string daemon_error;
+  try {
+    Remote r(c);
+    v1::GetVersionResponse v;
+    auto ctx = r.context(5);
+    r.check(r.cluster().GetVersion(ctx.get(), v1::GetVersionRequest(), &v), "version");
+    out["daemon"] = {{"version", v.version()}, {"commit", v.commit()}};
+  } catch (const CliError& e) {
+    daemon_error = e.what();
+    out["daemon"] = nullptr;
+    out["daemon_error"] = daemon_error;
+  }
+  if (c.output == Output::kJson) {
+    std::printf("%s\n", out.dump(2).c_str());
+    return kExitOk;
+  }
+  auto line = [](const std::string& what, const std::string& ver, const std::string& commit) {
+    return what + " " + printable(ver) + (commit.empty() ? "" : " (commit " + printable(commit) + ")");
+  };
+  std::printf("%s\n", line("memfit", kMemfitVersion, cli_commit).c_str());
+  if (daemon_error.empty()) {
+    std::printf("%s at %s\n",
+                line("memfitd", out["daemon"]["version"].get<std::string>(), out["daemon"]["commit"].get<std::string>()).c_str(),
+                printable(c.server).c_str());
+  } else {
+    std::printf("memfitd: %s\n", printable(daemon_error).c_str());
+  }
   return kExitOk;
 }
 
@@ -405,6 +551,7 @@ int devices(Remote& r, const Common& c) {
 
 int remote_cmd(const Invocation& inv) {
   const std::string& verb = inv.verb;
+  if (verb == "version") return version(inv.common);
   try {
     Remote r(inv.common);
     const Common& c = inv.common;
@@ -413,7 +560,7 @@ int remote_cmd(const Invocation& inv) {
     if (verb == "list") return list(r, c, inv.list);
     if (verb == "cancel") return cancel(r, c, inv.job);
     if (verb == "watch") {
-      Watcher w(r, isatty(STDOUT_FILENO) != 0);
+      Watcher w(r, isatty(STDOUT_FILENO) != 0, inv.watch.tail);
       return w.run(inv.job);
     }
     if (verb == "events") return events(r, c, inv.job);

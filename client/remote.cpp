@@ -3,6 +3,7 @@
 #include "spec.h"
 #include "text.h"
 
+#include <google/protobuf/descriptor.h>
 #include <google/protobuf/util/json_util.h>
 #include <yaml-cpp/yaml.h>
 
@@ -143,13 +144,48 @@ int exit_code_of(v1::JobState s) {
   return kExitJobFailed;
 }
 
-std::string to_json(const google::protobuf::Message& m, bool pretty) {
+namespace {
+
+// protobuf's always_print_primitive_fields prints zeros, empty strings and empty lists,
+// but leaves out a message field that is not set (a queued job's progress, started_at):
+// here it is null, so every field is there and "not known yet" is not 0.
+void add_unset_messages(const google::protobuf::Message& m, nlohmann::ordered_json& j) {
+  if (!j.is_object()) return;
+  const auto* d = m.GetDescriptor();
+  const auto* r = m.GetReflection();
+  for (int i = 0; i < d->field_count(); ++i) {
+    const auto* f = d->field(i);
+    if (f->cpp_type() != google::protobuf::FieldDescriptor::CPPTYPE_MESSAGE || f->is_map()) continue;
+    if (f->containing_oneof() != nullptr) continue;  // only the member that is set belongs there
+    const std::string key = f->name();
+    const bool well_known = f->message_type()->file()->package() == "google.protobuf";  // printed as scalars
+    if (f->is_repeated()) {
+      if (well_known || !j.contains(key)) continue;
+      for (int k = 0; k < r->FieldSize(m, f) && k < static_cast<int>(j[key].size()); ++k) {
+        add_unset_messages(r->GetRepeatedMessage(m, f, k), j[key][static_cast<size_t>(k)]);
+      }
+    } else if (!r->HasField(m, f)) {
+      j[key] = nullptr;
+    } else if (!well_known && j.contains(key)) {
+      add_unset_messages(r->GetMessage(m, f), j[key]);
+    }
+  }
+}
+
+}  // namespace
+
+std::string to_json(const google::protobuf::Message& m, bool pretty, bool all_fields) {
   google::protobuf::util::JsonPrintOptions o;
   o.preserve_proto_field_names = true;
+  o.always_print_primitive_fields = all_fields;
   o.add_whitespace = pretty;
   std::string out;
   (void)google::protobuf::util::MessageToJsonString(m, &out, o);
-  return out;
+  if (!all_fields) return out;
+  auto j = nlohmann::ordered_json::parse(out, nullptr, false);
+  if (j.is_discarded()) return out;
+  add_unset_messages(m, j);
+  return j.dump(pretty ? 2 : -1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
 }
 
 std::string json_to_yaml(const std::string& json) {

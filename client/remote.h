@@ -51,8 +51,14 @@ std::string human_duration(double seconds); // "1h02m", "3m05s", "12s"
 std::string state_name(v1::JobState s);     // "queued", "running", ...
 // Exit code of `watch` for a final state: 0 succeeded, 10 failed, 11 cancelled.
 int exit_code_of(v1::JobState s);
-std::string to_json(const google::protobuf::Message& m, bool pretty = true);
+// Every field, zeros and empty strings included (a dropped field reads as "unknown" to a
+// script); all_fields=false: only the set ones (a spec printed to be submitted again).
+std::string to_json(const google::protobuf::Message& m, bool pretty = true, bool all_fields = true);
 std::string json_to_yaml(const std::string& json);
+
+// `memfit get`'s text for a job: "-" for what is not known yet (loss and peak before the
+// first step, the estimate's error before a measured peak).
+std::string job_text(const v1::Job& j);
 
 // A plain text table: header row, then rows; columns padded to their widest cell. Every
 // cell goes through printable() (text.h): a cell cannot carry a control character.

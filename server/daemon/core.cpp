@@ -131,6 +131,10 @@ void Core::start(bool run_loop) {
       fail_corrupt(j);
       continue;
     }
+    if (!j.after().empty() && j.attempts() == 0) {
+      waiting_[j.id()] = j.after();  // the loop's release_waiting decides (it may have ended meanwhile)
+      continue;
+    }
     try {
       sched_.enqueue({j.id(), j.owner(), j.priority(), ms_of(j.created_at()), j.plan().reserved_bytes()});
     } catch (const std::invalid_argument& e) {
@@ -203,7 +207,63 @@ void Core::loop() {
   }
 }
 
+void Core::admit_released() {
+  std::vector<std::pair<std::string, std::string>> todo;
+  int64_t largest = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [id, after] : waiting_) todo.emplace_back(id, after);
+    largest = sched_.largest_device_bytes();
+  }
+  for (const auto& [id, after] : todo) {
+    const auto dep = store_.get(after);
+    if (!dep || dep->state() != v1::SUCCEEDED) continue;
+    const v1::Job j = load(id);
+    if (j.state() != v1::QUEUED || j.plan().reserved_bytes() > 0) continue;
+    // Admission, as at submit, outside the lock (it reads files).
+    Admission a;
+    std::string err;
+    bool claimed = false;
+    try {
+      a = admit(Caller{j.owner(), false}, j.spec(), id, largest, /*for_submit=*/true);
+      if (a.plan.reserved_bytes() > largest) {
+        err = "the job needs " + size(a.plan.reserved_bytes()) + " but the largest device has " + size(largest);
+      } else if (!a.output.in_state_dir) {
+        ClaimOutput(a.output, id, cfg_.worker_uid, cfg_.worker_gid);
+        claimed = true;
+      }
+    } catch (const CoreError& e) {
+      err = e.what();
+    } catch (const PathError& e) {
+      err = e.what();
+    }
+    absl::MutexLock lock(&mu_);
+    v1::Job cur = load(id);
+    if (cur.state() != v1::QUEUED || waiting_.count(id) == 0) {  // cancelled meanwhile
+      if (claimed) ReleaseOutput(a.output);
+      continue;
+    }
+    if (!err.empty()) {
+      waiting_.erase(id);
+      cur.set_state(v1::FAILED);
+      cur.mutable_failure()->set_kind(v1::USER_INPUT);
+      cur.mutable_failure()->set_reason("after");
+      cur.mutable_failure()->set_message("when job " + after + " succeeded: " + err);
+      *cur.mutable_finished_at() = ts(now());
+      record(cur, "failed", cur.failure().message());
+      continue;
+    }
+    *cur.mutable_spec() = a.worker_spec;
+    cur.mutable_spec()->clear_name();
+    *cur.mutable_plan() = a.plan;
+    record(cur, "estimated",
+           "estimated peak " + size(a.plan.estimated_peak_bytes()) + ", reserving " + size(a.plan.reserved_bytes()),
+           a.estimate_json);
+  }
+}
+
 void Core::tick() {
+  admit_released();
   absl::MutexLock lock(&mu_);
   std::vector<std::string> ended;
   for (auto& [id, a] : active_) {
@@ -223,6 +283,7 @@ void Core::tick() {
     finish(id, active_.at(id));
     active_.erase(id);
   }
+  release_waiting();
   if (!cfg_.paused) {
     for (const auto& p : sched_.schedule(now())) start_worker(p);
   }
@@ -236,6 +297,44 @@ int64_t Core::device_sample(const DeviceInfo& d) {
     if (a.device == d.name) sum += std::max(a.report.reported_peak, a.report.memory_bytes);
   }
   return sum;
+}
+
+void Core::release_waiting() {
+  for (auto it = waiting_.begin(); it != waiting_.end();) {
+    const AfterDecision d = DecideAfter(it->second, store_.get(it->second));
+    if (d.action == AfterDecision::Action::kWait) {
+      ++it;
+      continue;
+    }
+    v1::Job j = load(it->first);
+    if (d.action == AfterDecision::Action::kRelease && j.state() == v1::QUEUED && j.plan().reserved_bytes() == 0) {
+      ++it;  // not admitted yet (its inputs came with that job): admit_released, next tick
+      continue;
+    }
+    it = waiting_.erase(it);
+    if (j.state() != v1::QUEUED) continue;  // cancelled meanwhile
+    if (d.action == AfterDecision::Action::kRelease) {
+      record(j, "after", d.message);
+      try {
+        sched_.enqueue({j.id(), j.owner(), j.priority(), ms_of(j.created_at()), j.plan().reserved_bytes()});
+      } catch (const std::invalid_argument& e) {
+        j.set_state(v1::FAILED);
+        j.mutable_failure()->set_kind(v1::SYSTEM);
+        j.mutable_failure()->set_reason("rejected");
+        j.mutable_failure()->set_message(std::string("cannot be queued: ") + e.what());
+        *j.mutable_finished_at() = ts(now());
+        record(j, "state", "failed: " + j.failure().message());
+      }
+    } else {
+      // Cancelled, the reason in its failure (kind: the user's chain of jobs).
+      j.set_state(v1::CANCELLED);
+      j.mutable_failure()->set_kind(v1::USER_INPUT);
+      j.mutable_failure()->set_reason("after");
+      j.mutable_failure()->set_message(d.message);
+      *j.mutable_finished_at() = ts(now());
+      record(j, "state", "cancelled: " + d.message);
+    }
+  }
 }
 
 WorkerLaunch Core::launch_of(const v1::Job& j, const sched::Placement& p, const OutputPlace& out) {

@@ -153,6 +153,11 @@ class Core {
   void finish(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void requeue(v1::Job& j, int64_t reservation, const std::string& kind, const std::string& why)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Waiting jobs admitted at submit without their inputs (written by the job they wait
+  // for): admitted now that it succeeded (estimate, reservation, output), or failed.
+  void admit_released() ABSL_LOCKS_EXCLUDED(mu_);
+  // The jobs in waiting_ whose other job ended: placed in the queue, or cancelled.
+  void release_waiting() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A record that could not be read: the job fails (SYSTEM, corrupt_record).
   void fail_corrupt(v1::Job stub);
   void loop();
@@ -181,6 +186,10 @@ class Core {
   sched::ReservationPolicy policy_;  // set in the constructor, read-only after
   estimator::Calibration calibration_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, Active> active_ ABSL_GUARDED_BY(mu_);
+  // Queued jobs waiting for another job (submit --after): id -> the other job's id. Not in
+  // the scheduler until DecideAfter releases them (tick); cancelled with the reason when
+  // the other job fails or is cancelled.
+  std::map<std::string, std::string> waiting_ ABSL_GUARDED_BY(mu_);
   // Cancelled between their insert and their enqueue (a submit still in flight).
   std::set<std::string> cancelled_in_submit_ ABSL_GUARDED_BY(mu_);
   uint64_t seq_ ABSL_GUARDED_BY(mu_) = 0;

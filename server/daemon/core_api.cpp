@@ -59,6 +59,20 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
   if (!r.request_id().empty()) {
     if (auto j = store_.find_by_request(c.user, r.request_id())) return *j;
   }
+  // --after: a job the caller sees, not already failed or cancelled.
+  bool wait_for_after = false;
+  if (!r.after().empty()) {
+    const auto dep = store_.get(r.after());
+    if (!dep) throw CoreError(Code::kInvalidArgument, "after: no job " + r.after());
+    if (!c.admin && dep->owner() != c.user) {
+      throw CoreError(Code::kPermissionDenied, "after: job " + r.after() + " belongs to another user");
+    }
+    const AfterDecision d = DecideAfter(r.after(), dep);
+    if (d.action == AfterDecision::Action::kCancel) {
+      throw CoreError(Code::kFailedPrecondition, "after: " + d.message + "; nothing to wait for");
+    }
+    wait_for_after = d.action == AfterDecision::Action::kWait;
+  }
   char id[48];
   int64_t largest = 0;
   {
@@ -67,8 +81,20 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
                   static_cast<unsigned long long>(seq_++ % 1000000));
     largest = sched_.largest_device_bytes();
   }
-  const Admission a = admit(c, r.spec(), id, largest, /*for_submit=*/true);
-  if (a.plan.reserved_bytes() > largest) {
+  if (r.after() == id) throw CoreError(Code::kInvalidArgument, "after: a job cannot wait for itself");
+  // A job that waits may read what the job before it writes (a pretrain's model, then
+  // LoRA on it): when its inputs are not there yet, it is admitted (estimated, reserved,
+  // its output claimed) when it is released instead, and fails then if they still are not.
+  Admission a;
+  std::string deferred;
+  try {
+    a = admit(c, r.spec(), id, largest, /*for_submit=*/true);
+  } catch (const CoreError& e) {
+    if (!wait_for_after || e.code == Code::kPermissionDenied) throw;
+    deferred = e.what();
+    a.worker_spec = r.spec();
+  }
+  if (deferred.empty() && a.plan.reserved_bytes() > largest) {
     std::string msg = "the job needs " + size(a.plan.reserved_bytes()) + " (estimated peak " +
                       size(a.plan.estimated_peak_bytes()) + " + " + std::to_string(static_cast<int>(cfg_.margin * 100)) +
                       "% margin) but the largest device has " + size(largest);
@@ -86,12 +112,16 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
   *j.mutable_created_at() = ts(now());
   *j.mutable_plan() = a.plan;
   j.set_request_id(r.request_id());
-  const std::string msg = "queued: estimated peak " + size(a.plan.estimated_peak_bytes()) + ", reserving " +
-                          size(a.plan.reserved_bytes());
+  j.set_after(r.after());
+  const std::string msg =
+      deferred.empty() ? "queued: estimated peak " + size(a.plan.estimated_peak_bytes()) + ", reserving " +
+                             size(a.plan.reserved_bytes()) +
+                             (wait_for_after ? "; placed after job " + r.after() + " succeeds" : "")
+                       : "queued after job " + r.after() + "; estimated when it succeeds (not yet: " + deferred + ")";
   // A folder the user named is this job's from here on (two jobs cannot claim one
   // folder). The job's own folder in the state dir is made when it first starts.
   try {
-    if (!a.output.in_state_dir) ClaimOutput(a.output, id, cfg_.worker_uid, cfg_.worker_gid);
+    if (deferred.empty() && !a.output.in_state_dir) ClaimOutput(a.output, id, cfg_.worker_uid, cfg_.worker_gid);
   } catch (const PathError& e) {
     if (!r.request_id().empty()) {
       if (auto prev = store_.find_by_request(c.user, r.request_id())) return *prev;  // a concurrent twin won
@@ -101,13 +131,13 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
   try {
     // The limit is checked in the insert's transaction: concurrent submits cannot pass it.
     if (!store_.insert_job(j, event("submitted", v1::QUEUED, msg, a.estimate_json), cfg_.max_queued_per_user)) {
-      if (!a.output.in_state_dir) ReleaseOutput(a.output);
+      if (deferred.empty() && !a.output.in_state_dir) ReleaseOutput(a.output);
       throw CoreError(Code::kResourceExhausted, "user " + c.user + " already has " +
                                                     std::to_string(cfg_.max_queued_per_user) +
                                                     " queued jobs (limits.max_queued_per_user)");
     }
   } catch (const store::StoreError&) {
-    if (!a.output.in_state_dir) ReleaseOutput(a.output);
+    if (deferred.empty() && !a.output.in_state_dir) ReleaseOutput(a.output);
     if (!r.request_id().empty()) {
       if (auto prev = store_.find_by_request(c.user, r.request_id())) return *prev;  // a concurrent twin won
     }
@@ -118,7 +148,10 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
     absl::MutexLock lock(&mu_);
     // A cancel that came between the insert and here already made the job CANCELLED.
     if (cancelled_in_submit_.erase(j.id()) == 0) {
-      sched_.enqueue({j.id(), j.owner(), j.priority(), ms_of(j.created_at()), a.plan.reserved_bytes()});
+      // Waiting for another job: the loop releases it (release_waiting), even if that job
+      // ended between the check above and here.
+      if (!j.after().empty()) waiting_[j.id()] = j.after();
+      else sched_.enqueue({j.id(), j.owner(), j.priority(), ms_of(j.created_at()), a.plan.reserved_bytes()});
     }
     wake_.SignalAll();
     events_cv_.SignalAll();
@@ -170,7 +203,9 @@ v1::Job Core::cancel(const Caller& c, const std::string& id) {
   if (terminal(j.state()) || j.state() == v1::CANCELLING) return j;
   if (j.state() == v1::QUEUED) {
     // Not in the queue and not running: its submit is between the insert and the enqueue.
-    if (!sched_.remove_queued(id) && active_.count(id) == 0) cancelled_in_submit_.insert(id);
+    if (!sched_.remove_queued(id) && waiting_.erase(id) == 0 && active_.count(id) == 0) {
+      cancelled_in_submit_.insert(id);
+    }
     j.set_state(v1::CANCELLED);
     *j.mutable_finished_at() = ts(now());
     record(j, "state", "cancelled by " + c.user + " while queued");

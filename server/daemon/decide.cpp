@@ -113,4 +113,32 @@ Decision Decide(const JobFacts& job, const Outcome& o, const sched::ReservationP
   return Fail(v1::SYSTEM, "internal", "unexpected outcome");
 }
 
+AfterDecision DecideAfter(const std::string& after_id, const std::optional<v1::Job>& after) {
+  AfterDecision d;
+  if (!after) {
+    d.action = AfterDecision::Action::kCancel;
+    d.message = "job " + after_id + ", which this job waited for (after), no longer exists";
+    return d;
+  }
+  switch (after->state()) {
+    case v1::SUCCEEDED:
+      d.action = AfterDecision::Action::kRelease;
+      d.message = "job " + after_id + " succeeded; this job can be placed";
+      break;
+    case v1::FAILED:
+      d.action = AfterDecision::Action::kCancel;
+      d.message = "job " + after_id + ", which this job waited for (after), failed" +
+                  (after->failure().message().empty() ? std::string() : ": " + after->failure().message());
+      break;
+    case v1::CANCELLED:
+      d.action = AfterDecision::Action::kCancel;
+      d.message = "job " + after_id + ", which this job waited for (after), was cancelled";
+      break;
+    default:
+      d.action = AfterDecision::Action::kWait;  // queued, running, cancelling: not decided yet
+      break;
+  }
+  return d;
+}
+
 }  // namespace memfit::daemon

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "memfit/v1/service.pb.h"
@@ -68,6 +69,15 @@ std::string DescribeExit(int exit_code, int signal);
 
 Decision Decide(const JobFacts& job, const Outcome& outcome, const sched::ReservationPolicy& reservations,
                 const RetryPolicy& retries);
+
+// A queued job that waits for another (submit --after): what to do with it now, from the
+// other job's record (nullopt: it no longer exists).
+struct AfterDecision {
+  enum class Action { kWait, kRelease, kCancel };
+  Action action = Action::kWait;
+  std::string message;  // kRelease: the event; kCancel: the reason (the job's failure message)
+};
+AfterDecision DecideAfter(const std::string& after_id, const std::optional<v1::Job>& after);
 
 // Whether a worker failure reason is the user's to fix (USER_INPUT) rather than the system's.
 bool IsUserFault(const std::string& reason);

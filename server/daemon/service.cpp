@@ -2,6 +2,8 @@
 
 #include <functional>
 
+#include "memfit_version.h"
+
 namespace memfit::daemon {
 namespace {
 
@@ -129,6 +131,14 @@ grpc::Status ClusterServiceImpl::ListDevices(grpc::ServerContext* ctx, const v1:
 grpc::Status ClusterServiceImpl::EstimateJob(grpc::ServerContext* ctx, const v1::EstimateJobRequest* r,
                                              v1::EstimateJobResponse* out) {
   return call(ctx, auth_, [&](const Caller& c) { *out = core_.estimate(c, *r); });
+}
+
+grpc::Status ClusterServiceImpl::GetVersion(grpc::ServerContext* ctx, const v1::GetVersionRequest*,
+                                            v1::GetVersionResponse* out) {
+  return call(ctx, auth_, [&](const Caller&) {
+    out->set_version(kMemfitVersion);
+    out->set_commit(kMemfitCommit);
+  });
 }
 
 }  // namespace memfit::daemon

@@ -40,6 +40,8 @@ class ClusterServiceImpl final : public v1::ClusterService::Service {
                            v1::ListDevicesResponse* out) override;
   grpc::Status EstimateJob(grpc::ServerContext* ctx, const v1::EstimateJobRequest* r,
                            v1::EstimateJobResponse* out) override;
+  grpc::Status GetVersion(grpc::ServerContext* ctx, const v1::GetVersionRequest* r,
+                          v1::GetVersionResponse* out) override;
 
  private:
   Core& core_;

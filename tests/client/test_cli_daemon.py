@@ -205,18 +205,192 @@ class Cli(unittest.TestCase):
         self.assertIn("only admins", r.stderr)
         self.memfit("cancel", mine)
 
+    def test_version_with_and_without_a_daemon(self):
+        r = self.memfit("version")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        lines = r.stdout.splitlines()
+        self.assertRegex(lines[0], r"^memfit \d+\.\d+\.\d+( \(commit [0-9a-f]+\))?$")
+        self.assertRegex(lines[1], rf"^memfitd \d+\.\d+\.\d+( \(commit [0-9a-f]+\))? at 127\.0\.0\.1:{self.d.port}$")
+        j = self.json_of("version")
+        self.assertEqual(j["daemon"]["version"], j["cli"]["version"])  # built from the same tree
+        # no daemon: the CLI's version, a line saying so, exit 0
+        down = self.memfit("version", env=dict(self.env, MEMFIT_SERVER="127.0.0.1:1"))
+        self.assertEqual(down.returncode, 0, down.stderr)
+        self.assertEqual(down.stdout.splitlines()[0], lines[0])
+        self.assertIn("memfitd: cannot reach memfitd at 127.0.0.1:1", down.stdout)
+        jd = self.json_of("version", env=dict(self.env, MEMFIT_SERVER="127.0.0.1:1"))
+        self.assertIsNone(jd["daemon"])
+        self.assertIn("cannot reach", jd["daemon_error"])
+        # the daemon's answer over gRPC, as any client sees it
+        v = self.d.cluster.GetVersion(D.pb.GetVersionRequest(), metadata=self.d.md(TOKEN), timeout=30)
+        self.assertEqual(v.version, j["cli"]["version"])
+
+    def test_typos_get_one_line_with_a_suggestion(self):
+        for args, want in ((["sumbit"], "memfit: unknown command 'sumbit'; did you mean 'submit'?"),
+                           (["lsit"], "memfit: unknown command 'lsit'; did you mean 'list'?"),
+                           (["list", "--stat", "running"], "memfit list: unknown option '--stat'; did you mean '--state'?"),
+                           (["logs", "j1", "--folow"], "memfit logs: unknown option '--folow'; did you mean '--follow'?")):
+            r = self.memfit(*args)
+            self.assertEqual(r.returncode, 2, args)
+            self.assertEqual(r.stderr, want + "\n")
+            self.assertEqual(r.stdout, "")  # not the whole usage
+
+    def test_server_address_forms(self):
+        port = self.d.port
+        for server in (f"127.0.0.1:{port}", f"grpc://127.0.0.1:{port}", f"dns:///127.0.0.1:{port}",
+                       f"localhost:{port}"):
+            r = self.memfit("list", "--server", server)
+            self.assertEqual(r.returncode, 0, (server, r.stderr))
+        # a host alone: the default port (nothing listens there in the test)
+        r = self.memfit("list", env=dict(self.env, MEMFIT_SERVER="127.0.0.1"))
+        self.assertIn(r.returncode, (0, 3), r.stderr)
+        if r.returncode == 3:
+            self.assertIn("cannot reach memfitd at 127.0.0.1:7540", r.stderr)
+        r = self.memfit("list", env=dict(self.env, MEMFIT_SERVER=f"http://127.0.0.1:{port}"))
+        self.assertEqual(r.returncode, 2)
+        self.assertEqual(r.stderr, "memfit list: MEMFIT_SERVER: expected host, host:port, [v6]:port, "
+                                   f"grpc://host[:port] or dns:///host[:port], got 'http://127.0.0.1:{port}'\n")
+        r = self.memfit("devices", "--server", "https://x")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("memfit devices: --server: expected host", r.stderr)
+
+    def test_watch_and_logs_tail(self):
+        spec = spec_file(self.d.dir, "tail", steps=6)
+        r = self.memfit("submit", "-f", spec, "--watch")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        job_id = r.stdout.split()[0]
+        steps = lambda out: re.findall(r" step (\d)/6 loss ", out)  # noqa: E731
+        self.assertEqual(steps(r.stdout), [str(i) for i in range(1, 7)])  # submit --watch: every step
+
+        # watch without --tail, not on a terminal: every event but the steps before the last
+        w = self.memfit("watch", job_id)
+        self.assertEqual(w.returncode, 0, w.stderr)
+        self.assertEqual(steps(w.stdout), ["6"])
+        self.assertIn("placed: running on cpu:0", w.stdout)
+        self.assertTrue(w.stdout.splitlines()[-1].startswith(f"{job_id} succeeded: measured peak"))
+        events = self.json_of("events", job_id)
+        w2 = self.memfit("watch", job_id, "--tail", "2")
+        body = w2.stdout.splitlines()[1:-1]  # the header line, the events, the closing line
+        self.assertEqual(len(body), 2, w2.stdout)
+        self.assertIn(events[-1]["kind"], body[-1])
+        wall = self.memfit("watch", job_id, "--tail", "all")
+        self.assertEqual(steps(wall.stdout), [str(i) for i in range(1, 7)])
+        self.assertEqual(len(wall.stdout.splitlines()), len(events) + 2)
+
+        full = self.memfit("logs", job_id).stdout
+        self.assertGreater(len(full.splitlines()), 3)
+        for n in (1, 3):
+            t = self.memfit("logs", job_id, "--tail", str(n))
+            self.assertEqual(t.returncode, 0, t.stderr)
+            self.assertEqual(t.stdout.splitlines(), full.splitlines()[-n:])
+        self.assertEqual(self.memfit("logs", job_id, "--tail", "0").stdout, "")
+        self.assertEqual(self.memfit("logs", job_id, "--tail", "100000", "--follow").stdout, full)
+
+    def test_json_has_every_field(self):
+        dev = self.json_of("devices")["devices"][0]
+        for field in ("name", "kind", "model", "total_bytes", "reserved_bytes", "used_bytes", "job_ids"):
+            self.assertIn(field, dev)
+        spec = spec_file(self.d.dir, "fields", steps=2)
+        j = json.loads(self.memfit("submit", "-f", spec, "-o", "json").stdout)
+        for field in ("device", "attempts", "progress", "result", "started_at", "finished_at"):
+            self.assertIn(field, j)  # a queued job: null where nothing is known yet
+        self.assertIsNone(j["started_at"])
+        self.assertEqual(self.memfit("watch", j["id"]).returncode, 0)
+        done = self.json_of("get", j["id"])
+        self.assertGreater(int(done["result"]["measured_peak_bytes"]), 0)
+        self.assertIsNotNone(done["started_at"])
+
+    def test_submit_after_chains_jobs(self):
+        first = json.loads(self.memfit("submit", "-f", spec_file(self.d.dir, "first", steps=3), "-o", "json").stdout)
+        r = self.memfit("submit", "-f", spec_file(self.d.dir, "second", steps=2), "--after", first["id"], "--watch")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn(f"; after {first['id']} succeeds", r.stdout.splitlines()[0])
+        self.assertIn(f"after: job {first['id']} succeeded", r.stdout)
+        second = r.stdout.split()[0]
+        a, b = self.json_of("get", first["id"]), self.json_of("get", second)
+        self.assertEqual(a["state"], "SUCCEEDED")
+        self.assertEqual(b["after"], first["id"])
+        self.assertGreaterEqual(b["started_at"], a["finished_at"])  # RFC 3339 UTC strings sort as times
+        self.assertIn(f"after       {first['id']}", self.memfit("get", second).stdout)
+
+        # the job it waits for is cancelled: this one is cancelled, saying why
+        long = json.loads(self.memfit("submit", "-f", spec_file(self.d.dir, "long-first", steps=100000,
+                                                               training={"checkpoint_interval": 100000}),
+                                      "-o", "json").stdout)
+        waiting = json.loads(self.memfit("submit", "-f", spec_file(self.d.dir, "waits", steps=2), "--after",
+                                         long["id"], "-o", "json").stdout)
+        self.assertEqual(waiting["state"], "QUEUED")
+        self.memfit("cancel", long["id"])
+        w = self.memfit("watch", waiting["id"])
+        self.assertEqual(w.returncode, 11, w.stdout + w.stderr)
+        self.assertEqual(w.stdout.splitlines()[-1], f"{waiting['id']} cancelled: job {long['id']}, which this job "
+                                                    "waited for (after), was cancelled")
+        self.assertEqual(self.json_of("get", waiting["id"])["started_at"], None)  # never ran
+        # refused: no such job, another user's, one already cancelled
+        spec = spec_file(self.d.dir, "refused", steps=2)
+        for args, kw, code, needle in (
+                (["--after", "j0000000000000-000000"], {}, 2, "after: no job j0000000000000-000000"),
+                (["--after", waiting["id"]], {"token": OTHER}, 4, "belongs to another user"),
+                (["--after", long["id"]], {}, 2, "was cancelled; nothing to wait for")):
+            r = self.memfit("submit", "-f", spec, *args, **kw)
+            self.assertEqual(r.returncode, code, r.stderr)
+            self.assertIn(needle, r.stderr)
+
+    def test_submit_after_a_pretrain_whose_model_does_not_exist_yet(self):
+        # The demo's chain in one go: LoRA on the model the pretrain writes. Its config and
+        # weights are not there at submit: memfitd estimates it when the pretrain succeeded.
+        pre = json.loads(self.memfit("submit", "-f", spec_file(self.d.dir, "pre", steps=3, method={"kind": "full"}),
+                                     "-o", "json").stdout)
+        model = os.path.join(self.d.dir, "pre", "out", "model")
+        lora = spec_file(self.d.dir, "lora-on-pre", steps=2)
+        with open(lora) as f:
+            s = json.load(f)
+        s["model"] = {"architecture": "gpt2", "config_path": os.path.join(model, "config.json"),
+                      "weights_path": os.path.join(model, "model.safetensors")}
+        with open(lora, "w") as f:
+            json.dump(s, f)
+        r = self.memfit("submit", "-f", lora, "--after", pre["id"], "--watch")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn(f"queued: after {pre['id']} succeeds (estimated then)", r.stdout.splitlines()[0])
+        self.assertIn("estimated: estimated peak", r.stdout)
+        done = self.json_of("get", r.stdout.split()[0])
+        self.assertEqual(done["state"], "SUCCEEDED")
+        self.assertGreater(int(done["plan"]["reserved_bytes"]), 0)
+        # inputs still missing when the job it waited for succeeded: failed, saying so
+        missing = spec_file(self.d.dir, "missing-after", steps=2)
+        with open(missing) as f:
+            s = json.load(f)
+        s["model"]["config_path"] = os.path.join(self.d.dir, "nowhere", "config.json")
+        with open(missing, "w") as f:
+            json.dump(s, f)
+        first = json.loads(self.memfit("submit", "-f", spec_file(self.d.dir, "short", steps=2), "-o", "json").stdout)
+        r = self.memfit("submit", "-f", missing, "--after", first["id"], "--watch")
+        self.assertEqual(r.returncode, 10, r.stdout + r.stderr)
+        self.assertIn(f"failed: when job {first['id']} succeeded: model.config_path", r.stdout)
+
+    def test_completion_script(self):
+        r = self.memfit("completion", "bash")
+        self.assertEqual(r.returncode, 0)
+        out = subprocess.run(["bash", "-c", r.stdout + "\nCOMP_WORDS=(memfit wa); COMP_CWORD=1; _memfit; "
+                              "echo \"${COMPREPLY[*]}\"; COMP_WORDS=(memfit watch j1 --ta); COMP_CWORD=3; _memfit; "
+                              "echo \"${COMPREPLY[*]}\""], capture_output=True, text=True)
+        self.assertEqual(out.stdout, "watch\n--tail\n", out.stderr)
+
     def test_help_on_every_verb(self):
-        for verb in ("submit", "get", "list", "cancel", "watch", "events", "logs", "devices", "estimate"):
+        for verb in ("submit", "get", "list", "cancel", "watch", "events", "logs", "devices", "estimate", "version",
+                     "completion"):
             r = self.memfit(verb, "--help")
             self.assertEqual(r.returncode, 0, verb)
             self.assertTrue(r.stdout.startswith(f"usage: memfit {verb}"), verb)
             self.assertIn("example: memfit " + verb, r.stdout)
-            if verb != "estimate":
+            if verb not in ("estimate", "completion"):
                 self.assertIn("MEMFIT_SERVER", r.stdout)
         r = self.memfit("--help")
         self.assertEqual(r.returncode, 0)
-        for verb in ("submit", "watch", "devices", "estimate"):
+        for verb in ("submit", "watch", "devices", "estimate", "version", "completion"):
             self.assertIn(f"  {verb}", r.stdout)
+        for flag in ("--server", "--token", "--tls-ca", "--tls", "-o, --output"):
+            self.assertIn(flag, r.stdout)
 
     def test_watch_on_a_terminal_updates_one_progress_line(self):
         spec = spec_file(self.d.dir, "tty", steps=30)

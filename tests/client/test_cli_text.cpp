@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "args.h"
 #include "cli.h"
 #include "remote.h"
 #include "text.h"
@@ -196,7 +197,7 @@ TEST(CommandLine, UsageErrorsExit2AndNameTheFlag) {
   expect_usage_error({"estimate", "-f", "x", "--threads", "0"}, "--threads: expected 1..65536");
   const Parsed unknown = p({"frobnicate"});
   EXPECT_EQ(unknown.code, kExitBadInput);
-  EXPECT_EQ(unknown.err.rfind("memfit: unknown command 'frobnicate'\n", 0), 0u) << unknown.err;
+  EXPECT_EQ(unknown.err, "memfit: unknown command 'frobnicate' (memfit --help lists them)\n");
   expect_usage_error({"help", "frobnicate"}, "unknown command 'frobnicate'");
   expect_usage_error({"--frob"}, "memfit: unknown option '--frob'");
 }
@@ -267,6 +268,182 @@ TEST(CommandLine, ConnectionFromTheEnvironmentUnlessFlagged) {
   unsetenv("MEMFIT_SERVER");
   unsetenv("MEMFIT_TOKEN");
   EXPECT_EQ(p({"devices"}).invocation.common.server, "127.0.0.1:7540");
+}
+
+// ---- "did you mean", addresses, --tail, version, completion (args.h, cli.cpp) ----
+
+TEST(DidYouMean, EditDistanceCountsASwapAsOne) {
+  EXPECT_EQ(edit_distance("sumbit", "submit"), 1u);
+  EXPECT_EQ(edit_distance("", "abc"), 3u);
+  EXPECT_EQ(edit_distance("list", "list"), 0u);
+  EXPECT_EQ(edit_distance("lst", "list"), 1u);
+  EXPECT_EQ(edit_distance("kitten", "sitting"), 3u);
+}
+
+TEST(DidYouMean, ClosestNameOrNone) {
+  const std::vector<std::string> verbs = {"submit", "get", "list", "cancel", "watch", "events", "logs", "devices"};
+  EXPECT_EQ(closest("sumbit", verbs), "submit");
+  EXPECT_EQ(closest("lsit", verbs), "list");
+  EXPECT_EQ(closest("gte", verbs), "get");
+  EXPECT_EQ(closest("devcies", verbs), "devices");
+  EXPECT_EQ(closest("sub", verbs), "submit");   // a prefix of one name
+  EXPECT_EQ(closest("frobnicate", verbs), "");
+  EXPECT_EQ(closest("x", verbs), "");
+  const std::vector<std::string> flags = {"--state", "--all-users", "--owner", "--limit", "-o", "--output"};
+  EXPECT_EQ(closest("--stat", flags), "--state");
+  EXPECT_EQ(closest("--limt", flags), "--limit");
+  EXPECT_EQ(closest("-x", flags), "");  // one letter changed of one: no typo
+  EXPECT_EQ(closest("--", flags), "");
+}
+
+TEST(DidYouMean, OneLineWithTheSuggestion) {
+  Parsed r = p({"sumbit"});
+  EXPECT_FALSE(r.run);
+  EXPECT_EQ(r.code, kExitBadInput);
+  EXPECT_EQ(r.err, "memfit: unknown command 'sumbit'; did you mean 'submit'?\n");
+  EXPECT_EQ(r.out, "");  // not the whole usage
+  r = p({"list", "--stat", "running"});
+  EXPECT_EQ(r.code, kExitBadInput);
+  EXPECT_EQ(r.err, "memfit list: unknown option '--stat'; did you mean '--state'?\n");
+  r = p({"logs", "j1", "--folow"});
+  EXPECT_EQ(r.err, "memfit logs: unknown option '--folow'; did you mean '--follow'?\n");
+  r = p({"submit", "-f", "x.yaml", "--priorty=3"});
+  EXPECT_EQ(r.err, "memfit submit: unknown option '--priorty=3'; did you mean '--priority'?\n");
+  r = p({"help", "wacth"});
+  EXPECT_EQ(r.err, "memfit: unknown command 'wacth'; did you mean 'watch'?\n");
+  r = p({"get", "j1", "--frob"});
+  EXPECT_EQ(r.err, "memfit get: unknown option '--frob' (memfit get --help lists them)\n");
+}
+
+TEST(ServerAddress, AcceptedForms) {
+  EXPECT_EQ(server_target("127.0.0.1"), "127.0.0.1:7540");
+  EXPECT_EQ(server_target("gpu-box.example.com"), "gpu-box.example.com:7540");
+  EXPECT_EQ(server_target("host:9000"), "host:9000");
+  EXPECT_EQ(server_target("[::1]:9000"), "[::1]:9000");
+  EXPECT_EQ(server_target("[::1]"), "[::1]:7540");
+  EXPECT_EQ(server_target("::1"), "[::1]:7540");
+  EXPECT_EQ(server_target("[fe80::1%eth0]:7"), "[fe80::1%eth0]:7");
+  EXPECT_EQ(server_target("grpc://host"), "host:7540");
+  EXPECT_EQ(server_target("grpc://host:1234"), "host:1234");
+  EXPECT_EQ(server_target("grpc://[::1]:1234/"), "[::1]:1234");
+  EXPECT_EQ(server_target("dns:///host:1234"), "dns:///host:1234");
+  EXPECT_EQ(server_target("dns:///host"), "dns:///host:7540");
+}
+
+TEST(ServerAddress, AnythingElseNamesTheValue) {
+  for (const std::string bad : {"http://host:7540", "https://host", "host:0", "host:65536", "host:http", "",
+                                "host/path", "grpc://", "dns://8.8.8.8/host:1", "unix:/tmp/s", "[::1", "[::1]x",
+                                "a b", "host:"}) {
+    try {
+      server_target(bad);
+      ADD_FAILURE() << "accepted '" << bad << "'";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("got '" + bad + "'"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("grpc://host[:port]"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(ServerAddress, FlagsAndEnvironmentAreNormalisedOrRefused) {
+  EXPECT_EQ(p({"devices", "--server", "10.0.0.5"}).invocation.common.server, "10.0.0.5:7540");
+  EXPECT_EQ(p({"devices", "-s", "grpc://box:1"}).invocation.common.server, "box:1");
+  expect_usage_error({"devices", "--server", "http://box:7540"},
+                     "memfit devices: --server: expected host, host:port, [v6]:port, grpc://host[:port] or "
+                     "dns:///host[:port], got 'http://box:7540'");
+  setenv("MEMFIT_SERVER", "http://box", 1);
+  expect_usage_error({"list"}, "memfit list: MEMFIT_SERVER: expected host");
+  // estimate without a connection flag does not use the environment: nothing to check
+  EXPECT_TRUE(p({"estimate", "-f", "s.yaml"}).run);
+  setenv("MEMFIT_SERVER", "127.0.0.1", 1);
+  EXPECT_EQ(p({"list"}).invocation.common.server, "127.0.0.1:7540");
+  unsetenv("MEMFIT_SERVER");
+}
+
+TEST(Tail, WhereTheLastLinesBegin) {
+  EXPECT_EQ(tail_start("a\nb\nc\n", 2, true), 2u);
+  EXPECT_EQ(tail_start("a\nb\nc", 2, true), 2u);      // an unfinished last line counts
+  EXPECT_EQ(tail_start("a\nb\nc\n", 3, true), 0u);
+  EXPECT_EQ(tail_start("a\nb\nc\n", 10, true), 0u);  // fewer lines than asked: all
+  EXPECT_EQ(tail_start("a\nb\nc\n", 0, true), 6u);   // none
+  EXPECT_EQ(tail_start("b\nc\n", 3, false), std::string_view::npos);  // read further back
+  EXPECT_EQ(tail_start("x\nb\nc\n", 2, false), 2u);
+  EXPECT_EQ(tail_start("", 1, true), 0u);
+}
+
+TEST(Tail, ParsedForWatchAndLogs) {
+  EXPECT_EQ(p({"watch", "j1"}).invocation.watch.tail, kTailDefault);
+  EXPECT_EQ(p({"watch", "j1", "--tail", "5"}).invocation.watch.tail, 5);
+  EXPECT_EQ(p({"watch", "j1", "--tail", "all"}).invocation.watch.tail, kTailAll);
+  EXPECT_EQ(p({"logs", "j1"}).invocation.logs.tail, kTailAll);
+  EXPECT_EQ(p({"logs", "j1", "--tail", "0", "-f"}).invocation.logs.tail, 0);
+  expect_usage_error({"logs", "j1", "--tail", "-3"}, "memfit logs: --tail: expected a count (0 or more) or all, got '-3'");
+  expect_usage_error({"watch", "j1", "--tail", "some"}, "--tail: expected a count");
+}
+
+TEST(TopLevelHelp, ListsTheConnectionFlagsAndOutput) {
+  const std::string h = p({"--help"}).out;
+  for (const char* needle : {"-s, --server ADDRESS", "--token T", "--tls-ca FILE", "--tls ", "-o, --output FORMAT",
+                             "MEMFIT_SERVER", "version", "completion"}) {
+    EXPECT_NE(h.find(needle), std::string::npos) << needle << "\n" << h;
+  }
+}
+
+TEST(Version, ParsesWithConnectionFlags) {
+  const Parsed r = p({"version", "-o", "json", "--server", "h"});
+  ASSERT_TRUE(r.run) << r.err;
+  EXPECT_EQ(r.invocation.verb, "version");
+  EXPECT_EQ(r.invocation.common.output, Output::kJson);
+  EXPECT_EQ(r.invocation.common.server, "h:7540");
+}
+
+TEST(Completion, BashScriptFromTheDefinitions) {
+  const Parsed r = p({"completion", "bash"});
+  ASSERT_TRUE(r.run) << r.err;
+  const std::string& s = r.invocation.completion_script;
+  EXPECT_NE(s.find("complete -F _memfit memfit"), std::string::npos);
+  // every verb, and a verb's flags, come from the definitions
+  EXPECT_NE(s.find("submit get list cancel watch events logs devices estimate version completion help"), std::string::npos) << s;
+  EXPECT_NE(s.find("--state) words=\"queued running cancelling succeeded failed cancelled\""), std::string::npos) << s;
+  EXPECT_NE(s.find("--tail"), std::string::npos);
+  expect_usage_error({"completion", "fish"}, "memfit completion: SHELL: expected bash, got 'fish'");
+  expect_usage_error({"completion"}, "memfit completion: SHELL is required");
+}
+
+TEST(GetText, NotKnownYetIsADash) {
+  v1::Job j;
+  j.set_id("j1");
+  j.set_state(v1::RUNNING);
+  j.mutable_progress()->set_total_steps(10);
+  std::string t = job_text(j);
+  EXPECT_NE(t.find("progress    step 0/10, loss -, peak -\n"), std::string::npos) << t;
+  EXPECT_EQ(t.find("0.0000"), std::string::npos) << t;
+  EXPECT_EQ(t.find("peak 0 B"), std::string::npos) << t;
+  j.mutable_progress()->set_step(3);
+  j.mutable_progress()->set_loss(2.5);
+  j.mutable_progress()->set_peak_memory_bytes(3 << 20);
+  t = job_text(j);
+  EXPECT_NE(t.find("progress    step 3/10, loss 2.5000, peak 3.0 MiB\n"), std::string::npos) << t;
+  j.set_state(v1::SUCCEEDED);  // no measured peak: no estimate error (not inf%)
+  t = job_text(j);
+  EXPECT_NE(t.find("measured peak - (estimate -)"), std::string::npos) << t;
+}
+
+TEST(JsonOutput, EveryFieldEvenZero) {
+  v1::Device d;
+  d.set_name("cpu:0");
+  const std::string all = to_json(d, false);
+  EXPECT_NE(all.find("\"reserved_bytes\":\"0\""), std::string::npos) << all;
+  EXPECT_NE(all.find("\"used_bytes\""), std::string::npos) << all;
+  EXPECT_EQ(to_json(d, false, false), "{\"name\":\"cpu:0\"}");
+  // a message not set yet is null, not left out and not zeros
+  v1::Job j;
+  j.set_id("j1");
+  j.mutable_plan()->set_reserved_bytes(5);
+  const std::string t = to_json(j, false);
+  EXPECT_NE(t.find("\"progress\":null"), std::string::npos) << t;
+  EXPECT_NE(t.find("\"started_at\":null"), std::string::npos) << t;
+  EXPECT_NE(t.find("\"reserved_bytes\":\"5\""), std::string::npos) << t;
+  EXPECT_NE(t.find("\"memory\":null"), std::string::npos) << t;  // plan.memory, one level down
 }
 
 }  // namespace

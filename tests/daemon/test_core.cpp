@@ -440,6 +440,154 @@ TEST_F(CoreTest, AWorkerThatCannotStartFailsAsSystem) {
   EXPECT_EQ(Reserved(), 0);
 }
 
+// submit --after: a queued job with an unfinished dependency is not placed; it is placed
+// once that job succeeded, and cancelled with the reason when it failed or was cancelled.
+TEST_F(CoreTest, AfterWaitsForTheOtherJobToSucceed) {
+  const v1::Job a = Submit();
+  v1::SubmitJobRequest r = Request();
+  r.set_after(a.id());
+  const v1::Job b = core_->submit(Caller{}, r);
+  EXPECT_EQ(b.state(), v1::QUEUED);
+  EXPECT_EQ(b.after(), a.id());
+  core_->tick();
+  core_->tick();
+  ASSERT_EQ(launcher_.launches.size(), 1u);  // a alone, though the device has room for both
+  EXPECT_EQ(launcher_.launches[0].job_id, a.id());
+  EXPECT_EQ(Get(b.id()).state(), v1::QUEUED);
+  End(a.id(), kFinished);  // a succeeds in this tick; b is released and placed in the next
+  core_->tick();
+  ASSERT_EQ(launcher_.launches.size(), 2u);
+  EXPECT_EQ(launcher_.launches[1].job_id, b.id());
+  EXPECT_EQ(Get(b.id()).state(), v1::RUNNING);
+  const auto kinds = Kinds(b.id());
+  EXPECT_NE(std::find(kinds.begin(), kinds.end(), "after"), kinds.end());
+  End(b.id(), kFinished);
+  EXPECT_EQ(Get(b.id()).state(), v1::SUCCEEDED);
+  // after a job that already succeeded: queued as any other
+  const v1::Job c = core_->submit(Caller{}, r);
+  core_->tick();
+  EXPECT_EQ(Get(c.id()).state(), v1::RUNNING);
+}
+
+TEST_F(CoreTest, AfterAFailedOrCancelledJobIsCancelledWithTheReason) {
+  const v1::Job a = Submit();
+  v1::SubmitJobRequest r = Request();
+  r.set_after(a.id());
+  const v1::Job b = core_->submit(Caller{}, r);
+  r.set_after(b.id());
+  const v1::Job c = core_->submit(Caller{}, r);  // a chain: c after b after a
+  core_->tick();
+  End(a.id(), R"({"event":"failed","reason":"bad_input","message":"no such file"})");
+  EXPECT_EQ(Get(a.id()).state(), v1::FAILED);
+  core_->tick();
+  const v1::Job gb = Get(b.id());
+  EXPECT_EQ(gb.state(), v1::CANCELLED);
+  EXPECT_EQ(gb.failure().reason(), "after");
+  EXPECT_NE(gb.failure().message().find("job " + a.id() + ", which this job waited for (after), failed"),
+            std::string::npos) << gb.failure().message();
+  EXPECT_TRUE(gb.has_finished_at());
+  core_->tick();
+  const v1::Job gc = Get(c.id());
+  EXPECT_EQ(gc.state(), v1::CANCELLED);
+  EXPECT_NE(gc.failure().message().find(b.id() + ", which this job waited for (after), was cancelled"),
+            std::string::npos) << gc.failure().message();
+  EXPECT_EQ(launcher_.launches.size(), 1u);  // neither ever ran
+
+  // cancelled while it waits: no longer waiting, never placed
+  const v1::Job d = Submit();
+  r.set_after(d.id());
+  const v1::Job e = core_->submit(Caller{}, r);
+  EXPECT_EQ(core_->cancel(Caller{}, e.id()).state(), v1::CANCELLED);
+  core_->tick();
+  End(d.id(), kFinished);
+  core_->tick();
+  EXPECT_EQ(Get(e.id()).state(), v1::CANCELLED);
+  EXPECT_EQ(launcher_.launches.size(), 2u);  // d only
+}
+
+TEST_F(CoreTest, AfterIsValidated) {
+  v1::SubmitJobRequest r = Request();
+  r.set_after("j0000000000000-000000");
+  try {
+    core_->submit(Caller{}, r);
+    ADD_FAILURE();
+  } catch (const CoreError& e) {
+    EXPECT_EQ(e.code, Code::kInvalidArgument);
+    EXPECT_STREQ(e.what(), "after: no job j0000000000000-000000");
+  }
+  // another user's job: refused; an admin may chain after anyone's
+  const v1::Job bobs = core_->submit(Caller{"bob", false}, Request());
+  r.set_after(bobs.id());
+  try {
+    core_->submit(Caller{"alice", false}, r);
+    ADD_FAILURE();
+  } catch (const CoreError& e) {
+    EXPECT_EQ(e.code, Code::kPermissionDenied);
+    EXPECT_NE(std::string(e.what()).find("belongs to another user"), std::string::npos);
+  }
+  EXPECT_EQ(core_->submit(Caller{"root", true}, r).state(), v1::QUEUED);
+  // a job that already failed or was cancelled: nothing to wait for
+  const v1::Job gone = Submit();
+  core_->cancel(Caller{}, gone.id());
+  r.set_after(gone.id());
+  try {
+    core_->submit(Caller{}, r);
+    ADD_FAILURE();
+  } catch (const CoreError& e) {
+    EXPECT_EQ(e.code, Code::kFailedPrecondition);
+    EXPECT_NE(std::string(e.what()).find("was cancelled; nothing to wait for"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(CoreTest, AfterSurvivesARestart) {
+  const v1::Job a = Submit();
+  v1::SubmitJobRequest r = Request();
+  r.set_after(a.id());
+  const v1::Job b = core_->submit(Caller{}, r);
+  core_->stop(/*graceful=*/false);
+  Open();  // a is queued again, b waits again
+  core_->tick();
+  ASSERT_EQ(launcher_.launches.size(), 1u);
+  EXPECT_EQ(launcher_.launches[0].job_id, a.id());
+  End(a.id(), kFinished);
+  core_->tick();
+  ASSERT_EQ(launcher_.launches.size(), 2u);
+  EXPECT_EQ(launcher_.launches[1].job_id, b.id());
+}
+
+// The job it waits for writes this one's inputs (a pretrain's model): not there at submit,
+// so it is admitted when that job succeeded, or fails then if they are still missing.
+TEST_F(CoreTest, AfterAdmitsInputsWrittenByTheJobBefore) {
+  const v1::Job a = Submit();
+  v1::SubmitJobRequest r = Request();
+  r.set_after(a.id());
+  r.mutable_spec()->mutable_model()->set_config_path(dir_ + "/in/later/config.json");
+  const v1::Job b = core_->submit(Caller{}, r);
+  EXPECT_EQ(b.state(), v1::QUEUED);
+  EXPECT_EQ(b.plan().reserved_bytes(), 0);  // not estimated yet
+  r.mutable_spec()->mutable_model()->set_config_path(dir_ + "/in/never/config.json");
+  const v1::Job c = core_->submit(Caller{}, r);
+  // without --after, a missing input is refused at once
+  v1::SubmitJobRequest plain = r;
+  plain.clear_after();
+  EXPECT_THROW(core_->submit(Caller{}, plain), CoreError);
+  core_->tick();
+  fs::create_directories(dir_ + "/in/later");
+  fs::copy_file(dir_ + "/in/config.json", dir_ + "/in/later/config.json");
+  End(a.id(), kFinished);
+  core_->tick();
+  const v1::Job gb = Get(b.id());
+  EXPECT_EQ(gb.state(), v1::RUNNING);
+  EXPECT_GT(gb.plan().reserved_bytes(), 0);
+  const auto kinds = Kinds(b.id());
+  EXPECT_NE(std::find(kinds.begin(), kinds.end(), "estimated"), kinds.end());
+  const v1::Job gc = Get(c.id());
+  EXPECT_EQ(gc.state(), v1::FAILED);
+  EXPECT_EQ(gc.failure().kind(), v1::USER_INPUT);
+  EXPECT_EQ(gc.failure().message().rfind("when job " + a.id() + " succeeded: model.config_path", 0), 0u)
+      << gc.failure().message();
+}
+
 }  // namespace
 }  // namespace memfit::daemon
 

@@ -178,5 +178,24 @@ TEST(DescribeExit, Words) {
   EXPECT_NE(DescribeExit(-1, 0).find("unknown"), std::string::npos);
 }
 
+TEST(DecideAfter, WaitReleaseOrCancel) {
+  v1::Job a;
+  a.set_id("j1");
+  for (auto st : {v1::QUEUED, v1::RUNNING, v1::CANCELLING}) {
+    a.set_state(st);
+    EXPECT_EQ(DecideAfter("j1", a).action, AfterDecision::Action::kWait);
+  }
+  a.set_state(v1::SUCCEEDED);
+  EXPECT_EQ(DecideAfter("j1", a).action, AfterDecision::Action::kRelease);
+  a.set_state(v1::FAILED);
+  a.mutable_failure()->set_message("out of memory");
+  const AfterDecision f = DecideAfter("j1", a);
+  EXPECT_EQ(f.action, AfterDecision::Action::kCancel);
+  EXPECT_EQ(f.message, "job j1, which this job waited for (after), failed: out of memory");
+  a.set_state(v1::CANCELLED);
+  EXPECT_EQ(DecideAfter("j1", a).message, "job j1, which this job waited for (after), was cancelled");
+  EXPECT_EQ(DecideAfter("j1", std::nullopt).action, AfterDecision::Action::kCancel);
+}
+
 }  // namespace
 }  // namespace memfit::daemon
