@@ -159,15 +159,18 @@ memfit() { "$bin/memfit" "$@"; }
 # when the output goes to a file, that reopens it with truncation.)
 submit() {
   local line
-  line=$(memfit submit -f "$1")
+  line=$(memfit submit -f "$@")
   echo "$line" >&2
   echo "${line%% *}"
 }
 
 echo
-echo "== 1. pretrain a GPT-2-shaped model on Moby-Dick, and a ViT on Fashion-MNIST, side by side"
+echo "== 1. pretrain a GPT-2-shaped model on Moby-Dick, and a ViT on Fashion-MNIST, side by side;"
+echo "      the two LoRA jobs of step 2 wait for the pretraining (submit --after)"
 pre=$(submit "$demo/specs/pretrain.yaml")
 vit=$(submit "$demo/specs/vit.yaml")
+exact=$(submit "$demo/specs/lora-exact.yaml" --after "$pre")
+mine=$(submit "$demo/specs/lora-memfit.yaml" --after "$pre")
 sleep 2
 memfit devices
 echo
@@ -175,8 +178,6 @@ memfit watch "$pre"
 
 echo
 echo "== 2. LoRA on that checkpoint: stock ops and memfit's ops, at once"
-exact=$(submit "$demo/specs/lora-exact.yaml")
-mine=$(submit "$demo/specs/lora-memfit.yaml")
 sleep 2
 memfit devices
 echo
