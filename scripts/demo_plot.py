@@ -61,8 +61,7 @@ def main():
         est, _ = series(a.prometheus, f"memfit_job_estimated_peak_bytes{{{sel}}}", a.start, a.end, step)
         res, _ = series(a.prometheus, f"memfit_job_reserved_bytes{{{sel}}}", a.start, a.end, step)
         device = meta.get("device", "")
-        # The device's use while this job ran there (the job's own memory when it had the
-        # device alone; the demo gives each of two jobs at once its own CPU device).
+        # The device's use while this job ran there: every job on it, this one included.
         running, _ = series(a.prometheus, f'memfit_job_steps{{{sel},state="running"}}', a.start, a.end, step)
         t0, t1 = (running[0][0], running[-1][0]) if running else (a.start, a.start)
         used, _ = series(a.prometheus, f'memfit_device_memory_peak_bytes{{device="{device}"}}', t0, t1, step)
@@ -71,7 +70,7 @@ def main():
             if points:
                 ax.plot([t - a.start for t, _ in points], [v / MiB for _, v in points], label=label, **kw)
 
-        plot(used, f"{device} in use (peak between scrapes)", color="tab:blue", linewidth=1)
+        plot(used, f"{device} in use by all its jobs (peak between scrapes)", color="tab:blue", linewidth=1)
         plot(peak, "measured peak so far", color="tab:red", linewidth=2)
         plot(est, "estimate", color="tab:green", linestyle="--")
         plot(res, "reservation", color="tab:gray", linestyle=":")

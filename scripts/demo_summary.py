@@ -15,12 +15,17 @@ def mib(b):
 jobs = list(reversed(json.load(sys.stdin)))
 rows = [("job", "state", "estimated", "measured", "estimate", "activations", "saved", "result")]
 for j in jobs:
-    p, r = j.get("plan", {}), j.get("result", {})
+    p, r = j.get("plan") or {}, j.get("result") or {}
     est, meas = int(p.get("estimated_peak_bytes", 0)), int(r.get("measured_peak_bytes", 0))
     act, stock = int(p.get("activation_bytes", 0)), int(p.get("exact_activation_bytes", 0))
-    if "eval_accuracy" in r:
+    # JSON carries every field (zeros too): accuracy is the result of classification
+    # tasks only, language models report their validation loss.
+    spec = j.get("spec") or {}
+    arch = (spec.get("model") or {}).get("architecture", "")
+    task = spec.get("task") or ("causal_lm" if arch in ("gpt2", "llama") else "classification")
+    if "classification" in task and "eval_accuracy" in r:
         result = f"accuracy {100 * r['eval_accuracy']:.1f}%"
-    elif "eval_loss" in r:
+    elif r.get("eval_loss"):
         result = f"val loss {r['eval_loss']:.3f}"
     else:
         result = j.get("failure", {}).get("message", "-")

@@ -26,6 +26,9 @@ for name in gpt2-pretrain-moby-dick vit-fashion-mnist gpt2-lora-exact gpt2-lora-
   awk -v e="${err%\%}" 'BEGIN {exit !(e >= -3 && e <= 3)}' || fail "$name: estimate off by $err"
 done
 grep -q "^vit-fashion-mnist .*accuracy [0-9.]*%" <<<"$table" || fail "no ViT accuracy"
+for name in gpt2-pretrain-moby-dick gpt2-lora-exact gpt2-lora-memfit; do  # language models: a loss, not an accuracy
+  grep -q "^$name .*val loss [0-9.]*$" <<<"$table" || fail "$name: no validation loss"
+done
 exact=$(grep "^gpt2-lora-exact " <<<"$table" | awk '{print $5}')
 mine=$(grep "^gpt2-lora-memfit " <<<"$table" | awk '{print $5}')
 awk -v a="$mine" -v b="$exact" 'BEGIN {exit !(a < b)}' || fail "memfit LoRA peak $mine MiB not below exact $exact MiB"
