@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The C++ libraries memfit needs beyond LibTorch and CUDA, as Debian 12 packages, for a
+# machine that has neither them nor a package registry (the GPU check's machine):
+#
+#   scripts/gpu/deps.sh download   # here (Debian 12): apt-get download into .gpu-deps/
+#   scripts/gpu/deps.sh unpack DIR # there: dpkg-deb -x every package into the private
+#                                  # prefix DIR (never into /), links made relative
+#
+# .gpu-deps/ is ignored by git and travels with the working tree; MANIFEST in it lists
+# package=version and each file's sha256, and `unpack` checks it. The packages are Debian
+# 12's (glibc 2.36, libstdc++ of GCC 12): any x86-64 Linux with glibc >= 2.36 runs them.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+dir=${MEMFIT_GPU_DEPS:-.gpu-deps}
+
+# Build and run time of proto/, server/, client/, worker/ and tests/ (GoogleTest), found by
+# the rehearsal's check (scripts/gpu/check_prefix.py): every header and library the build
+# uses outside LibTorch, CUDA and the C/C++ runtime comes from one of these.
+PACKAGES=(
+  libprotobuf-dev libprotobuf32 libprotobuf-lite32 libprotoc32 protobuf-compiler
+  libgrpc++-dev libgrpc++1.51 libgrpc-dev libgrpc29 protobuf-compiler-grpc
+  libabsl-dev libabsl20220623
+  libc-ares-dev libc-ares2 libre2-dev libre2-9 libssl-dev libssl3 zlib1g-dev zlib1g
+  libyaml-cpp-dev libyaml-cpp0.7 nlohmann-json3-dev libcli11-dev
+  libsqlite3-dev libsqlite3-0
+  prometheus-cpp-dev libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0
+  libprometheus-cpp-push1.0 libcivetweb-dev libcivetweb1 libcurl4-openssl-dev libcurl4
+  libicu-dev libicu72
+  libgtest-dev libgmock-dev googletest
+)
+
+download() {
+  command -v apt-get >/dev/null || { echo "gpu deps: apt-get is needed to download (Debian 12)" >&2; exit 1; }
+  rm -rf "$dir.part"
+  mkdir -p "$dir.part"
+  (cd "$dir.part" && apt-get download -q "${PACKAGES[@]}" >/dev/null) || {
+    echo "gpu deps: apt-get download failed (run 'apt-get update' first?)" >&2; exit 1; }
+  (cd "$dir.part" && for f in *.deb; do
+     printf '%s=%s %s\n' "$(dpkg-deb -f "$f" Package)" "$(dpkg-deb -f "$f" Version)" "$(sha256sum "$f" | cut -d' ' -f1)"
+   done) > "$dir.part/MANIFEST"
+  rm -rf "$dir"
+  mv "$dir.part" "$dir"
+  echo "gpu deps: $(ls "$dir"/*.deb | wc -l) packages, $(du -sh "$dir" | cut -f1) in $dir"
+}
+
+unpack() {
+  local prefix=$1
+  [[ -f $dir/MANIFEST ]] || { echo "gpu deps: $dir/MANIFEST missing: run scripts/gpu/deps.sh download on a Debian 12 machine" >&2; exit 1; }
+  command -v dpkg-deb >/dev/null || { echo "gpu deps: dpkg-deb is needed to unpack" >&2; exit 1; }
+  case $prefix in /|/usr|/usr/local) echo "gpu deps: refusing to unpack into $prefix" >&2; exit 1;; esac
+  local stamp="$prefix/.memfit-deps"
+  if [[ -f $stamp ]] && cmp -s "$stamp" "$dir/MANIFEST"; then return 0; fi
+  rm -rf "$prefix"
+  mkdir -p "$prefix"
+  local f n=0
+  for f in "$dir"/*.deb; do
+    grep -q " $(sha256sum "$f" | cut -d' ' -f1)\$" "$dir/MANIFEST" ||
+      { echo "gpu deps: $f does not match $dir/MANIFEST" >&2; exit 1; }
+    dpkg-deb -x "$f" "$prefix"
+    n=$((n + 1))
+  done
+  # Absolute links (/usr/lib/...) would point into the host's /: make them relative.
+  local l t
+  while IFS= read -r -d '' l; do
+    t=$(readlink "$l")
+    [[ $t == /* ]] || continue
+    ln -sfn "$(realpath -m --relative-to="$(dirname "$l")" "$prefix$t")" "$l"
+  done < <(find "$prefix" -type l -print0)
+  cp "$dir/MANIFEST" "$stamp"
+  echo "gpu deps: $n packages unpacked into $prefix"
+}
+
+case ${1:-} in
+  download) download ;;
+  unpack) [[ $# -eq 2 ]] || { echo "usage: $0 unpack PREFIX" >&2; exit 2; }; unpack "$2" ;;
+  *) echo "usage: $0 download | unpack PREFIX" >&2; exit 2 ;;
+esac
