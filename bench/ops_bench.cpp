@@ -2,8 +2,13 @@
 // in four memory modes, side by side in one run. Prints a table, or with --json one
 // JSON object. See docs/PERFORMANCE.md for the command lines and recorded results.
 //
-//   memfit-bench-ops [--json] [--reps N] [--threads N] [--quick] [--only ops|blocks]
-//                    [--device cpu|cuda]
+//   memfit-bench-ops [--json] [--reps N] [--threads N] [--quick] [--only ops|blocks|bandwidth]
+//                    [--device cpu|cuda] [--elements N]
+//
+// --only bandwidth: the elementwise and row ops' forward and backward passes timed apart on
+// large tensors, each as bytes it must move (inputs read, outputs and masks written) per
+// second, and as a fraction of a device-to-device copy's bytes (read + written) per second
+// measured in the same run. Not part of the default run.
 //
 // Builds with LibTorch alone (no JSON library), so it also runs on GPU machines that
 // have nothing but a CUDA PyTorch.
@@ -41,6 +46,7 @@ struct Options {
   int reps = 7;
   int threads = 2;
   std::string only;
+  int64_t elements = 0;  // --only bandwidth: elements per tensor (0: 64Mi on CUDA, 4Mi on CPU)
 };
 
 at::Device g_device = at::Device(at::kCPU);
@@ -375,10 +381,128 @@ void print_json(const Options& o, const std::vector<OpRow>& ops, const std::vect
   std::printf("}\n");
 }
 
+// --- bandwidth: elementwise and row ops against a plain copy ------------------------------
+
+struct BandwidthRow {
+  std::string op, stock_op;
+  int64_t rows = 0, cols = 0;
+  double fwd_bytes = 0, bwd_bytes = 0;  // the least each pass must move
+  double fwd_ms = 0, bwd_ms = 0, stock_fwd_ms = 0, stock_bwd_ms = 0;
+};
+
+// Median milliseconds of one call of fn, timed in batches of `inner` calls between
+// synchronisations so a launch's latency does not hide the kernel's time.
+double time_ms(const std::function<void()>& fn, int reps, int inner) {
+  fn();
+  sync();
+  std::vector<double> v;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = Clock::now();
+    for (int i = 0; i < inner; ++i) fn();
+    sync();
+    v.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / inner);
+  }
+  return median(v);
+}
+
+// Bytes per second of at::Tensor::copy_ between two device tensors, counting the bytes
+// read and the bytes written (the convention of the bandwidth fractions below).
+double copy_bytes_per_s(const Options& o, int64_t n) {
+  const auto dev = at::TensorOptions().device(o.device);
+  at::Tensor a = at::randn({n}, dev), b = at::empty({n}, dev);
+  const double ms = time_ms([&] { b.copy_(a); }, o.reps, o.device.is_cuda() ? 10 : 1);
+  return 2.0 * static_cast<double>(a.nbytes()) / (ms * 1e-3);
+}
+
+std::vector<BandwidthRow> bandwidth_rows(const Options& o, double* copy_bps) {
+  const bool cuda = o.device.is_cuda();
+  const int64_t n = o.elements > 0 ? o.elements : (o.quick ? (int64_t{1} << 16) : cuda ? (int64_t{1} << 26) : (int64_t{1} << 22));
+  const int inner = cuda ? 10 : 1;
+  *copy_bps = copy_bytes_per_s(o, n);
+  const auto dev = at::TensorOptions().device(o.device);
+  struct Op {
+    std::string name, stock_name;
+    int64_t cols;
+    double fwd_per_elem, bwd_per_elem;  // fp32 bytes each pass must move per element
+    std::function<at::Tensor(const at::Tensor&)> memfit, stock;
+  };
+  // Approx-BP: forward reads x, writes y and a 2-bit code; backward reads dy and the code,
+  // writes dx. MS norms: forward reads x, writes y; backward reads y and dy, writes dx
+  // (per-row statistics are negligible). Dropout: a 1-bit mask instead of the 2-bit code.
+  const std::vector<Op> ops = {
+      {"regelu2", "gelu", 3072, 8.25, 8.25, [](const at::Tensor& x) { return memfit::ops::regelu2(x); },
+       [](const at::Tensor& x) { return at::gelu(x); }},
+      {"resilu2", "silu", 11008, 8.25, 8.25, [](const at::Tensor& x) { return memfit::ops::resilu2(x); },
+       [](const at::Tensor& x) { return at::silu(x); }},
+      {"ms_layer_norm", "layer_norm", 768, 8.0, 12.0,
+       [](const at::Tensor& x) { return memfit::ops::ms_layer_norm(x, 1e-5); },
+       [](const at::Tensor& x) { return at::layer_norm(x, {x.size(-1)}); }},
+      {"ms_rms_norm", "rms_norm composite", 4096, 8.0, 12.0,
+       [](const at::Tensor& x) { return memfit::ops::ms_rms_norm(x, 1e-6); },
+       [](const at::Tensor& x) { return x * at::rsqrt(x.pow(2).mean(-1, true) + 1e-6); }},
+      {"dropout (1-bit mask)", "dropout", 3072, 8.125, 8.125,
+       [](const at::Tensor& x) { return memfit::ops::dropout(x, 0.1, true); },
+       [](const at::Tensor& x) { return at::dropout(x, 0.1, true); }},
+  };
+  std::vector<BandwidthRow> rows;
+  for (const Op& op : ops) {
+    const int64_t cols = o.quick ? 256 : op.cols;
+    const int64_t r = std::max<int64_t>(1, n / cols);
+    const at::Tensor x = (at::randn({r, cols}, dev) * 2.0).requires_grad_(true);
+    const at::Tensor dy = at::randn({r, cols}, dev);
+    BandwidthRow row;
+    row.op = op.name;
+    row.stock_op = op.stock_name;
+    row.rows = r;
+    row.cols = cols;
+    const double elems = static_cast<double>(r * cols);
+    row.fwd_bytes = op.fwd_per_elem * elems;
+    row.bwd_bytes = op.bwd_per_elem * elems;
+    for (int side = 0; side < 2; ++side) {
+      const auto& fn = side == 0 ? op.memfit : op.stock;
+      const double f = time_ms([&] { at::Tensor y = fn(x); }, o.reps, inner);
+      at::Tensor y = fn(x);
+      const double b = time_ms(
+          [&] { torch::autograd::grad({y}, {x}, {dy}, /*retain_graph=*/true); }, o.reps, inner);
+      (side == 0 ? row.fwd_ms : row.stock_fwd_ms) = f;
+      (side == 0 ? row.bwd_ms : row.stock_bwd_ms) = b;
+    }
+    rows.push_back(row);
+  }
+  return rows;
+}
+
+void print_bandwidth(const Options& o, const std::vector<BandwidthRow>& rows, double copy_bps) {
+  const auto frac = [&](double bytes, double ms) { return bytes / (ms * 1e-3) / copy_bps; };
+  if (o.json) {
+    std::printf("{\"device\": %s, \"reps\": %d, \"copy_bytes_per_s\": %.6g, \"bandwidth\": [",
+                q(o.device.str()).c_str(), o.reps, copy_bps);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const BandwidthRow& r = rows[i];
+      std::printf("%s{\"op\": %s, \"stock_op\": %s, \"rows\": %lld, \"cols\": %lld, \"fwd_bytes\": %.0f, "
+                  "\"bwd_bytes\": %.0f, \"fwd_ms\": %.5f, \"bwd_ms\": %.5f, \"stock_fwd_ms\": %.5f, "
+                  "\"stock_bwd_ms\": %.5f, \"fwd_fraction\": %.4f, \"bwd_fraction\": %.4f}",
+                  i ? ", " : "", q(r.op).c_str(), q(r.stock_op).c_str(), static_cast<long long>(r.rows),
+                  static_cast<long long>(r.cols), r.fwd_bytes, r.bwd_bytes, r.fwd_ms, r.bwd_ms,
+                  r.stock_fwd_ms, r.stock_bwd_ms, frac(r.fwd_bytes, r.fwd_ms), frac(r.bwd_bytes, r.bwd_ms));
+    }
+    std::printf("]}\n");
+    return;
+  }
+  std::printf("copy: %.1f GB/s (read + written) on %s\n", copy_bps / 1e9, o.device.str().c_str());
+  std::printf("%-22s %-12s %9s %9s %9s %9s %7s %7s\n", "op", "shape", "fwd ms", "stock", "bwd ms", "stock",
+              "fwd bw", "bwd bw");
+  for (const BandwidthRow& r : rows) {
+    std::printf("%-22s %5lldx%-6lld %9.4f %9.4f %9.4f %9.4f %6.0f%% %6.0f%%\n", r.op.c_str(),
+                static_cast<long long>(r.rows), static_cast<long long>(r.cols), r.fwd_ms, r.stock_fwd_ms,
+                r.bwd_ms, r.stock_bwd_ms, 100 * frac(r.fwd_bytes, r.fwd_ms), 100 * frac(r.bwd_bytes, r.bwd_ms));
+  }
+}
+
 int usage(const char* prog, const std::string& why) {
   std::fprintf(stderr,
-               "%s: %s\nusage: %s [--json] [--reps N] [--threads N] [--quick] [--only ops|blocks] "
-               "[--device cpu|cuda]\n",
+               "%s: %s\nusage: %s [--json] [--reps N] [--threads N] [--quick] "
+               "[--only ops|blocks|bandwidth] [--device cpu|cuda] [--elements N]\n",
                prog, why.c_str(), prog);
   return 2;
 }
@@ -401,8 +525,9 @@ int main(int argc, char** argv) {
       (a == "--reps" ? o.reps : o.threads) = static_cast<int>(n);
       ++i;
     } else if (a == "--only") {
-      if (!v || (std::strcmp(v, "ops") != 0 && std::strcmp(v, "blocks") != 0)) {
-        return usage(argv[0], "--only takes ops or blocks");
+      if (!v || (std::strcmp(v, "ops") != 0 && std::strcmp(v, "blocks") != 0 &&
+                 std::strcmp(v, "bandwidth") != 0)) {
+        return usage(argv[0], "--only takes ops, blocks or bandwidth");
       }
       o.only = v;
       ++i;
@@ -414,6 +539,14 @@ int main(int argc, char** argv) {
         if (!torch::cuda::is_available()) return usage(argv[0], "--device cuda: no CUDA device is available");
         o.device = at::Device(at::kCUDA, 0);
       }
+      ++i;
+    } else if (a == "--elements") {
+      char* end = nullptr;
+      const long long n = v ? std::strtoll(v, &end, 10) : 0;
+      if (!v || *end != '\0' || n < 1024 || n > (1LL << 32)) {
+        return usage(argv[0], "--elements needs an integer in 1024..4294967296");
+      }
+      o.elements = n;
       ++i;
     } else if (a == "-h" || a == "--help") {
       usage(argv[0], "benchmark memfit's ops against stock LibTorch");
@@ -429,6 +562,12 @@ int main(int argc, char** argv) {
   std::vector<OpRow> ops;
   std::vector<BlockRow> blocks;
   try {
+    if (o.only == "bandwidth") {
+      double copy_bps = 0;
+      const auto rows = bandwidth_rows(o, &copy_bps);
+      print_bandwidth(o, rows, copy_bps);
+      return 0;
+    }
     if (o.only.empty() || o.only == "ops") ops = op_rows(o);
     if (o.only.empty() || o.only == "blocks") blocks = block_rows(o);
   } catch (const c10::Error& e) {

@@ -1,35 +1,162 @@
 #!/usr/bin/env bash
-# The GPU check, for a machine with an NVIDIA GPU, nvcc, CMake, Ninja and a CUDA
-# PyTorch (its LibTorch 2.x and CMake files), but perhaps no GoogleTest:
-#   1. builds memfit's ops with -DMEMFIT_CUDA=ON against PyTorch's LibTorch,
-#   2. runs the `gpu`-labelled tests (CUDA kernels against the CPU bodies),
-#   3. runs the op and block benchmark on the GPU.
-# Logs go to ${OUT:-gpu-check}/. GoogleTest comes from the system if installed, else from
-# the sources in ${MEMFIT_GTEST_SOURCE_DIR} (e.g. a copy of Debian's /usr/src/googletest).
+# The GPU check: one command for a CUDA machine that has a CUDA PyTorch (its LibTorch and
+# CMake files), nvcc, CMake, Ninja and a C++ compiler, but none of memfit's other C++
+# libraries and no package registry. docs/GPU.md says what it measures and how to read it.
+#
+#   scripts/gpu/deps.sh download       # first, on a Debian 12 machine with the repo
+#   scripts/gpu_check.sh               # then, on the GPU machine (with .gpu-deps/ beside)
+#   scripts/gpu_check.sh --rehearse    # here: the same against the CPU LibTorch, --device cpu
+#   scripts/gpu_check.sh --rehearse --tiny   # the same on tiny inputs
+#   scripts/gpu_check.sh --ci          # the test command's short form (see below)
+#   scripts/gpu_check.sh --budget 420  # seconds for the whole check (default 540)
+#   scripts/gpu_check.sh --steps 3,5 --prebuilt bin.tar.gz   # again, without building
+#
+# It unpacks the carried Debian packages into a private prefix (never into /), builds the
+# ops, worker, estimator, CLI, daemon, tests and benchmarks with MEMFIT_CUDA=ON against the
+# GPU machine's LibTorch and that prefix alone (checked: scripts/gpu/check_prefix.py),
+# then runs the measuring steps (scripts/gpu/steps.py), each under a time limit scaled to
+# what is left of the budget after the build, writing summary.md, results.json and
+# logs.tar.gz (every log, the build's too) into ${OUT:-gpu-check}/ after every step, and
+# bin.tar.gz (the programs built, for --prebuilt on a fresh machine of the same image).
+#
+# --ci: unpacks into the prefix, configures and builds one target (the CLI, which needs
+# protobuf, gRPC, Abseil, yaml-cpp and nlohmann-json) against the prefix alone, checks it,
+# and runs the step runner on tiny inputs with the main build (build/).
+#
+# Environment: OUT (results), PYTHON (the PyTorch Python), MEMFIT_JOBS (build jobs),
+# MEMFIT_CUDA_ARCHS (default: the GPU's compute capability), MEMFIT_GPU_PREFIX.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-gpu-check}
+repo=$(pwd)
+mode=gpu
+tiny=()
+budget=540
+steps=1,2,3,4,5
+prebuilt=
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --rehearse) mode=rehearse ;;
+    --ci) mode=ci ;;
+    --tiny) tiny=(--tiny) ;;
+    --budget) budget=${2:?--budget needs seconds}; shift ;;
+    --steps) steps=${2:?--steps needs a list such as 1,2,5}; shift ;;
+    --prebuilt) prebuilt=$(realpath "${2:?--prebuilt needs a bin.tar.gz}"); shift ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[[ $budget =~ ^[0-9]+$ ]] || { echo "gpu_check: --budget takes whole seconds, got '$budget'" >&2; exit 2; }
+out=$(realpath -m "${OUT:-gpu-check}")
 mkdir -p "$out"
+start=$(date +%s)
+log() { echo "gpu_check [$(( $(date +%s) - start ))s] $*" | tee -a "$out/check.log"; }
+: > "$out/check.log"
+fail() { log "FAILED: $*"; exit 1; }
+pack_logs() { tar -C "$(dirname "$work")" -czf "$out/logs.tar.gz" "$(basename "$work")"; }
+
+prefix=${MEMFIT_GPU_PREFIX:-$repo/build-gpu-prefix}
+case $mode in
+  gpu) build=build-cuda ;;
+  rehearse) build=build-rehearse ;;
+  ci) build=build-prefix-ci ;;
+esac
+work=$repo/$build/gpu-check-work   # every log; packed into $out/logs.tar.gz
+rm -rf "$work"
+mkdir -p "$work"
+
+# 1. The private prefix and the data.
+log "unpacking the carried packages into $prefix"
+scripts/gpu/deps.sh unpack "$prefix" 2>&1 | tee -a "$out/check.log" || fail "scripts/gpu/deps.sh unpack"
+libdir=$prefix/usr/lib/x86_64-linux-gnu
+export LD_LIBRARY_PATH=$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export PATH=$prefix/usr/bin:$PATH
+data=${MEMFIT_DATA_DIR:-$repo/.memfit/data}
+if [[ ! -f $data/fashion-mnist/t10k-images-idx3-ubyte ]]; then
+  scripts/gpu/deps.sh data "$data" || fail "unpacking the carried data"
+fi
+
+# 2. LibTorch: the GPU machine's PyTorch, or Debian's CPU LibTorch when rehearsing.
 py=${PYTHON:-python3}
-torch_prefix=$("$py" -c 'import torch; print(torch.utils.cmake_prefix_path)') || {
-  echo "gpu_check: no PyTorch for $py" >&2; exit 1; }
-"$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' |
-  tee "$out/env.txt"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/env.txt" 2>&1
+cuda=OFF
+archs=()
+torch_args=()
+check_args=()
+if [[ $mode == gpu ]]; then
+  if ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
+    export PATH=$PATH:/usr/local/cuda/bin
+  fi
+  torch_prefix=$("$py" -c 'import torch; print(torch.utils.cmake_prefix_path)') || fail "no PyTorch for $py"
+  torch_lib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+  "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' \
+    > "$work/env.txt" 2>&1
+  nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv >> "$work/env.txt" 2>&1
+  { g++ --version | head -1; nvcc --version | tail -1; cmake --version | head -1;
+    grep PRETTY_NAME /etc/os-release; ldd --version | head -1; } >> "$work/env.txt" 2>&1
+  cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+  archs=(-DCMAKE_CUDA_ARCHITECTURES="${MEMFIT_CUDA_ARCHS:-${cap:-90}}")
+  cuda=ON
+  torch_args=(-DCMAKE_PREFIX_PATH="$prefix/usr;$torch_prefix")
+  check_args=(--torch-lib "$torch_lib" --torch-include "$(dirname "$torch_lib")/include")
+  device=cuda
+else
+  torch_dir=$(dirname "$(dpkg -L libtorch-dev | grep -m1 '/TorchConfig.cmake$')")
+  torch_lib=$(dirname "$(dpkg -L libtorch1.13 | grep -m1 '/libtorch.so')")
+  torch_args=(-DCMAKE_PREFIX_PATH="$prefix/usr" -DTorch_DIR="$torch_dir")
+  # Debian's LibTorch headers include glog and gflags: they are LibTorch's here.
+  check_args=(--torch-lib "$torch_lib" --torch-package libtorch-dev --torch-package libgoogle-glog-dev
+              --torch-package libgflags-dev)
+  device=cpu
+  { echo "rehearsal: Debian LibTorch $(dpkg-query -W -f '${Version}' libtorch-dev), CPU"; g++ --version | head -1; } > "$work/env.txt"
+fi
+tee -a "$out/check.log" < "$work/env.txt"
 
-extra=()
-[[ -n "${MEMFIT_GTEST_SOURCE_DIR:-}" ]] && extra+=(-DMEMFIT_GTEST_SOURCE_DIR="$MEMFIT_GTEST_SOURCE_DIR")
-cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DMEMFIT_CUDA=ON -DMEMFIT_OPS_ONLY=ON \
-  -DCMAKE_CUDA_ARCHITECTURES="${MEMFIT_CUDA_ARCHS:-80;90}" -DCMAKE_PREFIX_PATH="$torch_prefix" \
-  "${extra[@]}" 2>&1 | tee "$out/configure.log"
-cmake --build build-cuda --parallel "${MEMFIT_JOBS:-16}" \
-  --target memfit_gpu_tests memfit_ops_tests memfit-bench-ops 2>&1 | tee "$out/build.log"
-status=${PIPESTATUS[0]}
-[[ $status -eq 0 ]] || { echo "gpu_check: build failed (see $out/build.log)"; exit "$status"; }
+# 3. Configure and build against the prefix alone: system package folders are left out of
+# CMake's search (CMAKE_IGNORE_PREFIX_PATH) and the result is checked below.
+jobs=${MEMFIT_JOBS:-$(nproc)}
+if [[ $mode == ci ]]; then
+  targets=(memfit)
+  programs=(bin/memfit)
+else
+  targets=(memfit-worker memfit memfitd memfit_gpu_tests memfit_ops_tests memfit-bench-ops)
+  programs=(bin/memfit-worker bin/memfit bin/memfitd bin/memfit_gpu_tests bin/memfit_ops_tests bin/memfit-bench-ops)
+fi
+if [[ -n $prebuilt ]]; then
+  log "using the programs in $prebuilt (no build)"
+  mkdir -p "$build"
+  tar -C "$build" -xzf "$prebuilt" || fail "unpacking $prebuilt"
+else
+  log "configuring $build (MEMFIT_CUDA=$cuda)"
+  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMEMFIT_CUDA=$cuda "${archs[@]}" \
+    "${torch_args[@]}" -DCMAKE_EXE_LINKER_FLAGS="-Wl,-rpath-link,$libdir" \
+    -DCMAKE_SHARED_LINKER_FLAGS="-Wl,-rpath-link,$libdir" > "$work/configure.log" 2>&1 ||
+    { tail -n 40 "$work/configure.log" | tee -a "$out/check.log"; pack_logs; fail "configure"; }
+  log "building ${targets[*]} with $jobs jobs"
+  cmake --build "$build" --parallel "$jobs" --target "${targets[@]}" > "$work/build.log" 2>&1 ||
+    { grep -m 12 -A8 'error' "$work/build.log" | head -120 | tee -a "$out/check.log"; pack_logs; fail "build"; }
+  log "build done"
+  [[ $mode == ci ]] || tar -C "$build" -czf "$out/bin.tar.gz" "${programs[@]}"
+  "$py" scripts/gpu/check_prefix.py --build "$build" --prefix "$prefix" "${check_args[@]}" \
+    --programs "${programs[@]}" > "$work/check_prefix.log" 2>&1
+  prefix_ok=$?
+  tail -n 8 "$work/check_prefix.log" | tee -a "$out/check.log"
+  # On the GPU machine a stray path is reported, not fatal: the build worked there.
+  [[ $mode == gpu || $prefix_ok -eq 0 ]] || { pack_logs; fail "the build used files from outside the prefix"; }
+fi
 
-rc=0
-build-cuda/bin/memfit_gpu_tests 2>&1 | tee "$out/gpu_tests.log" || rc=1
-build-cuda/bin/memfit_ops_tests 2>&1 | tail -n 40 > "$out/ops_tests_tail.log" || rc=1
-build-cuda/bin/memfit-bench-ops --device cuda --reps 20 2>&1 | tee "$out/bench_cuda.txt" || rc=1
-build-cuda/bin/memfit-bench-ops --device cuda --reps 20 --json > "$out/bench_cuda.json" 2>&1 || rc=1
+# 4. The measuring steps.
+if [[ $mode == ci ]]; then
+  steps_build=build
+  tiny=(--tiny)
+else
+  steps_build=$build
+fi
+left=$(( budget - ($(date +%s) - start) - 10 ))
+[[ $left -ge 30 ]] || { pack_logs; fail "no time left for the steps (budget $budget s)"; }
+log "measuring (steps $steps) on $device in $left s"
+"$py" scripts/gpu/steps.py --build "$steps_build" --device "$device" --out "$out" --logs "$work" \
+  --data "$data" --steps "$steps" --budget "$left" "${tiny[@]}" --env "mode=$mode" \
+  --env "commit=$(git rev-parse --short=12 HEAD 2>/dev/null)"
+rc=$?
+log "done (steps exit $rc); results in $out/summary.md"
 exit $rc

@@ -5,6 +5,10 @@
 #   scripts/gpu/deps.sh download   # here (Debian 12): apt-get download into .gpu-deps/
 #   scripts/gpu/deps.sh unpack DIR # there: dpkg-deb -x every package into the private
 #                                  # prefix DIR (never into /), links made relative
+#   scripts/gpu/deps.sh data DIR   # there: the carried data (data.tar.gz) into DIR
+#
+# `download` also packs what the check's steps read of the data scripts/fetch_data.sh
+# fetched (tokenizers, Moby-Dick, Fashion-MNIST's test split) into .gpu-deps/data.tar.gz.
 #
 # .gpu-deps/ is ignored by git and travels with the working tree; MANIFEST in it lists
 # package=version and each file's sha256, and `unpack` checks it. The packages are Debian
@@ -24,7 +28,7 @@ PACKAGES=(
   libyaml-cpp-dev libyaml-cpp0.7 nlohmann-json3-dev libcli11-dev
   libsqlite3-dev libsqlite3-0
   prometheus-cpp-dev libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0
-  libprometheus-cpp-push1.0 libcivetweb-dev libcivetweb1 libcurl4-openssl-dev libcurl4
+  libprometheus-cpp-push1.0 libcivetweb-dev libcivetweb1 civetweb libcurl4-openssl-dev libcurl4
   libicu-dev libicu72
   libgtest-dev libgmock-dev googletest
 )
@@ -38,6 +42,11 @@ download() {
   (cd "$dir.part" && for f in *.deb; do
      printf '%s=%s %s\n' "$(dpkg-deb -f "$f" Package)" "$(dpkg-deb -f "$f" Version)" "$(sha256sum "$f" | cut -d' ' -f1)"
    done) > "$dir.part/MANIFEST"
+  local data=${MEMFIT_DATA_DIR:-.memfit/data}
+  [[ -f $data/fashion-mnist/t10k-images-idx3-ubyte ]] || {
+    echo "gpu deps: no data in $data: run scripts/fetch_data.sh first" >&2; exit 1; }
+  tar -C "$data" -czf "$dir.part/data.tar.gz" gpt2 llama moby-dick \
+    fashion-mnist/t10k-images-idx3-ubyte fashion-mnist/t10k-labels-idx1-ubyte
   rm -rf "$dir"
   mv "$dir.part" "$dir"
   echo "gpu deps: $(ls "$dir"/*.deb | wc -l) packages, $(du -sh "$dir" | cut -f1) in $dir"
@@ -46,17 +55,37 @@ download() {
 unpack() {
   local prefix=$1
   [[ -f $dir/MANIFEST ]] || { echo "gpu deps: $dir/MANIFEST missing: run scripts/gpu/deps.sh download on a Debian 12 machine" >&2; exit 1; }
-  command -v dpkg-deb >/dev/null || { echo "gpu deps: dpkg-deb is needed to unpack" >&2; exit 1; }
-  case $prefix in /|/usr|/usr/local) echo "gpu deps: refusing to unpack into $prefix" >&2; exit 1;; esac
+  # dpkg-deb where there is one; else the .deb's own layout (an ar archive holding
+  # data.tar.*), read with binutils' ar and tar.
+  if command -v dpkg-deb >/dev/null; then
+    extract() { dpkg-deb -x "$1" "$2"; }
+  elif command -v ar >/dev/null; then
+    extract() {
+      local member
+      member=$(ar t "$1" | grep -m1 '^data\.tar') || { echo "gpu deps: $1 has no data.tar" >&2; return 1; }
+      ar p "$1" "$member" | case $member in
+        *.xz) xz -dc ;; *.zst) zstd -dc ;; *.gz) gzip -dc ;; *) cat ;;
+      esac | tar -x -C "$2" -f -
+    }
+  else
+    echo "gpu deps: dpkg-deb or ar is needed to unpack" >&2; exit 1
+  fi
+  prefix=$(realpath -m "$prefix")
+  case $prefix in /|/usr|/usr/local|/opt|"$HOME") echo "gpu deps: refusing to unpack into $prefix" >&2; exit 1;; esac
   local stamp="$prefix/.memfit-deps"
   if [[ -f $stamp ]] && cmp -s "$stamp" "$dir/MANIFEST"; then return 0; fi
+  # Only a prefix this script made (it holds the stamp) or an empty folder is replaced.
+  if [[ -d $prefix && ! -f $stamp && -n $(ls -A "$prefix") ]]; then
+    echo "gpu deps: $prefix exists and was not made by this script: refusing to replace it" >&2; exit 1
+  fi
   rm -rf "$prefix"
   mkdir -p "$prefix"
+  echo "partial: being unpacked by scripts/gpu/deps.sh" > "$stamp"
   local f n=0
   for f in "$dir"/*.deb; do
     grep -q " $(sha256sum "$f" | cut -d' ' -f1)\$" "$dir/MANIFEST" ||
       { echo "gpu deps: $f does not match $dir/MANIFEST" >&2; exit 1; }
-    dpkg-deb -x "$f" "$prefix"
+    extract "$f" "$prefix" || { echo "gpu deps: unpacking $f failed" >&2; exit 1; }
     n=$((n + 1))
   done
   # Absolute links (/usr/lib/...) would point into the host's /: make them relative.
@@ -70,8 +99,16 @@ unpack() {
   echo "gpu deps: $n packages unpacked into $prefix"
 }
 
+unpack_data() {
+  local dest=$1
+  [[ -f $dir/data.tar.gz ]] || { echo "gpu deps: $dir/data.tar.gz missing" >&2; exit 1; }
+  mkdir -p "$dest"
+  tar -C "$dest" -xzf "$dir/data.tar.gz"
+}
+
 case ${1:-} in
   download) download ;;
+  data) [[ $# -eq 2 ]] || { echo "usage: $0 data DIR" >&2; exit 2; }; unpack_data "$2" ;;
   unpack) [[ $# -eq 2 ]] || { echo "usage: $0 unpack PREFIX" >&2; exit 2; }; unpack "$2" ;;
-  *) echo "usage: $0 download | unpack PREFIX" >&2; exit 2 ;;
+  *) echo "usage: $0 download | unpack PREFIX | data DIR" >&2; exit 2 ;;
 esac

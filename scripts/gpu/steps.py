@@ -12,8 +12,9 @@ Steps (scripts/gpu/step_*.py; each takes --ctx FILE, writes its JSON to ctx["res
   4 headline   ViT-B/16 LoRA at micro-batch 64 (exact, paper, memfit_best); LLaMA block
   5 daemon     memfitd packing three jobs on one device; NVML used vs reservations
 
-OUT gets summary.md (every step's table) and results.json (every step's data); each
-step's logs go to OUT/logs/. A step's JSON: {"step", "status": ok|failed|timeout|skipped|
+OUT gets summary.md (every step's table) and results.json (every step's data), and
+logs.tar.gz (the folder --logs: each step's logs, and whatever else the caller put there)
+after every step. A step's JSON: {"step", "status": ok|failed|timeout|skipped|
 error, "seconds", "markdown", "data", "errors": [...]}.
 """
 import argparse
@@ -64,6 +65,9 @@ def main():
     ap.add_argument("--build", required=True, help="build folder with bin/")
     ap.add_argument("--device", choices=("cpu", "cuda"), required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--logs", help="folder for the steps' logs (default OUT/logs), packed into OUT/logs.tar.gz")
+    ap.add_argument("--budget", type=float, default=0,
+                    help="seconds for all the chosen steps: their limits are scaled to fit")
     ap.add_argument("--tiny", action="store_true", help="tiny inputs (rehearsal and CI)")
     ap.add_argument("--steps", default="1,2,3,4,5", help="comma-separated step numbers or names")
     ap.add_argument("--data", default=os.environ.get("MEMFIT_DATA_DIR", os.path.join(REPO, ".memfit", "data")))
@@ -72,17 +76,20 @@ def main():
     a = ap.parse_args()
 
     out = os.path.abspath(a.out)
-    logs = os.path.join(out, "logs")
+    logs = os.path.abspath(a.logs) if a.logs else os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     build = os.path.abspath(a.build)
     wanted = set(a.steps.split(","))
     env = dict(kv.split("=", 1) for kv in a.env)
     env.update({"device": a.device, "tiny": a.tiny, "build": os.path.basename(build)})
+    chosen = [(n, name, sc) for n, name, sc in STEPS if n in wanted or name in wanted]
+    scale = a.time_scale
+    if a.budget > 0:
+        scale = a.budget / sum(LIMITS[name] for _, name, _ in chosen)
+        env["step budget"] = f"{a.budget:.0f} s (limits x{scale:.2f})"
     results = []
-    for num, name, script in STEPS:
-        if num not in wanted and name not in wanted:
-            continue
-        limit = LIMITS[name] * a.time_scale
+    for num, name, script in chosen:
+        limit = LIMITS[name] * scale
         result_path = os.path.join(logs, f"step{num}_{name}.json")
         ctx = {"step": num, "name": name, "repo": REPO, "build": build, "bin": os.path.join(build, "bin"),
                "device": a.device, "tiny": a.tiny, "data": os.path.abspath(a.data), "out": out,
@@ -126,6 +133,8 @@ def main():
         r["step"], r["name"] = num, name
         results.append(r)
         write_outputs(out, results, env)
+        subprocess.run(["tar", "-C", os.path.dirname(logs), "-czf", os.path.join(out, "logs.tar.gz"),
+                        os.path.basename(logs)], check=False)
         print(f"step {num} {name}: {r['status']} in {r['seconds']:.0f} s", flush=True)
     bad = [r for r in results if r["status"] not in ("ok", "skipped")]
     return 1 if bad else 0

@@ -97,6 +97,50 @@ TEST(Gpu, Attention) {
   }, 1e-3);
 }
 
+// The edge cases the CPU tests pin down (issue 11), on the CUDA path: causal attention with
+// S > Sk (queries that see no key: output 0, no gradient), S < Sk, one query or one key,
+// grouped-query heads, a key padding mask, and a strided q.
+TEST(Gpu, AttentionEdgeCases) {
+  REQUIRE_GPU();
+  struct Case { int64_t S, Sk, H, Hk; bool causal, mask, strided; };
+  const Case cases[] = {{48, 16, 4, 4, true, false, false}, {16, 48, 4, 2, true, false, false},
+                        {1, 33, 8, 2, true, false, false},  {33, 1, 4, 1, true, false, false},
+                        {40, 40, 6, 3, false, true, false}, {24, 24, 4, 4, true, false, true}};
+  for (const Case& c : cases) {
+    at::manual_seed(7);
+    const at::Tensor q = c.strided ? at::randn({2, c.H, c.S, 32}).transpose(1, 2) : at::randn({2, c.S, c.H, 32});
+    const at::Tensor k = at::randn({2, c.Sk, c.Hk, 32}), v = at::randn({2, c.Sk, c.Hk, 32});
+    at::Tensor mask;
+    if (c.mask) {
+      mask = at::ones({2, c.Sk}, at::kBool);
+      mask[1].narrow(0, c.Sk / 2, c.Sk - c.Sk / 2).fill_(false);
+    }
+    SCOPED_TRACE("S " + std::to_string(c.S) + " Sk " + std::to_string(c.Sk) + " H " + std::to_string(c.H) +
+                 "/" + std::to_string(c.Hk));
+    compare({q, k, v}, [&](const auto& t) {
+      memfit::ops::AttentionOptions o;
+      o.causal = c.causal;
+      if (mask.defined()) o.key_padding_mask = mask.to(t[0].device());
+      return memfit::ops::attention(t[0], t[1], t[2], o);
+    }, 1e-3);
+  }
+}
+
+// Dropout at p = 0.999: one fp32 scale, fl32(1 / (1 - p)), in forward and backward alike.
+TEST(Gpu, DropoutScaleAtHighP) {
+  REQUIRE_GPU();
+  const at::Tensor x = at::rand({200003}) + 0.5;
+  compare({x}, [](const auto& v) { return memfit::ops::dropout(v[0], 0.999, true); }, 1e-6);
+}
+
+// bf16 norms: statistics in fp32 on CUDA, double on CPU; outputs rounded to bf16 alike.
+TEST(Gpu, MsNormsBf16) {
+  REQUIRE_GPU();
+  const at::Tensor x = (at::randn({64, 4096}) * 3 + 0.5).to(at::kBFloat16);
+  compare({x}, [](const auto& v) { return memfit::ops::ms_layer_norm(v[0], 1e-5); }, 2e-2);
+  compare({x}, [](const auto& v) { return memfit::ops::ms_rms_norm(v[0], 1e-6); }, 2e-2);
+}
+
 TEST(Gpu, MeterReadsTheCachingAllocator) {
   REQUIRE_GPU();
   const auto dev = at::Device(at::kCUDA, 0);

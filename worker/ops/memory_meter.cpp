@@ -4,6 +4,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
+#include <torch/version.h>
 
 #include <atomic>
 #include <cstdio>
@@ -58,8 +59,15 @@ void delete_data(void* data) {
   if (data != nullptr) tracked_free(static_cast<char*>(data) - kHeader);
 }
 
+// c10::Allocator::allocate lost its const in LibTorch 2.3 (docs/GPU.md lists such changes).
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
+#define MEMFIT_ALLOCATE_CONST
+#else
+#define MEMFIT_ALLOCATE_CONST const
+#endif
+
 struct TrackingAllocator final : public c10::Allocator {
-  c10::DataPtr allocate(size_t nbytes) const override {
+  c10::DataPtr allocate(size_t nbytes) MEMFIT_ALLOCATE_CONST override {
     if (nbytes == 0) return {nullptr, nullptr, &delete_data, c10::Device(c10::kCPU)};
     const int64_t n = static_cast<int64_t>(nbytes);
     const int64_t limit = g_limit.load(std::memory_order_relaxed);
