@@ -102,7 +102,8 @@ if [[ $mode == gpu ]]; then
 else
   torch_dir=$(dirname "$(dpkg -L libtorch-dev | grep -m1 '/TorchConfig.cmake$')")
   torch_lib=$(dirname "$(dpkg -L libtorch1.13 | grep -m1 '/libtorch.so')")
-  torch_args=(-DCMAKE_PREFIX_PATH="$prefix/usr" -DTorch_DIR="$torch_dir")
+  # The worker's private protobuf archive, as on the GPU machine (proto/CMakeLists.txt).
+  torch_args=(-DCMAKE_PREFIX_PATH="$prefix/usr" -DTorch_DIR="$torch_dir" -DMEMFIT_WORKER_STATIC_PROTOBUF=ON)
   # Debian's LibTorch headers include glog and gflags: they are LibTorch's here.
   check_args=(--torch-lib "$torch_lib" --torch-package libtorch-dev --torch-package libgoogle-glog-dev
               --torch-package libgflags-dev)

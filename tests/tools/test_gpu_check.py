@@ -86,6 +86,16 @@ class GpuCheck(unittest.TestCase):
         self.assertIn("(libprotobuf-dev)", p.stdout)
         self.assertRegex(p.stdout, r"bin/memfit loads libprotobuf\.so\.32 from /usr/lib")
 
+    @unittest.skipUnless(os.environ.get("MEMFIT_FULL_GPU_REHEARSAL") == "1",
+                         "the full rehearsal runs with MEMFIT_FULL_GPU_REHEARSAL=1")
+    def test_full_rehearsal(self):
+        with tempfile.TemporaryDirectory() as out:
+            p = sh(["scripts/gpu_check.sh", "--rehearse"], env=dict(os.environ, OUT=out))
+            self.assertEqual(p.returncode, 0, p.stdout[-3000:] + p.stderr[-2000:])
+            with open(os.path.join(out, "results.json")) as f:
+                steps = json.load(f)["steps"]
+            self.assertEqual([s["status"] for s in steps], ["ok"] * 5, [s.get("errors") for s in steps])
+
     def test_unpack_refuses_root_and_tampered_packages(self):
         p = sh(["scripts/gpu/deps.sh", "unpack", "/"])
         self.assertNotEqual(p.returncode, 0)
