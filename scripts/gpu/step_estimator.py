@@ -113,14 +113,33 @@ def case_label(case):
 def nvidia_smi(*query):
     """Rows of `nvidia-smi --query-...=... --format=csv,noheader,nounits`, split on commas;
     None when nvidia-smi is missing or fails."""
-    try:
-        p = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True,
-                           text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if p.returncode != 0:
-        return None
-    return [[c.strip() for c in line.split(",")] for line in p.stdout.splitlines() if line.strip()]
+    return nvidia_smi_many([query])[0]
+
+
+def nvidia_smi_many(queries, timeout=10):
+    """Several nvidia-smi queries run at once (each call takes tens to hundreds of ms)."""
+    procs = []
+    for q in queries:
+        try:
+            procs.append(subprocess.Popen(["nvidia-smi", *q, "--format=csv,noheader,nounits"],
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        except OSError:
+            procs.append(None)
+    out = []
+    for p in procs:
+        if p is None:
+            out.append(None)
+            continue
+        try:
+            text, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            out.append(None)
+            continue
+        out.append([[c.strip() for c in line.split(",")] for line in text.splitlines() if line.strip()]
+                   if p.returncode == 0 else None)
+    return out
 
 
 class NvmlSampler(threading.Thread):
@@ -138,13 +157,13 @@ class NvmlSampler(threading.Thread):
         self.last_sample = 0.0
         self.samples = 0
         self.unreadable = 0      # samples whose used_memory was not a number ([N/A])
-        self._stop = threading.Event()
+        self.tick_sum = 0.0      # seconds spent in nvidia-smi, over all samples
+        self._halt = threading.Event()
 
     def run(self):
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             t0 = time.time()
-            rows = nvidia_smi("--query-compute-apps=pid,used_memory")
-            dev = nvidia_smi("--query-gpu=memory.used")
+            rows, dev = nvidia_smi_many([["--query-compute-apps=pid,used_memory"], ["--query-gpu=memory.used"]])
             t = time.time()
             with self.lock:
                 for row in rows or []:
@@ -161,11 +180,17 @@ class NvmlSampler(threading.Thread):
                     pass
                 self.samples += 1
                 self.last_sample = t
-            self._stop.wait(max(0.0, self.interval - (time.time() - t0)))
+                self.tick_sum += t - t0
+            self._halt.wait(max(0.0, self.interval - (time.time() - t0)))
 
     def stop(self):
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=15)
+
+    def tick(self):
+        """Seconds between two samples, on average."""
+        with self.lock:
+            return max(self.interval, self.tick_sum / self.samples if self.samples else self.interval)
 
     def snapshot(self):
         with self.lock:
@@ -193,10 +218,13 @@ class Matcher:
         if w["pid"] in procs:
             self.claimed.add(w["pid"])
             return procs[w["pid"]]["peak"], "pid"
+        # A process exits within milliseconds of its worker's end: NVML saw it last at
+        # most about two sampling periods before.
+        window = 2 * self.sampler.tick() + 0.2
         cands = [(pid, p) for pid, p in procs.items() if pid not in self.claimed and
-                 p["first"] >= w["start"] - 0.05 and p["last"] <= w["end"] + 0.05]
+                 p["first"] >= w["start"] - 0.05 and w["end"] - window <= p["last"] <= w["end"] + 0.05]
         if cands:
-            pid, p = min(cands, key=lambda c: abs(c[1]["last"] - w["end"]))
+            pid, p = min(cands, key=lambda c: abs(c[1]["last"] - w["end"]) + abs(c[1]["first"] - w["start"]))
             self.claimed.add(pid)
             return p["peak"], "time" if len(cands) == 1 else "time (ambiguous)"
         # Device-level: samples in the worker's last second while no other worker ran.
@@ -220,8 +248,9 @@ def summary(errs):
 def summary_line(label, s):
     if not s:
         return f"- {label}: no measurements"
-    return (f"- {label}: {s['n']} specs, median |error| {100 * s['median_abs']:.2f}%, "
-            f"worst under {100 * min(0.0, s['worst_under']):+.2f}%, worst over {100 * max(0.0, s['worst_over']):+.2f}%")
+    under = pct(s["worst_under"]) if s["worst_under"] < 0 else "none"
+    over = pct(s["worst_over"]) if s["worst_over"] > 0 else "none"
+    return f"- {label}: {s['n']} specs, median |error| {100 * s['median_abs']:.2f}%, worst under {under}, worst over {over}"
 
 
 def rel(est, measured):
@@ -230,6 +259,11 @@ def rel(est, measured):
 
 def pct(x):
     return "-" if x is None else f"{100 * x:+.2f}%"
+
+
+def mib2(b):
+    """Small differences (offsets) in MiB with two decimals."""
+    return "-" if b is None else f"{b / MiB:.2f}"
 
 
 def mb(x):
@@ -323,7 +357,10 @@ def main():
         if rows:
             sampler = NvmlSampler()
             sampler.start()
-            time.sleep(0.5)  # a baseline before the first worker
+            # A baseline before the first worker: other processes, the device's used memory.
+            t0 = time.time()
+            while sampler.samples < 2 and time.time() - t0 < 5:
+                time.sleep(0.05)
             procs, device, _ = sampler.snapshot()
             matcher = Matcher(sampler, procs.keys(), max((u for _, u in device), default=None))
             data["nvml_baseline"] = {"pids": sorted(procs), "device_used": matcher.baseline_used}
@@ -341,7 +378,7 @@ def main():
         name, arch, mode, method, (B, S), extra, _ = case
         rec = {"index": w["index"], "spec": case_label(case), "arch": arch, "mode": mode, "method": method,
                "micro_batch": B, "sequence_length": S, "dtype": extra or "fp32", "real": name != "tiny",
-               "seconds": round(w["end"] - w["start"], 2)}
+               "seconds": round(w["end"] - w["start"], 2), "pid": w["pid"]}
         with open(w["out"], errors="replace") as f:
             out = f.read()
         with open(w["err"], errors="replace") as f:
@@ -509,7 +546,7 @@ def markdown(device, recs, constants, sums, data):
             rows.append([r["spec"], "error: " + r.get("error", "?")[:80]] + [""] * (len(header) - 2))
             continue
         base = [r["spec"], mib(r["allocated"]), mb(r.get("est_allocated")), pct(r.get("alloc_error")),
-                mb(r.get("alloc_offset"))]
+                mib2(r.get("alloc_offset"))]
         if cuda:
             rows.append(base + [
                 mib(r["reserved"]), f"{mb(r.get('est_reserved'))} / {mb(r.get('after_est_reserved'))}",
