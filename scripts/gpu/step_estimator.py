@@ -289,16 +289,21 @@ def fit_constants(recs, device_info):
         return {"measured": False, "reason": "no CUDA measurement (CPU run or every spec failed)"}
     alloc = [r["allocated"] for r in pts]
     extra = [r["reserved"] - r["allocated"] for r in pts]
-    ts = theil_sen(alloc, extra, MiB)
-    if ts is not None and ts[0] >= 0:
-        overhead, fixed = ts
+    # Pairs of specs whose allocated peaks differ by at least 256 MiB: the proportional
+    # part shows there, above the few MiB of partly used blocks that dominate tiny jobs.
+    ts = theil_sen(alloc, extra, 256 * MiB)
+    if ts is not None:
+        overhead = max(0.0, ts[0])
+        fixed = statistics.median(e - overhead * a for a, e in zip(alloc, extra))
         how = "Theil-Sen fit of reserved - allocated = x * allocated + b"
     else:
-        # One spec, or sizes too close to fit a slope: the median ratio.
+        # Sizes too close to fit a slope (a tiny grid): the median ratio.
         overhead = max(0.0, statistics.median(e / a for a, e in zip(alloc, extra)))
         fixed = 0.0
         how = "median of reserved / allocated - 1 (no slope could be fitted)"
     c = {"measured": True, "device_name": device_info.get("name"),
+         "applies_to": {"context_bytes": "DeviceModel::kCudaContextBytes",
+                        "reserved_overhead": "DeviceModel::kCudaReservedOverhead"},
          "device_memory_bytes": device_info.get("memory_bytes"), "driver": device_info.get("driver"),
          "reserved_overhead": round(overhead, 4), "reserved_overhead_method": how,
          "allocator_fixed_bytes": int(fixed), "specs": len(pts),
