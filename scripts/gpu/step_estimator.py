@@ -343,7 +343,7 @@ def main():
     threads = 4 if cuda else 1          # the worker's CPU threads; the CPU estimate uses the same
     data = step.result["data"]
     data.update({"device": step.device, "tiny": step.tiny, "parallel": parallel, "threads": threads,
-                 "specs": [], "skipped": []})
+                 "specs": [], "skipped": [], "stopped": []})
     step.save()
 
     device_info = {}
@@ -390,8 +390,10 @@ def main():
             err = f.read()
         fin = A.worker_outcome(w["proc"].returncode, out, err, step.device)
         if w.get("stopped"):
-            fin = {"error": "stopped at the step's deadline"}
-        if "error" in fin:
+            # Not a failure of the spec: listed apart, like the specs never started.
+            rec["error"] = "stopped at the step's deadline"
+            data["stopped"].append(rec["spec"])
+        elif "error" in fin:
             rec["error"] = fin["error"]
             step.error(f"{rec['spec']}: {fin['error']}")
         else:
@@ -446,12 +448,12 @@ def main():
 
     try:
         while pending or running:
-            now = time.time()
             # Stop what would run into the deadline; start nothing new close to it.
             if step.left() < KILL_GUARD_S:
                 for w in running:
-                    w["proc"].kill()
-                    w["stopped"] = True
+                    if not w.get("stopped"):
+                        w["proc"].kill()
+                        w["stopped"] = True
             guard = 0 if step.tiny else START_GUARD_S
             while pending and len(running) < parallel and step.left() > guard + KILL_GUARD_S and \
                     time.time() - last_start >= STAGGER_S:
@@ -470,7 +472,11 @@ def main():
                     w["end"] = time.time()
                     running.remove(w)
                     finished.append(w)
-                    record(w)
+                    try:
+                        record(w)
+                    except Exception as e:  # noqa: BLE001 -- e.g. an event without a field
+                        step.error(f"{case_label(w['case'])}: reading its results: {e!r}")
+                        continue
                     if matcher:
                         waiting_nvml.append(w)
             for w in list(waiting_nvml):
@@ -569,6 +575,8 @@ def markdown(device, recs, constants, sums, data):
         lines.append(summary_line("reserved, fitted constants", sums["reserved_after"]))
         lines.append(summary_line("total vs NVML process peak, default constants", sums["total_before"]))
         lines.append(summary_line("total vs NVML process peak, fitted constants", sums["total_after"]))
+    if data.get("stopped"):
+        lines.append(f"- stopped at the deadline: {', '.join(data['stopped'])}")
     if data.get("skipped"):
         lines.append(f"- not started (deadline): {len(data['skipped'])} specs: {', '.join(data['skipped'])}")
     lines.append("")
