@@ -217,9 +217,12 @@ class Matcher:
 
     def match(self, w, runs):
         procs, device, _ = self.sampler.snapshot()
-        if w["pid"] in procs:
+        p = procs.get(w["pid"])
+        # The same number seen only while the worker ran: this namespace's pid (under
+        # another namespace's numbers it would be some other process).
+        if p and p["first"] >= w["start"] - 0.05 and p["last"] <= w["end"] + 0.05:
             self.claimed.add(w["pid"])
-            return procs[w["pid"]]["peak"], "pid"
+            return p["peak"], "pid"
         # A process exits within milliseconds of its worker's end: NVML saw it last at
         # most about two sampling periods before.
         window = 2 * self.sampler.tick() + 0.2
