@@ -349,6 +349,9 @@ def main():
     data = step.result["data"]
     data.update({"device": step.device, "tiny": step.tiny, "parallel": parallel, "threads": threads,
                  "specs": [], "skipped": [], "stopped": []})
+    # What changes the caching allocator's and cuBLAS's memory, as the workers see it.
+    data["env"] = {k: os.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF",
+                                                  "CUBLAS_WORKSPACE_CONFIG", "CUDA_MODULE_LOADING")}
     step.save()
 
     device_info = {}
@@ -584,6 +587,11 @@ def markdown(device, recs, constants, sums, data):
         lines.append(summary_line("reserved, fitted constants", sums["reserved_after"]))
         lines.append(summary_line("total vs NVML process peak, default constants", sums["total_before"]))
         lines.append(summary_line("total vs NVML process peak, fitted constants", sums["total_after"]))
+    if cuda:
+        how = [r["nvml_match"] for r in recs if r.get("nvml_match")]
+        lines.append(f"- NVML process peaks: {len(how)} specs ("
+                     + (", ".join(f"{how.count(k)} by {k}" for k in sorted(set(how))) or "none matched")
+                     + f"), {data.get('nvml_samples', 0)} samples")
     if data.get("stopped"):
         lines.append(f"- stopped at the deadline: {', '.join(data['stopped'])}")
     if data.get("skipped"):
