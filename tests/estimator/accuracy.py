@@ -73,9 +73,22 @@ EXTRAS = {
 }
 
 
-def make_spec(tmp, arch, mode, method, size, data, extra=None):
+CONFIGS = {"gpt2": GPT2, "llama": LLAMA, "vit": VIT, "roberta": ROBERTA}
+
+
+def make_data(tmp):
+    """The training texts every grid spec reads, written in tmp: {"text", "val", "cls"}."""
+    return {"text": H.moby(tmp, 1, 30, "train.txt"), "val": H.moby(tmp, 131, 133, "val.txt"),
+            "cls": long_texts(tmp)}
+
+
+def make_spec(tmp, arch, mode, method, size, data, extra=None, config=None):
+    """Writes tmp/config.json and tmp/job.json for one grid point; returns the spec's path.
+    `config` replaces the architecture's tiny config (scripts/gpu/step_estimator.py's real
+    sizes)."""
     B, S = size
     memory = dict(MODES[mode])
+    config = config or CONFIGS[arch]
     spec = {"name": f"{arch}-{mode}-{method}-{B}x{S}", "model": {"architecture": arch, "init_seed": 1},
             "method": {"kind": method}, "memory": memory,
             "training": {"steps": 2, "micro_batch": B, "learning_rate": 1e-3, "seed": 3},
@@ -85,25 +98,25 @@ def make_spec(tmp, arch, mode, method, size, data, extra=None):
     if method == "lora":
         spec["method"]["lora"] = {"rank": 4, "alpha": 8, "dropout": x.get("lora_dropout", 0.0)}
     if arch == "gpt2":
-        spec["model"]["config_path"] = H.write_json(os.path.join(tmp, "config.json"), GPT2)
+        spec["model"]["config_path"] = H.write_json(os.path.join(tmp, "config.json"), config)
         spec["data"] = {"train_path": data["text"], "format": "text", "tokenizer_path": os.path.join(H.DATA, "gpt2")}
         spec["training"]["sequence_length"] = S
         if x.get("validation"):
             spec["data"]["validation_path"] = data["val"]
     elif arch == "llama":
-        spec["model"]["config_path"] = H.write_json(os.path.join(tmp, "config.json"), LLAMA)
+        spec["model"]["config_path"] = H.write_json(os.path.join(tmp, "config.json"), config)
         spec["data"] = {"train_path": data["text"], "format": "text", "tokenizer_path": os.path.join(H.DATA, "llama")}
         spec["training"]["sequence_length"] = S
         if x.get("validation"):
             spec["data"]["validation_path"] = data["val"]
     elif arch == "vit":
-        spec["model"]["config_path"] = H.write_json(os.path.join(tmp, "config.json"), VIT)
+        spec["model"]["config_path"] = H.write_json(os.path.join(tmp, "config.json"), config)
         xs, ys = H.fmnist("test")
         spec["data"] = {"train_path": xs, "train_labels_path": ys}
         if x.get("validation"):
             spec["data"].update({"validation_path": xs, "validation_labels_path": ys})
     else:
-        spec["model"]["config_path"] = H.write_json(os.path.join(tmp, "config.json"), ROBERTA)
+        spec["model"]["config_path"] = H.write_json(os.path.join(tmp, "config.json"), config)
         spec["data"] = {"train_path": data["cls"], "format": "jsonl_classification",
                         "tokenizer_path": os.path.join(H.DATA, "gpt2")}
         spec["training"]["sequence_length"] = S
@@ -115,25 +128,57 @@ def make_spec(tmp, arch, mode, method, size, data, extra=None):
 DEVICE = "cpu"
 
 
+def worker_argv(spec, device, threads):
+    """memfit-worker's command line for one spec on `device` ("cpu" or "cuda")."""
+    dev = ["--device", "cuda:0"] if device == "cuda" else []
+    return [H.WORKER, "run", "--spec", spec, "--threads", str(threads), *dev]
+
+
+def worker_outcome(returncode, stdout, stderr, device):
+    """The worker's `finished` event from its JSON-lines stdout, or an error dict:
+    {"error": text} (plus "no_device": True when CUDA was asked for and is missing)."""
+    events = []
+    for line in stdout.splitlines():
+        try:
+            if line.strip():
+                events.append(json.loads(line))
+        except ValueError:
+            pass  # a line cut short by a kill
+    fin = events[-1] if events else {}
+    if returncode != 0 or fin.get("event") != "finished":
+        if device == "cuda" and returncode == 2 and "cuda" in json.dumps(events[-1:]).lower():
+            return {"no_device": True, "error": "no CUDA device"}
+        return {"error": f"worker exit {returncode}: {events[-1:] or stderr[-400:]}"}
+    return fin
+
+
+def measured_peak(fin):
+    """The worker's allocated peak: its meter's peak or the largest phase peak."""
+    return max(fin["peak_memory_bytes"], max(fin["peak_by_phase"].values()))
+
+
+def estimate_json(spec, device, threads, *extra, timeout=60):
+    """`memfit estimate -o json` for one spec (extra: e.g. --cuda-context 600MiB); returns
+    (the parsed JSON, None) or (None, an error message)."""
+    e = subprocess.run([CLI, "estimate", "-f", spec, "--device", device, "--threads", str(threads), *extra,
+                        "-o", "json"], capture_output=True, text=True, timeout=timeout)
+    if e.returncode != 0:
+        return None, f"estimate exit {e.returncode}: {e.stderr.strip()}"
+    return json.loads(e.stdout), None
+
+
 def run_case(case, data):
     arch, mode, method, size, extra = case
     tmp = tempfile.mkdtemp(prefix="memfit-acc-")
     spec = make_spec(tmp, arch, mode, method, size, data, extra)
-    dev = ["--device", "cuda:0"] if DEVICE == "cuda" else []
-    w = subprocess.run([H.WORKER, "run", "--spec", spec, "--threads", str(THREADS), *dev],
-                       capture_output=True, text=True, timeout=900)
-    events = [json.loads(l) for l in w.stdout.splitlines() if l.strip()]
-    fin = events[-1] if events else {}
-    if w.returncode != 0 or fin.get("event") != "finished":
-        if DEVICE == "cuda" and w.returncode == 2 and "cuda" in json.dumps(events[-1:]).lower():
-            return {"case": case, "no_device": True, "error": "no CUDA device"}
-        return {"case": case, "error": f"worker exit {w.returncode}: {events[-1:] or w.stderr[-400:]}"}
-    e = subprocess.run([CLI, "estimate", "-f", spec, "--device", DEVICE, "--threads", str(THREADS), "-o", "json"],
-                       capture_output=True, text=True, timeout=60)
-    if e.returncode != 0:
-        return {"case": case, "error": f"estimate exit {e.returncode}: {e.stderr.strip()}"}
-    est = json.loads(e.stdout)
-    measured = max(fin["peak_memory_bytes"], max(fin["peak_by_phase"].values()))
+    w = subprocess.run(worker_argv(spec, DEVICE, THREADS), capture_output=True, text=True, timeout=900)
+    fin = worker_outcome(w.returncode, w.stdout, w.stderr, DEVICE)
+    if "error" in fin:
+        return {"case": case, **fin}
+    est, err = estimate_json(spec, DEVICE, THREADS)
+    if err:
+        return {"case": case, "error": err}
+    measured = measured_peak(fin)
     # CUDA: the goal is on the caching allocator's allocated bytes (the tensors); its
     # reserved bytes are reported next to the estimate's allocated + overhead.
     predicted = est["allocated_peak_bytes"] if DEVICE == "cuda" else est["peak_bytes"]
@@ -180,7 +225,7 @@ def main():
         print("accuracy: test data missing (scripts/fetch_data.sh); skipped")
         return 77
     tmp = tempfile.mkdtemp(prefix="memfit-acc-data-")
-    data = {"text": H.moby(tmp, 1, 30, "train.txt"), "val": H.moby(tmp, 131, 133, "val.txt"), "cls": long_texts(tmp)}
+    data = make_data(tmp)
     cases = [c for c in grid(args.only) if (not args.mode or c[1] in args.mode) and (not args.extra or c[4] in args.extra)]
     if DEVICE == "cuda" and cases:
         first = run_case(cases[0], data)
