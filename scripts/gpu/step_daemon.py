@@ -213,7 +213,9 @@ class DaemonStep:
             llama_rate = runs["llama_bf16_exact"]["tokens_per_second"] * 2
         except (OSError, ValueError, KeyError, TypeError):
             return vit_steps, llama_steps
-        clamp = lambda n: int(min(400, max(20, n)))  # noqa: E731
+        def clamp(n):
+            return int(min(400, max(20, n)))
+
         sized = clamp(seconds * vit_rate / 3 / vit_rows), clamp(seconds * llama_rate / 3 / llama_tokens)
         self.data["steps_sized_by_step4"] = True
         return sized
