@@ -64,29 +64,23 @@ class Memfitd:
         # process group (its workers have their own sessions; see stop()).
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.addr = None
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self._keep(line)
-            if "listening on " in line:
-                self.addr = line.split("listening on ")[1].split()[0]
-                break
-        if self.addr is None:
+        self.ready = threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+        # "memfitd: listening on 127.0.0.1:PORT" once it serves (port 0: the kernel's pick).
+        if not self.ready.wait(timeout=max(5.0, min(30.0, step.left() - 5))) or self.addr is None:
             self.proc.kill()
             self.proc.wait()
             raise RuntimeError("memfitd did not start: " + " | ".join(l.strip() for l in self.lines[-8:]))
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _keep(self, line):
-        self.lines.append(line)
-        self.log.write(line)
-        self.log.flush()
 
     def _drain(self):
         for line in self.proc.stderr:
-            self._keep(line)
+            self.lines.append(line)
+            self.log.write(line)
+            self.log.flush()
+            if self.addr is None and "listening on " in line:
+                self.addr = line.split("listening on ")[1].split()[0]
+                self.ready.set()
+        self.ready.set()  # memfitd exited (before or after starting)
 
     def cli(self, *args, timeout=30):
         """`memfit VERB ARGS -s ADDR -o json`, parsed."""
@@ -276,6 +270,7 @@ class DaemonStep:
             try:
                 if self.daemon is not None and self.data.get("jobs"):
                     self.collect(self.data["jobs"])
+                    self.check_together()
             except Exception as e:  # noqa: BLE001
                 self.step.error(f"collecting the jobs: {type(e).__name__}: {e}")
             if self.daemon is not None:
@@ -348,6 +343,18 @@ class DaemonStep:
         self.data["per_job"] = per
         self.step.save()
 
+    def check_together(self):
+        """The point of the step: three jobs on one device at once. Anything else is an
+        error in the step's result."""
+        placed, devices, overlap = self.concurrency()
+        self.data["placed_together"], self.data["train_overlap_seconds"] = placed, overlap
+        if not placed:
+            self.step.error("the three jobs were never placed on the device at the same time")
+        if len(devices) != 1:
+            self.step.error(f"the jobs ran on several devices: {sorted(str(d) for d in devices)}")
+        if overlap is None or overlap <= 0:
+            self.step.error("the three jobs did not train at the same time (their step intervals do not overlap)")
+
     def concurrency(self):
         """Whether the three jobs were placed on the same device at the same time (one
         sample listing all three) and trained at the same time (their step intervals
@@ -385,11 +392,12 @@ class DaemonStep:
             max_jobs = max(len(s.get("jobs", [])) for s in samples)
             placed, devices, overlap = self.concurrency()
             out += [f"{len(samples)} samples over {samples[-1]['t'] - t0:.0f} s (every ~0.5 s).", ""]
-            rows = [["highest " + ("NVML used" if self.cuda else "memfitd's measured (workers' meters)"),
+            rows = [["highest " + ("NVML used" if self.cuda else "measured by memfitd (the workers' meters)"),
                      mb(max(used)) if used else "-"],
                     ["baseline before the jobs (first sample)", mb(base)],
                     ["highest used minus baseline", mb(max(used) - base) if used and base is not None else "-"],
                     ["highest sum of reservations", mb(max(res)) if res else "-"],
+                    *self.daemon_view_rows(),
                     ["highest (used - baseline) / sum of reservations at that time", self.used_vs_reserved(used_key, base)],
                     ["most jobs placed on the device at once", str(max_jobs)],
                     ["all three placed on one device at once", "yes" if placed else "no"],
@@ -398,7 +406,7 @@ class DaemonStep:
                      "-" if overlap is None else (f"yes, for {overlap:.1f} s" if overlap > 0 else "no")]]
             out += [md_table(["time series", "MiB / value"], rows), ""]
             # A coarse view of the series: at most ~16 rows.
-            every = max(1, len(samples) // 16)
+            every = max(1, -(-len(samples) // 16))
             series = []
             for s in samples[::every]:
                 series.append([f"{s['t'] - t0:.1f}", mb(s.get(used_key)), mb(s.get("reserved")),
@@ -425,6 +433,16 @@ class DaemonStep:
                               "measured / est.", "est. allocated MiB", "measured allocated MiB", "alloc. measured / est."],
                              rows), "", measured_note + "."]
         return "\n".join(out)
+
+    def daemon_view_rows(self):
+        """On a GPU, memfitd's own samples of the device (nvmlDeviceGetMemoryInfo, v1:
+        its `used` may count memory the driver reserves, which nvidia-smi leaves out)."""
+        if not self.cuda:
+            return []
+        used = [s["daemon_used"] for s in self.data.get("samples", []) if s.get("daemon_used") is not None]
+        if not used:
+            return []
+        return [["memfitd's used (its NVML call): first sample / highest", f"{mb(used[0])} / {mb(max(used))}"]]
 
     def used_vs_reserved(self, key, base):
         best = None
