@@ -6,7 +6,7 @@ machine, finds the GPU through NVML (server/daemon/devices.cpp; workers see it a
 through CUDA_VISIBLE_DEVICES); in the CPU rehearsal it gets one configured CPU device.
 Three jobs whose reservations fit the device together are submitted with the `memfit`
 CLI: on the GPU two ViT-B/16 LoRA jobs at micro-batch 64 (bf16; exact and memfit_best)
-and a 4-block, 2048-wide LLaMA LoRA job (bf16, sequence 512, memfit_best); on a CPU tiny
+and an 8-block, 1024-wide LLaMA LoRA job (bf16, sequence 512, memfit_best); on a CPU tiny
 versions of the same. Every ~0.5 s the step samples NVML's used memory (nvidia-smi) and
 memfitd's view of the device (`memfit devices -o json`: the sum of reservations, the
 memory it measures, the jobs placed there). At the end: whether all three trained at the
@@ -179,8 +179,8 @@ class DaemonStep:
         text, tok = W.synthetic_text(out, words=120_000 if self.cuda else 20_000)
         if self.cuda:
             vit, vit_batch, vit_steps = W.vit_config("full"), 64, 150
-            llama, llama_batch, seq, llama_steps = W.llama_config("small"), 4, 512, 100
-            vit_steps, llama_steps = self.sized_by_headline(vit_batch, llama_batch * seq, vit_steps, llama_steps)
+            llama, llama_batch, seq, llama_steps = W.llama_config("daemon"), 8, 512, 100
+            vit_steps, llama_steps = self.sized_by_headline(vit_batch, llama, llama_batch * seq, vit_steps, llama_steps)
         else:
             vit, vit_batch, vit_steps = W.vit_config("tiny"), 16, 100
             llama, llama_batch, seq, llama_steps = W.llama_config("tiny"), 2, 64, 25
@@ -194,17 +194,18 @@ class DaemonStep:
                                                llama_batch, seq, llama_steps, dtype="bf16")),
         ]
 
-    def sized_by_headline(self, vit_rows, llama_tokens, vit_steps, llama_steps, seconds=20.0):
+    def sized_by_headline(self, vit_rows, llama, llama_tokens, vit_steps, llama_steps, seconds=25.0):
         """Step counts for about `seconds` of training with the three jobs sharing the GPU
         (each at a third of its speed alone), from the throughputs step 4 measured on this
-        GPU when it ran (ViT-B/16 bf16 exact; the 2-block LLaMA-7B shape, which costs about
-        twice per token what the 4-block 2048-wide model here does); else the defaults."""
+        GPU when it ran (ViT-B/16 bf16 exact; the LLaMA-7B shape's tokens/s scaled by the
+        two models' parameter counts); else the defaults."""
         path = os.path.join(self.step.logs, "step4_headline.json")
         try:
             with open(path) as f:
                 runs = json.load(f)["data"]["runs"]
             vit_rate = runs["vit_bf16_exact"]["rows_per_second"]
-            llama_rate = runs["llama_bf16_exact"]["tokens_per_second"] * 2
+            llama_rate = (runs["llama_bf16_exact"]["tokens_per_second"] *
+                          W.llama_parameters(W.llama_config("full")) / W.llama_parameters(llama))
         except (OSError, ValueError, KeyError, TypeError):
             return vit_steps, llama_steps
         def clamp(n):
@@ -378,8 +379,8 @@ class DaemonStep:
                        "measured memory there is the sum of the workers' own meters, not NVML.")
         else:
             out.append(f"memfitd on {self.data.get('device', '?')} through NVML; jobs: two ViT-B/16 LoRA (bf16, "
-                       "micro-batch 64; exact and memfit_best) and a 4-block 2048-wide LLaMA LoRA (bf16, "
-                       "sequence 512, micro-batch 4, memfit_best), submitted together.")
+                       "micro-batch 64; exact and memfit_best) and an 8-block 1024-wide LLaMA LoRA (bf16, "
+                       "sequence 512, micro-batch 8, memfit_best), submitted together.")
         if self.data.get("CUDA_VISIBLE_DEVICES") is not None:
             out.append(f"CUDA_VISIBLE_DEVICES in memfitd's environment: `{self.data['CUDA_VISIBLE_DEVICES']}`.")
         out.append("")

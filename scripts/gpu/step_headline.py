@@ -127,7 +127,7 @@ class Headline:
         return W.llama_spec(self.work, key, W.llama_config(p.llama_scale), text, tok, memory_of(mode),
                             p.llama_batch, p.llama_seq, p.llama_warmup + p.llama_timed, dtype=dtype)
 
-    def run_one(self, key, family, mode, dtype, required):
+    def run_one(self, key, family, mode, dtype, required, others_after):
         # A run needs about as long as the slowest of its family so far; the first of a
         # family gets a guess. Optional runs are skipped when they would not fit with
         # room to spare; required ones are tried while they might still make it.
@@ -146,10 +146,16 @@ class Headline:
             argv += ["--device", "cuda:0"]
         else:
             argv += ["--device", "cpu", "--threads", str(max(1, min(2, os.cpu_count() or 1)))]
-        # The first run of a family may take most of the step's remaining time but a
-        # share kept for the others; later ones up to three times the family's slowest.
-        # step.run never goes past the step's deadline.
-        limit = max(guess * 3, 0.5 * self.step.left()) if family in self.durations else 0.6 * self.step.left()
+        # A run may take the step's remaining time, but while required runs of another
+        # family come after it, a share is kept for them: the first of a family gets 60%,
+        # later ones up to three times the family's slowest. step.run never goes past
+        # the step's deadline.
+        if not others_after:
+            limit = self.step.left()
+        elif family in self.durations:
+            limit = max(guess * 3, 0.5 * self.step.left())
+        else:
+            limit = 0.6 * self.step.left()
         t0 = time.time()
         rc, out = self.step.run(argv, f"{key}.log", timeout=limit)
         took = time.time() - t0
@@ -159,7 +165,11 @@ class Headline:
             r = W.summarize_run(W.events_of(out), p.vit_warmup, p.vit_batch)
         else:
             r = W.summarize_run(W.events_of(out), p.llama_warmup, p.llama_batch, tokens_per_row=p.llama_seq)
-        r.update(family=family, mode=mode, dtype=dtype, seconds=round(took, 1), exit_code=rc)
+        started = next((e for e in W.events_of(out) if e.get("event") == "started"), {})
+        # Seconds from launch to the `started` event: libraries, CUDA context, data, the
+        # model's random initialisation and norm folding (on the host).
+        init = round(started["time"] - t0, 1) if "time" in started else None
+        r.update(family=family, mode=mode, dtype=dtype, seconds=round(took, 1), init_seconds=init, exit_code=rc)
         self.runs[key] = r
         if rc is None:
             self.step.error(f"{key}: stopped after {took:.0f} s (limit {limit:.0f} s); log {key}.log")
@@ -236,15 +246,21 @@ class Headline:
         out += [self.llama_table() or "(no LLaMA run finished)", ""]
         if any(k.startswith("vit_fp32") for k in self.runs):
             out += ["ViT in fp32 (same shapes and steps):", "", self.vit_table("fp32"), ""]
+        timing = [f"{k} {r['seconds']:.0f} s (to `started` {r['init_seconds'] if r.get('init_seconds') is not None else '-'} s)"
+                  for k, r in self.runs.items() if r.get("seconds") is not None]
+        if timing:
+            out += ["Wall-clock per run: " + "; ".join(timing) + ".", ""]
         for s in self.skipped:
             out.append(f"- {s}")
         return "\n".join(out)
 
     def main(self):
         try:
-            for run in self.plan.runs():
+            runs = self.plan.runs()
+            for i, run in enumerate(runs):
+                others_after = any(req and fam != run[1] for _, fam, _, _, req in runs[i + 1:])
                 try:
-                    self.run_one(*run)
+                    self.run_one(*run, others_after)
                 except Exception as e:  # a broken run is recorded; the others go on
                     self.step.error(f"{run[0]}: {type(e).__name__}: {e}")
         finally:

@@ -45,15 +45,23 @@ def vit_config(scale):
 
 def llama_config(scale):
     """A LLaMA config.json. "full": LLaMA-7B's block shape (hidden 4096, intermediate
-    11008, 32 heads, vocab 32000) with 2 of its 32 blocks; "small": 4 blocks of width
-    2048 (the daemon step's language model); "cpu": width 1024; "tiny": width 64."""
-    widths = {"full": (4096, 11008, 32, 2), "small": (2048, 5504, 16, 4), "cpu": (1024, 2752, 8, 2),
+    11008, 32 heads, vocab 32000) with 2 of its 32 blocks; "daemon": 8 blocks of width
+    1024 (the daemon step's language model, quick to initialise); "cpu": 2 blocks of
+    width 1024; "tiny": width 64."""
+    widths = {"full": (4096, 11008, 32, 2), "daemon": (1024, 2752, 8, 8), "cpu": (1024, 2752, 8, 2),
               "tiny": (64, 172, 4, 2)}
     hidden, inter, heads, layers = widths[scale]
     return {"model_type": "llama", "vocab_size": 32000, "hidden_size": hidden, "intermediate_size": inter,
             "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
             "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "hidden_act": "silu",
             "tie_word_embeddings": False}
+
+
+def llama_parameters(cfg):
+    """Parameters of a LLaMA config (blocks, embedding and untied head; norms left out):
+    what a training step's matrix products cost per token, near enough."""
+    h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    return n * (4 * h * h + 3 * h * i) + 2 * cfg["vocab_size"] * h
 
 
 def write_json(path, obj):
