@@ -136,8 +136,23 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.d, self.device_name, self.cuda, self.period = daemon, device_name, cuda, period
         self.samples = []
+        self.worker_env = {}
         self.errors = []
         self.stop_at = threading.Event()
+
+    def note_worker_env(self):
+        """The CUDA_VISIBLE_DEVICES entries each worker of this daemon was started with,
+        once per worker: memfitd appends its own to the environment it inherited, so a
+        value already there would come first (and getenv returns the first)."""
+        for pid in self.d.workers():
+            if pid in self.worker_env:
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+            except OSError:
+                continue
+            self.worker_env[pid] = [e.decode(errors="replace") for e in env if e.startswith(b"CUDA_VISIBLE_DEVICES=")]
 
     def nvml_used(self):
         r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
@@ -157,6 +172,7 @@ class Sampler(threading.Thread):
                         s["daemon_used"] = int(dev["used_bytes"])
                         s["jobs"] = list(dev.get("job_ids", []))
                 self.samples.append(s)
+                self.note_worker_env()
             except Exception as e:  # noqa: BLE001 -- a missed sample is noted, sampling goes on
                 if len(self.errors) < 5:
                     self.errors.append(f"sample: {type(e).__name__}: {e}")
@@ -267,6 +283,7 @@ class DaemonStep:
                 sampler.stop_at.set()
                 sampler.join(timeout=5)
                 self.data["samples"] = sampler.samples
+                self.data["worker_cuda_visible_devices"] = {str(k): v for k, v in sampler.worker_env.items()}
                 for e in sampler.errors:
                     self.step.error(e)
             try:
@@ -316,6 +333,7 @@ class DaemonStep:
                       ("started", "step", "finished", "failed", "stopped")]
             steps = [e for e in worker if e.get("event") == "step"]
             fin = next((e for e in worker if e.get("event") == "finished"), {})
+            started = next((e for e in worker if e.get("event") == "started"), {})
             sub = next((json.loads(e["data_json"]) for e in ev if e["kind"] == "submitted" and e.get("data_json")), {})
             plan = j.get("plan") or {}
             progress = j.get("progress") or {}
@@ -324,6 +342,7 @@ class DaemonStep:
             reserved_peak = fin.get("peak_reserved_bytes")
             per[label] = {
                 "id": i, "state": j.get("state"), "device": j.get("device"), "attempts": j.get("attempts"),
+                "worker_device": started.get("device"),
                 "estimated_peak": int(plan.get("estimated_peak_bytes") or 0) or None,
                 "estimated_allocated_peak": sub.get("allocated_peak_bytes"),
                 "estimated_context": sub.get("context_bytes"),
@@ -384,6 +403,13 @@ class DaemonStep:
                        "sequence 512, micro-batch 8, memfit_best), submitted together.")
         if self.data.get("CUDA_VISIBLE_DEVICES") is not None:
             out.append(f"CUDA_VISIBLE_DEVICES in memfitd's environment: `{self.data['CUDA_VISIBLE_DEVICES']}`.")
+        env = self.data.get("worker_cuda_visible_devices") or {}
+        if env:
+            seen = sorted({" ".join(v) or "(none)" for v in env.values()})
+            out.append(f"Workers' CUDA_VISIBLE_DEVICES entries ({len(env)} workers seen): "
+                       + "; ".join(f"`{x}`" for x in seen)
+                       + (" -- more than one entry: the first (inherited) wins over memfitd's."
+                          if any(len(v) > 1 for v in env.values()) else "."))
         out.append("")
         if samples:
             t0 = samples[0]["t"]
@@ -422,7 +448,10 @@ class DaemonStep:
                          if p.get("measured_device_peak") and p.get("estimated_peak") else None)
                 alloc_ratio = (p["measured_allocated_peak"] / p["estimated_allocated_peak"]
                                if p.get("measured_allocated_peak") and p.get("estimated_allocated_peak") else None)
-                rows.append([label, p.get("state"), p.get("device") or "-", str(p.get("steps")),
+                where = p.get("device") or "-"
+                if p.get("worker_device") and p.get("worker_device") != where:
+                    where += f" (worker: {p['worker_device']})"
+                rows.append([label, p.get("state"), where, str(p.get("steps")),
                              mb(p.get("estimated_peak")), mb(p.get("reserved")),
                              mb(p.get("measured_device_peak")),
                              "-" if ratio is None else f"{ratio:.2f}",
