@@ -133,7 +133,7 @@ class Headline:
         # room to spare; required ones are tried while they might still make it.
         guess = self.durations.get(family, 30.0 if self.step.device == "cuda" else 20.0)
         if self.step.left() < (guess * 0.6 + 2 if required else guess * 1.2 + 2):
-            why = f"{key}: skipped, {self.step.left():.0f} s left (a run took about {guess:.0f} s)"
+            why = f"{key}: skipped, {max(0.0, self.step.left()):.0f} s left (a run took about {guess:.0f} s)"
             self.skipped.append(why)
             if required:
                 self.step.error(why)
@@ -171,7 +171,13 @@ class Headline:
         init = round(started["time"] - t0, 1) if "time" in started else None
         r.update(family=family, mode=mode, dtype=dtype, seconds=round(took, 1), init_seconds=init, exit_code=rc)
         self.runs[key] = r
-        if rc is None:
+        if rc is None and not required:
+            # An optional run cut off by the step's deadline measured nothing whole: noted,
+            # left out of the tables, not an error.
+            r["incomplete"] = True
+            self.skipped.append(f"{key}: stopped at its limit of {limit:.0f} s (optional; left out)")
+            self.step.save()
+        elif rc is None:
             self.step.error(f"{key}: stopped after {took:.0f} s (limit {limit:.0f} s); log {key}.log")
         elif rc != 0 or r.get("failed") or not r.get("peak_allocated"):
             self.step.error(f"{key}: exit code {rc}, {r.get('failed') or 'no finished event'}; log {key}.log")
@@ -191,7 +197,7 @@ class Headline:
         modes = ["exact", "paper", "memfit_best"] + (["exact_standard_attention"] if dtype == "bf16" else [])
         for mode in modes:
             r = self.runs.get(f"vit_{dtype}_{mode}")
-            if r is None:
+            if r is None or r.get("incomplete"):
                 continue
             paper = "-"
             if mode in PAPER and self.plan.scale == "full":
@@ -213,7 +219,7 @@ class Headline:
         rows = []
         for mode in ("exact", "memfit_best"):
             r = self.runs.get(f"llama_bf16_{mode}")
-            if r is None:
+            if r is None or r.get("incomplete"):
                 continue
             rows.append([mode, mib_or_dash(r.get("peak_allocated")), pct(r.get("peak_allocated"), ref.get("peak_allocated")),
                          r.get("peak_phase") or "-", mib_or_dash(r.get("step_peak")), *self.reserved(r, ref),
@@ -244,7 +250,7 @@ class Headline:
                     f"bf16, LoRA rank 8 on every linear of the blocks, micro-batch {p.llama_batch} x sequence "
                     f"{p.llama_seq}, {p.llama_warmup} warm-up + {p.llama_timed} timed steps, synthetic text:", ""]
         out += [self.llama_table() or "(no LLaMA run finished)", ""]
-        if any(k.startswith("vit_fp32") for k in self.runs):
+        if any(k.startswith("vit_fp32") and not r.get("incomplete") for k, r in self.runs.items()):
             out += ["ViT in fp32 (same shapes and steps):", "", self.vit_table("fp32"), ""]
         timing = [f"{k} {r['seconds']:.0f} s (to `started` {r['init_seconds'] if r.get('init_seconds') is not None else '-'} s)"
                   for k, r in self.runs.items() if r.get("seconds") is not None]
