@@ -50,11 +50,11 @@ class Memfitd:
     """A memfitd process on free loopback ports, its stderr copied to a log file, and the
     `memfit` CLI pointed at it."""
 
-    def __init__(self, step, state_dir, args):
+    def __init__(self, step, state_dir, args, log_name="memfitd.log"):
         self.step = step
         self.state_dir = state_dir
         self.lines = []
-        self.log = open(step.path("memfitd.log"), "w")
+        self.log = open(step.path(log_name), "w")
         argv = [os.path.join(step.bin, "memfitd"), "--state-dir", state_dir, "--listen", "127.0.0.1:0",
                 "--metrics-listen", "127.0.0.1:0", "--worker", os.path.join(step.bin, "memfit-worker"),
                 "--cancel-grace-seconds", "10", *args]
@@ -225,6 +225,7 @@ class DaemonStep:
                           W.llama_parameters(W.llama_config("full")) / W.llama_parameters(llama))
         except (OSError, ValueError, KeyError, TypeError):
             return vit_steps, llama_steps
+
         def clamp(n):
             return int(min(400, max(20, n)))
 
@@ -249,7 +250,8 @@ class DaemonStep:
         d.stop(10)
         total = self.gpu_total()
         return Memfitd(self.step, state + "-configured",
-                       [*roots, "--gpus", "off", "--device", f"cuda:0={total // MiB}MiB"]), "cuda:0"
+                       [*roots, "--gpus", "off", "--device", f"cuda:0={total // MiB}MiB"],
+                       log_name="memfitd_configured.log"), "cuda:0"
 
     @staticmethod
     def gpu_total():
