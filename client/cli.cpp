@@ -344,6 +344,10 @@ Definition::Definition() {
            const double x = std::strtod(s.c_str(), &end);
            return *end == '\0' && x >= 0.0 && x < 10.0;
          });
+  v->add_option("--gpu-model", inv_.estimate.gpu_model,
+                "the GPU as NVML names it (\"NVIDIA H200\"): its measured CUDA constants, where "
+                "memfit has them (docs/GPU.md)")
+      ->type_name("NAME");
   auto* o = v->add_option_function<std::string>(
       "-o,--output", [this](const std::string& f) { inv_.estimate.json_out = f == "json"; },
       "text, or json: one object");

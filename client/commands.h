@@ -72,6 +72,7 @@ struct EstimateArgs {
   bool json_out = false;
   int64_t cuda_context = -1;        // -1: DeviceModel's default
   double reserved_overhead = -1;    // -1: DeviceModel's default
+  std::string gpu_model;            // NVML's name: that GPU's measured constants
   bool remote = false;              // a connection flag was given: ask memfitd
 };
 

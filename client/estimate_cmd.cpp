@@ -154,7 +154,7 @@ int estimate_cmd(const Invocation& inv) {
     est::DeviceModel device;
     const std::string dev = a.device.empty() ? job.device : a.device;
     if (dev.rfind("cuda", 0) == 0) {
-      device = est::DeviceModel::cuda();
+      device = est::DeviceModel::cuda(a.gpu_model);
       if (a.cuda_context >= 0) device.context_bytes = a.cuda_context;
       if (a.reserved_overhead >= 0) device.reserved_overhead = a.reserved_overhead;
     } else {

@@ -118,7 +118,8 @@ def main():
                     if part.startswith("/") and (".so" in part or part.endswith(".a") or os.path.isdir(part)):
                         libs.add(os.path.normpath(part))
     outside = sorted(l for l in libs if not rooted(l) and not rooted(os.path.realpath(l))
-                     and os.path.realpath(l) not in torch_loads and l not in torch_loads)
+                     and os.path.realpath(l) not in torch_loads and l not in torch_loads
+                     and os.path.realpath(l) != torch_lib)  # LibTorch's own folder (-L, rpath)
     own = owners(outside)
     for l in outside:
         pkg = own[l]

@@ -31,7 +31,7 @@ CoreError from(const PathError& e) {
 estimator::DeviceModel Core::device_model() const {
   const auto& d = devices_.devices();
   const bool cuda = !d.empty() && d.front().kind == "cuda";
-  if (cuda) return estimator::DeviceModel::cuda();
+  if (cuda) return estimator::DeviceModel::cuda(d.front().model);
   int threads = cfg_.worker_threads;
   if (threads <= 0) {
     const int cores = static_cast<int>(std::max(1L, sysconf(_SC_NPROCESSORS_ONLN)));

@@ -355,6 +355,8 @@ WorkerLaunch Core::launch_of(const v1::Job& j, const sched::Placement& p, const 
   l.args.insert(l.args.end(), {"--output-root", out.root});
   if (dev != nullptr && dev->kind == "cuda") {
     l.args.insert(l.args.end(), {"--device", "cuda:0"});
+    // NVML numbers GPUs in PCI bus order; CUDA, by default, fastest first.
+    l.env.push_back("CUDA_DEVICE_ORDER=PCI_BUS_ID");
     l.env.push_back("CUDA_VISIBLE_DEVICES=" + std::to_string(dev->index));
   } else {
     l.args.insert(l.args.end(), {"--device", "cpu", "--memory-limit", std::to_string(p.reservation_bytes), "--threads",

@@ -161,6 +161,18 @@ bool CgroupUsable(const std::string& dir, std::string* why) {
   return true;
 }
 
+std::vector<std::string> merge_env(const std::vector<std::string>& base, const std::vector<std::string>& extra) {
+  const auto name = [](const std::string& kv) { return kv.substr(0, kv.find('=')); };
+  std::vector<std::string> out;
+  for (const std::string& kv : base) {
+    bool replaced = false;
+    for (const std::string& e : extra) replaced = replaced || name(e) == name(kv);
+    if (!replaced) out.push_back(kv);
+  }
+  out.insert(out.end(), extra.begin(), extra.end());
+  return out;
+}
+
 std::unique_ptr<Worker> ProcessLauncher::start(const WorkerLaunch& l) {
   const std::string out = l.dir + "/worker.out", err = l.dir + "/worker.err";
   std::vector<std::string> argv_s{l.binary};
@@ -168,9 +180,9 @@ std::unique_ptr<Worker> ProcessLauncher::start(const WorkerLaunch& l) {
   std::vector<char*> argv;
   for (auto& a : argv_s) argv.push_back(a.data());
   argv.push_back(nullptr);
-  std::vector<std::string> env_s;
-  for (char** e = environ; *e != nullptr; ++e) env_s.emplace_back(*e);
-  env_s.insert(env_s.end(), l.env.begin(), l.env.end());
+  std::vector<std::string> inherited;
+  for (char** e = environ; *e != nullptr; ++e) inherited.emplace_back(*e);
+  std::vector<std::string> env_s = merge_env(inherited, l.env);
   std::vector<char*> envp;
   for (auto& e : env_s) envp.push_back(e.data());
   envp.push_back(nullptr);

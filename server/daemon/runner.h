@@ -65,6 +65,11 @@ class WorkerLauncher {
 };
 
 // Real processes (fork + exec, confined as the launch says).
+// The worker's environment: memfitd's own, with each NAME=VALUE of `extra` replacing any
+// inherited NAME (an inherited CUDA_VISIBLE_DEVICES must not win over the placement, and
+// getenv returns the first of two).
+std::vector<std::string> merge_env(const std::vector<std::string>& base, const std::vector<std::string>& extra);
+
 class ProcessLauncher : public WorkerLauncher {
  public:
   std::unique_ptr<Worker> start(const WorkerLaunch& l) override;

@@ -33,6 +33,24 @@ DeviceModel DeviceModel::cuda() {
   return d;
 }
 
+const std::vector<CudaConstants>& cuda_constants() {
+  // Written from the GPU check's cuda_constants.json (docs/GPU.md, "Last results").
+  static const std::vector<CudaConstants> table = {
+  };
+  return table;
+}
+
+DeviceModel DeviceModel::cuda(const std::string& gpu_model) {
+  DeviceModel d = cuda();
+  for (const CudaConstants& c : cuda_constants()) {
+    if (gpu_model == c.gpu_model) {
+      d.context_bytes = c.context_bytes;
+      d.reserved_overhead = c.reserved_overhead;
+    }
+  }
+  return d;
+}
+
 namespace {
 
 using sim::Tensor;

@@ -53,8 +53,21 @@ struct DeviceModel {
   static constexpr double kCudaReservedOverhead = 0.08;
   static DeviceModel cpu(int threads);
   static DeviceModel cuda();
+  // The constants measured on that GPU model (NVML's name, e.g. "NVIDIA H200"; see
+  // cuda_constants()), else cuda()'s.
+  static DeviceModel cuda(const std::string& gpu_model);
   const char* kind_name() const { return kind == Kind::kCPU ? "cpu" : "cuda"; }
 };
+
+// CUDA constants measured on one GPU model by scripts/gpu_check.sh (step 3, docs/GPU.md),
+// with the PyTorch it ran: the estimator's defaults for that model.
+struct CudaConstants {
+  const char* gpu_model;      // NVML's name
+  int64_t context_bytes;
+  double reserved_overhead;
+  const char* measured_with;  // PyTorch, CUDA and driver versions, date
+};
+const std::vector<CudaConstants>& cuda_constants();
 
 struct Input {
   spec::Job job;              // architecture, task, method, LoRA, memory options, training

@@ -1,5 +1,6 @@
 // The job state machine's decisions (server/daemon/decide.h): every outcome of an attempt
 // against every budget, no processes.
+#include "runner.h"
 #include "decide.h"
 
 #include <gtest/gtest.h>
@@ -199,3 +200,15 @@ TEST(DecideAfter, WaitReleaseOrCancel) {
 
 }  // namespace
 }  // namespace memfit::daemon
+
+// An inherited CUDA_VISIBLE_DEVICES (memfitd started under one) must not override the GPU
+// memfitd placed the job on: getenv returns the first of two entries.
+TEST(MergeEnv, PlacementReplacesInheritedValues) {
+  const std::vector<std::string> base = {"PATH=/usr/bin", "CUDA_VISIBLE_DEVICES=3", "HOME=/root",
+                                         "CUDA_VISIBLE_DEVICES_X=keep"};
+  const auto env = memfit::daemon::merge_env(base, {"CUDA_VISIBLE_DEVICES=1", "CUDA_DEVICE_ORDER=PCI_BUS_ID"});
+  const std::vector<std::string> want = {"PATH=/usr/bin", "HOME=/root", "CUDA_VISIBLE_DEVICES_X=keep",
+                                         "CUDA_VISIBLE_DEVICES=1", "CUDA_DEVICE_ORDER=PCI_BUS_ID"};
+  EXPECT_EQ(env, want);
+  EXPECT_EQ(memfit::daemon::merge_env(base, {}), base);
+}
