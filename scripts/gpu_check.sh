@@ -71,6 +71,10 @@ scripts/gpu/deps.sh unpack "$prefix" 2>&1 | tee -a "$out/check.log" || fail "scr
 libdir=$prefix/usr/lib/x86_64-linux-gnu
 export LD_LIBRARY_PATH=$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PATH=$prefix/usr/bin:$PATH
+# pkg-config (gRPC's CMake files ask it for RE2) reads the prefix's .pc files, and the
+# folders they name are taken inside the prefix.
+export PKG_CONFIG_LIBDIR=$libdir/pkgconfig:$prefix/usr/share/pkgconfig PKG_CONFIG_SYSROOT_DIR=$prefix
+unset PKG_CONFIG_PATH
 data=${MEMFIT_DATA_DIR:-$repo/.memfit/data}
 if [[ ! -f $data/fashion-mnist/t10k-images-idx3-ubyte ]]; then
   scripts/gpu/deps.sh data "$data" || fail "unpacking the carried data"
@@ -133,8 +137,9 @@ else
     -DCMAKE_SHARED_LINKER_FLAGS="-Wl,-rpath-link,$libdir" > "$work/configure.log" 2>&1 ||
     { tail -n 40 "$work/configure.log" | tee -a "$out/check.log"; pack_logs; fail "configure"; }
   log "building ${targets[*]} with $jobs jobs"
-  cmake --build "$build" --parallel "$jobs" --target "${targets[@]}" > "$work/build.log" 2>&1 ||
-    { grep -m 12 -A8 'error' "$work/build.log" | head -120 | tee -a "$out/check.log"; pack_logs; fail "build"; }
+  # -k 0: every error in one run, not only the first (a borrowed GPU's minutes are few).
+  cmake --build "$build" --parallel "$jobs" --target "${targets[@]}" -- -k 0 > "$work/build.log" 2>&1 ||
+    { grep -E -m 30 -A6 'error|FAILED' "$work/build.log" | head -200 | tee -a "$out/check.log"; pack_logs; fail "build"; }
   log "build done"
   [[ $mode == ci ]] || tar -C "$build" -czf "$out/bin.tar.gz" "${programs[@]}"
   "$py" scripts/gpu/check_prefix.py --build "$build" --prefix "$prefix" "${check_args[@]}" \

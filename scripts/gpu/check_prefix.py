@@ -105,23 +105,36 @@ def main():
         problems.append(f"header {h} ({pkg or 'no package'})")
 
     # 2. Link lines: absolute library paths and -L folders in build.ninja.
+    # A -lNAME is the first libNAME.so (or .a) in the line's -L folders, then the linker's
+    # default folders: what this machine's linker would take.
+    default_dirs = ["/usr/local/lib", "/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib", "/lib"]
     libs = set()
     with open(os.path.join(build, "build.ninja")) as f:
         for line in f:
             line = line.strip()
             if not line.startswith(("LINK_LIBRARIES =", "LINK_PATH =")):
                 continue
-            for tok in line.split("=", 1)[1].split():
-                for part in tok.split(","):
-                    if part.startswith("-L"):
-                        part = part[2:]
-                    if part.startswith("/") and (".so" in part or part.endswith(".a") or os.path.isdir(part)):
-                        libs.add(os.path.normpath(part))
+            toks = [p for tok in line.split("=", 1)[1].split() for p in tok.split(",")]
+            ldirs = [t[2:] for t in toks if t.startswith("-L") and len(t) > 2]
+            for part in toks:
+                if part.startswith("-l") and len(part) > 2 and not RUNTIME_LIBS.match(f"lib{part[2:]}.so"):
+                    found = next((os.path.join(d, f"lib{part[2:]}{ext}") for d in ldirs + default_dirs
+                                  for ext in (".so", ".a") if os.path.exists(os.path.join(d, f"lib{part[2:]}{ext}"))),
+                                 None)
+                    libs.add(os.path.normpath(found) if found else f"{part} (not found)")
+                    continue
+                if part.startswith("-L"):
+                    part = part[2:]
+                if part.startswith("/") and (".so" in part or part.endswith(".a") or os.path.isdir(part)):
+                    libs.add(os.path.normpath(part))
     outside = sorted(l for l in libs if not rooted(l) and not rooted(os.path.realpath(l))
                      and os.path.realpath(l) not in torch_loads and l not in torch_loads
                      and os.path.realpath(l) != torch_lib)  # LibTorch's own folder (-L, rpath)
     own = owners(outside)
     for l in outside:
+        if l.endswith("(not found)"):
+            problems.append(f"linked {l}")
+            continue
         pkg = own[l]
         if pkg and (RUNTIME_PACKAGES.match(pkg) or pkg in torch_pkgs):
             continue
