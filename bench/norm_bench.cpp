@@ -5,6 +5,7 @@
 //
 //   memfit-bench-norm [--rows 8192] [--cols 768] [--reps 41] [--threads 1]
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
