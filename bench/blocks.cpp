@@ -1,6 +1,7 @@
 #include "blocks.h"
 
 #include <ATen/ATen.h>
+#include <torch/version.h>
 
 #include <cmath>
 #include <limits>
@@ -68,8 +69,9 @@ KeptBytes expected_kept_bytes(const BlockShape& s, Mode m) {
       k.add(std::string(which) + " output (LoRA input)", T * d * f);
       k.add(std::string(which) + " statistics", (vit ? 2 : 1) * T * f);
       // The RMSNorm composite's x.pow(2) output is kept too: LibTorch 1.13's mean()
-      // backward saves its input (measured with saved-tensor hooks).
-      if (!vit) k.add(std::string(which) + " input squared", T * d * f);
+      // backward saves its input (measured with saved-tensor hooks); 2.x's does not
+      // (measured on the GPU check, docs/GPU.md).
+      if (!vit && TORCH_VERSION_MAJOR < 2) k.add(std::string(which) + " input squared", T * d * f);
     }
   }
   // LoRA composites (exact modes) keep the rank-r intermediate x A^T of every layer;

@@ -313,7 +313,7 @@ Definition::Definition() {
   v = verb("estimate", {"predict a job's peak device memory, with a breakdown (no daemon needed)",
                         "Predict the job's peak device memory with a breakdown, without running it. With "
                         "--device-memory, also the largest micro-batch and the cheapest memory options that "
-                        "fit. CUDA defaults: 512MiB context, 8% reserved beyond allocated. Sizes: 16GiB, "
+                        "fit. CUDA defaults: 800MiB context, 64MiB cuBLAS workspaces, the caching allocator modelled + 8%; measured values for GPUs memfit has been run on (--gpu-model). Sizes: 16GiB, "
                         "800MiB, 80GB or plain bytes. With a connection flag (--server, --token, ...), "
                         "memfitd answers instead: its devices, worker threads and calibration apply, and it "
                         "says what it would reserve. --write-spec saves the plan as a spec that "
@@ -333,7 +333,7 @@ Definition::Definition() {
   expect(v->add_option("--threads", inv_.estimate.threads, "CPU threads (default: this machine's)")
              ->type_name("N"),
          "1..65536", integer(1, 65536));
-  size_option(v->add_option("--cuda-context", inv_.estimate.cuda_context, "the CUDA context's memory (512MiB)")
+  size_option(v->add_option("--cuda-context", inv_.estimate.cuda_context, "the CUDA context's memory (800MiB)")
                   ->type_name("SIZE"));
   expect(v->add_option("--reserved-overhead", inv_.estimate.reserved_overhead,
                        "the caching allocator's memory beyond the tensors, a fraction of them (0.08)")

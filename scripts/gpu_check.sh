@@ -31,7 +31,7 @@ repo=$(pwd)
 mode=gpu
 tiny=()
 budget=540
-steps=1,2,3,4,5
+steps=1,2,3,4,5,6
 prebuilt=
 while [[ $# -gt 0 ]]; do
   case $1 in

@@ -31,7 +31,7 @@ from common import Step, md_table  # noqa: E402
 import workloads as W  # noqa: E402
 
 MiB = 1 << 20
-CUDA_CONTEXT = 512 * MiB  # estimator::DeviceModel::kCudaContextBytes: the daemon adds it to a
+CUDA_CONTEXT = 800 * MiB  # the device model's context (DeviceModel::cuda("NVIDIA H200")): the daemon adds it to a
 # CUDA worker's reserved peak when it compares with the estimate (calibration)
 
 

@@ -99,6 +99,17 @@ TINY_GRID = [
     ("tiny", "llama", "best", "lora", (2, 32), "bf16", None),
 ]
 
+def validation_grid(grid):
+    """The same architectures and options at other shapes (MEMFIT_GPU_GRID=validation): a
+    check of constants fitted on FULL_GRID against specs they were not fitted on."""
+    out = []
+    for name, arch, mode, method, (B, S), extra, config in grid:
+        B2 = B * 2 if B <= 16 else B // 2
+        S2 = (S // 2 if S >= 256 else S * 2) if S else 0
+        out.append((name, arch, mode, method, (B2, S2), extra, config))
+    return out
+
+
 START_GUARD_S = 20   # full runs: no new spec with less than this left before the deadline
 KILL_GUARD_S = 8     # workers still running this close to the deadline are stopped
 STAGGER_S = 0.3      # between two worker starts (keeps NVML's processes apart in time)
@@ -344,6 +355,9 @@ def main():
     import accuracy as A  # noqa: E402  (imports tests/worker/worker_harness.py)
 
     grid = TINY_GRID if step.tiny else FULL_GRID
+    if os.environ.get("MEMFIT_GPU_GRID") == "validation":
+        grid = validation_grid(grid)
+        step.result["data"]["grid"] = "validation"
     parallel = 4 if cuda else 2
     threads = 4 if cuda else 1          # the worker's CPU threads; the CPU estimate uses the same
     data = step.result["data"]

@@ -11,6 +11,7 @@ Steps (scripts/gpu/step_*.py; each takes --ctx FILE, writes its JSON to ctx["res
   3 estimator  the estimator against the worker's measured peaks; constants fitted
   4 headline   ViT-B/16 LoRA at micro-batch 64 (exact, paper, memfit_best); LLaMA block
   5 daemon     memfitd packing three jobs on one device; NVML used vs reservations
+  6 ablation   the LLaMA-7B-shaped job with one memory option at a time: where time goes
 
 OUT gets summary.md (every step's table) and results.json (every step's data), and
 logs.tar.gz (the folder --logs: each step's logs, and whatever else the caller put there)
@@ -34,10 +35,11 @@ STEPS = [
     ("3", "estimator", "step_estimator.py"),
     ("4", "headline", "step_headline.py"),
     ("5", "daemon", "step_daemon.py"),
+    ("6", "ablation", "step_ablation.py"),
 ]
 # Seconds per step on the GPU (the whole check must end inside 10 minutes, build
 # included); --tiny runs use the same limits.
-LIMITS = {"tests": 60, "bench": 60, "estimator": 150, "headline": 90, "daemon": 90}
+LIMITS = {"tests": 60, "bench": 60, "estimator": 150, "headline": 90, "daemon": 90, "ablation": 60}
 
 
 def write_outputs(out, results, env):
@@ -69,7 +71,7 @@ def main():
     ap.add_argument("--budget", type=float, default=0,
                     help="seconds for all the chosen steps: their limits are scaled to fit")
     ap.add_argument("--tiny", action="store_true", help="tiny inputs (rehearsal and CI)")
-    ap.add_argument("--steps", default="1,2,3,4,5", help="comma-separated step numbers or names")
+    ap.add_argument("--steps", default="1,2,3,4,5,6", help="comma-separated step numbers or names")
     ap.add_argument("--data", default=os.environ.get("MEMFIT_DATA_DIR", os.path.join(REPO, ".memfit", "data")))
     ap.add_argument("--time-scale", type=float, default=1.0, help="multiply every step's time limit")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for summary.md's header")

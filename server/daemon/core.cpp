@@ -488,8 +488,9 @@ void Core::finish(const std::string& id, Active& a) {
       // Learn from the measured peak (like against like: on CUDA the caching allocator's
       // reserved bytes plus the context the estimate counts). Only a run that trained
       // measured the whole step (a resume at the last step did not).
-      const bool cuda = device_model().kind == estimator::DeviceModel::Kind::kCUDA;
-      const int64_t measured = cuda ? r.measured_reserved + estimator::DeviceModel::kCudaContextBytes : r.measured_peak;
+      const estimator::DeviceModel dm = device_model();
+      const bool cuda = dm.kind == estimator::DeviceModel::Kind::kCUDA;
+      const int64_t measured = cuda ? r.measured_reserved + dm.context_bytes : r.measured_peak;
       if (est > 0 && measured > 0 && r.steps > 0) {
         if (!key.empty()) {
           calibration_.add({key, est, measured});

@@ -42,15 +42,20 @@ struct DeviceModel {
   // device outside the caching allocator.
   int64_t context_bytes = 0;
   int64_t alloc_granularity = 1;            // CUDA caching allocator: 512-byte blocks
-  double reserved_overhead = 0.0;           // reserved / allocated - 1 at the peak
+  double reserved_overhead = 0.0;           // reserved beyond the allocator model's, / allocated
+  int64_t workspace_bytes = 0;              // cuBLAS workspaces (LibTorch 2.x: in the allocator)
   bool mean_backward_keeps_input = true;    // LibTorch 1.13 (CPU builds); 2.x does not
   // Autograd adds a second gradient into the first in place (2.x) or forms old + new
   // (1.13, every dense buffer): a tied embedding's two [V, d] gradients need a third.
   bool grad_buffer_in_place = false;
 
-  static constexpr int64_t kCudaContextBytes = int64_t{512} << 20;
+  // Generic CUDA defaults, from the first measurement (NVIDIA H200, CUDA 13, PyTorch 2.11:
+  // docs/GPU.md): the context and kernel images held 742-758 MiB outside the allocator;
+  // 800 MiB also covers the fragmentation the allocator model misses on small jobs.
+  static constexpr int64_t kCudaContextBytes = int64_t{800} << 20;
   static constexpr int64_t kCudaBlockBytes = 512;
   static constexpr double kCudaReservedOverhead = 0.08;
+  static constexpr int64_t kCudaWorkspaceBytes = int64_t{64} << 20;
   static DeviceModel cpu(int threads);
   static DeviceModel cuda();
   // The constants measured on that GPU model (NVML's name, e.g. "NVIDIA H200"; see
@@ -65,6 +70,7 @@ struct CudaConstants {
   const char* gpu_model;      // NVML's name
   int64_t context_bytes;
   double reserved_overhead;
+  int64_t workspace_bytes;
   const char* measured_with;  // PyTorch, CUDA and driver versions, date
 };
 const std::vector<CudaConstants>& cuda_constants();

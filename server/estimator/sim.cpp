@@ -17,6 +17,104 @@ const bool g_trace = [] {
 }();
 }  // namespace
 
+int64_t CachingAllocatorModel::new_id(const Blk& b) {
+  if (!spare_.empty()) {
+    const int64_t id = spare_.back();
+    spare_.pop_back();
+    blocks_[static_cast<size_t>(id)] = b;
+    return id;
+  }
+  blocks_.push_back(b);
+  return static_cast<int64_t>(blocks_.size()) - 1;
+}
+
+void CachingAllocatorModel::insert_free(int64_t id) {
+  Blk& b = blocks_[static_cast<size_t>(id)];
+  b.free = true;
+  (b.small ? free_small_ : free_large_).insert({b.size, b.segment, b.offset});
+  at_[{b.segment, b.offset}] = id;
+}
+
+void CachingAllocatorModel::erase_free(int64_t id) {
+  Blk& b = blocks_[static_cast<size_t>(id)];
+  b.free = false;
+  (b.small ? free_small_ : free_large_).erase({b.size, b.segment, b.offset});
+  at_.erase({b.segment, b.offset});
+}
+
+int64_t CachingAllocatorModel::alloc(int64_t bytes) {
+  if (bytes <= 0) return -1;
+  constexpr int64_t kMinBlock = 512, kSmallSize = int64_t{1} << 20, kSmallBuffer = int64_t{2} << 20,
+                    kLargeBuffer = int64_t{20} << 20, kMinLargeAlloc = int64_t{10} << 20,
+                    kRoundLarge = int64_t{2} << 20;
+  const int64_t size = (bytes + kMinBlock - 1) / kMinBlock * kMinBlock;
+  const bool small = size <= kSmallSize;
+  std::set<Key>& pool = small ? free_small_ : free_large_;
+  int64_t id;
+  auto it = pool.lower_bound({size, std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::min()});
+  if (it != pool.end()) {
+    id = at_.at({std::get<1>(*it), std::get<2>(*it)});
+    erase_free(id);
+  } else {
+    const int64_t seg = small ? kSmallBuffer
+                        : size < kMinLargeAlloc ? kLargeBuffer
+                                                : (size + kRoundLarge - 1) / kRoundLarge * kRoundLarge;
+    Blk b;
+    b.segment = segments_++;
+    b.offset = 0;
+    b.size = seg;
+    b.small = small;
+    id = new_id(b);
+    reserved_ += seg;
+  }
+  Blk& b = blocks_[static_cast<size_t>(id)];
+  const int64_t rest = b.size - size;
+  if (small ? rest >= kMinBlock : rest > kSmallSize) {
+    Blk r;
+    r.segment = b.segment;
+    r.offset = b.offset + size;
+    r.size = rest;
+    r.small = small;
+    r.prev = id;
+    r.next = b.next;
+    const int64_t rid = new_id(r);
+    Blk& bb = blocks_[static_cast<size_t>(id)];  // new_id may have moved the vector
+    if (bb.next >= 0) blocks_[static_cast<size_t>(bb.next)].prev = rid;
+    bb.next = rid;
+    bb.size = size;
+    insert_free(rid);
+  }
+  return id;
+}
+
+void CachingAllocatorModel::free(int64_t id) {
+  if (id < 0) return;
+  // Merge with free neighbours of the same segment.
+  for (int side = 0; side < 2; ++side) {
+    Blk& b = blocks_[static_cast<size_t>(id)];
+    const int64_t n = side == 0 ? b.prev : b.next;
+    if (n < 0 || !blocks_[static_cast<size_t>(n)].free) continue;
+    erase_free(n);
+    Blk& nb = blocks_[static_cast<size_t>(n)];
+    if (side == 0) {  // n precedes b: b grows down into n
+      b.offset = nb.offset;
+      b.prev = nb.prev;
+      if (b.prev >= 0) blocks_[static_cast<size_t>(b.prev)].next = id;
+    } else {
+      b.next = nb.next;
+      if (b.next >= 0) blocks_[static_cast<size_t>(b.next)].prev = id;
+    }
+    b.size += nb.size;
+    spare_.push_back(n);
+  }
+  insert_free(id);
+}
+
+void Timeline::free(int64_t charged, int64_t block) {
+  if (cache_on_) cache_.free(block);
+  free(charged);
+}
+
 void Timeline::free(int64_t charged) {
   current_ -= charged;
   if (g_trace) std::fprintf(stderr, "-%lld %lld\n", static_cast<long long>(charged), static_cast<long long>(current_));
@@ -36,6 +134,11 @@ int64_t Timeline::alloc(int64_t bytes) {
   }
   current_ += charged;
   ++allocations_;
+  if (cache_on_) {
+    last_block_ = cache_.alloc(bytes);
+    const int64_t r = cache_.reserved() + (shadow_on_ ? std::max<int64_t>(0, shadow_offset_) : 0);
+    if (r > reserved_peak_) reserved_peak_ = r;
+  }
   if (g_trace) std::fprintf(stderr, "+%lld %lld\n", static_cast<long long>(charged), static_cast<long long>(current_));
   if (current_ > peak_) peak_ = current_;
   if (shadow_on_ && current_ + shadow_offset_ > peak_) peak_ = current_ + shadow_offset_;

@@ -14,10 +14,42 @@
 #include <memory>
 #include <memory_resource>
 #include <set>
+#include <tuple>
 #include <string>
 #include <vector>
 
 namespace memfit::estimator::sim {
+
+// PyTorch's CUDA caching allocator (c10/cuda/CUDACachingAllocator.cpp, its defaults):
+// what it reserves from the device for the same sequence of allocations and frees.
+// Requests are rounded up to 512 B. Those of at most 1 MiB come from a small pool of
+// 2 MiB segments; larger ones from a large pool whose new segments are 20 MiB for
+// requests under 10 MiB, else the request rounded up to 2 MiB. A request takes the
+// smallest free block that fits (then the lowest address), split when the rest is at
+// least 512 B (small pool) or over 1 MiB (large pool); a freed block merges with free
+// neighbours in its segment; segments are never given back. Reserved = their sum.
+class CachingAllocatorModel {
+ public:
+  int64_t alloc(int64_t bytes);  // a block id (-1 for 0 bytes)
+  void free(int64_t id);
+  int64_t reserved() const { return reserved_; }
+
+ private:
+  struct Blk {
+    int64_t segment, offset, size;
+    int64_t prev = -1, next = -1;  // neighbours in the segment
+    bool small = false, free = false;
+  };
+  using Key = std::tuple<int64_t, int64_t, int64_t>;  // size, segment, offset: best fit, then address
+  std::vector<Blk> blocks_;
+  std::vector<int64_t> spare_;  // ids of merged-away blocks, reused
+  std::set<Key> free_small_, free_large_;
+  std::map<std::pair<int64_t, int64_t>, int64_t> at_;  // (segment, offset) of a free block -> id
+  int64_t reserved_ = 0, segments_ = 0;
+  int64_t new_id(const Blk& b);
+  void insert_free(int64_t id);
+  void erase_free(int64_t id);
+};
 
 // Bytes live now and at their peak, per phase. Arithmetic is checked: the sum of a
 // timeline can exceed int64 only for absurd inputs, which raise EstimateError.
@@ -44,8 +76,16 @@ class Timeline {
     shadow_offset_ = offset;
   }
   void shadow_add(int64_t delta) { shadow_offset_ += delta; }
+  // CUDA: also model the caching allocator; reserved_peak() is then what it held at most.
+  void model_cache(bool on) { cache_on_ = on; }
+  int64_t last_block() const { return last_block_; }
+  void free(int64_t charged, int64_t block);
+  int64_t reserved_peak() const { return reserved_peak_; }
 
  private:
+  bool cache_on_ = false;
+  CachingAllocatorModel cache_;
+  int64_t last_block_ = -1, reserved_peak_ = 0;
   int64_t granularity_;
   int64_t current_ = 0, peak_ = 0, phase_start_peak_ = 0;
   int64_t allocations_ = 0;
@@ -59,8 +99,9 @@ struct Block {
   Timeline* t;
   int64_t charged;
   bool kept = false;  // owned by an entry of the kept breakdown
-  Block(Timeline* tl, int64_t c) : t(tl), charged(c) {}
-  ~Block() { t->free(charged); }
+  int64_t id;         // the caching allocator model's block (-1: none)
+  Block(Timeline* tl, int64_t c) : t(tl), charged(c), id(tl->last_block()) {}
+  ~Block() { t->free(charged, id); }
 };
 
 struct Node;

@@ -112,3 +112,68 @@ TEST(FitDecision, SearchesEveryPointAndNamesTheTrueSmallest) {
 }
 
 }  // namespace
+
+// The CUDA caching allocator model (sim.h), against PyTorch's rules.
+namespace {
+constexpr int64_t MiB = int64_t{1} << 20;
+
+TEST(CachingAllocatorModel, PoolsAndSegmentSizes) {
+  sim::CachingAllocatorModel m;
+  // Small requests (<= 1 MiB) share 2 MiB segments, each rounded up to 512 B.
+  const int64_t a = m.alloc(100), b = m.alloc(512 * 1024), c = m.alloc(MiB);
+  EXPECT_EQ(m.reserved(), 2 * MiB);  // 512 B + 512 KiB + 1 MiB fit one segment
+  const int64_t c2 = m.alloc(MiB);
+  EXPECT_EQ(m.reserved(), 4 * MiB);  // the first has under 1 MiB left
+  // 1 MiB < request < 10 MiB: a 20 MiB segment, whose rest serves later requests.
+  const int64_t d = m.alloc(MiB + 1);
+  EXPECT_EQ(m.reserved(), 24 * MiB);
+  const int64_t e = m.alloc(11 * MiB);
+  EXPECT_EQ(m.reserved(), 24 * MiB);
+  // A request of 10 MiB or more that fits nowhere: its own segment, rounded to 2 MiB.
+  const int64_t f = m.alloc(21 * MiB + 5);
+  EXPECT_EQ(m.reserved(), 46 * MiB);
+  for (int64_t id : {a, b, c, c2, d, e, f}) m.free(id);
+  EXPECT_EQ(m.reserved(), 46 * MiB);  // segments are kept
+  EXPECT_EQ(m.alloc(0), -1);
+}
+
+TEST(CachingAllocatorModel, BestFitSplitsAndMerges) {
+  sim::CachingAllocatorModel m;
+  const int64_t big = m.alloc(40 * MiB);  // its own 40 MiB segment
+  m.free(big);
+  const int64_t x = m.alloc(15 * MiB), y = m.alloc(15 * MiB);  // both split from it
+  EXPECT_EQ(m.reserved(), 40 * MiB);
+  m.free(x);
+  m.free(y);  // merges with x and the rest: one 40 MiB block again
+  const int64_t z = m.alloc(39 * MiB);
+  EXPECT_EQ(m.reserved(), 40 * MiB);
+  // A large block's rest of at most 1 MiB is not split off: a 1 MiB request now needs a
+  // segment of its own (the small pool's).
+  const int64_t w = m.alloc(MiB);
+  EXPECT_EQ(m.reserved(), 42 * MiB);
+  m.free(z);
+  m.free(w);
+}
+
+TEST(CachingAllocatorModel, FragmentationReservesMoreThanLive) {
+  sim::CachingAllocatorModel m;
+  // Interleaved 12 MiB and 14 MiB blocks, every second one freed: the holes are too small
+  // for a 16 MiB request, which takes a new segment.
+  std::vector<int64_t> ids;
+  for (int i = 0; i < 6; ++i) ids.push_back(m.alloc((i % 2 ? 14 : 12) * MiB));
+  for (int i = 0; i < 6; i += 2) m.free(ids[i]);
+  const int64_t before = m.reserved();
+  m.alloc(16 * MiB);
+  EXPECT_EQ(m.reserved(), before + 16 * MiB);
+}
+
+TEST(DeviceModel, MeasuredGpuConstants) {
+  const est::DeviceModel h200 = est::DeviceModel::cuda("NVIDIA H200");
+  EXPECT_EQ(h200.context_bytes, 800 * MiB);
+  EXPECT_DOUBLE_EQ(h200.reserved_overhead, 0.05);
+  EXPECT_EQ(h200.workspace_bytes, 64 * MiB);
+  const est::DeviceModel other = est::DeviceModel::cuda("Some Future GPU");
+  EXPECT_EQ(other.context_bytes, est::DeviceModel::kCudaContextBytes);
+  EXPECT_DOUBLE_EQ(other.reserved_overhead, est::DeviceModel::kCudaReservedOverhead);
+}
+}  // namespace

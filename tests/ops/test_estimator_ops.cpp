@@ -5,6 +5,7 @@
 // an op, without the same change in the table, fails here.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+#include <torch/version.h>
 
 #include <ATen/Parallel.h>
 
@@ -59,7 +60,10 @@ struct SimRun {
   sim::Runtime rt;
   SimRun() {
     rt.threads = at::get_num_threads();
-    rt.mean_backward_keeps_input = true;
+    // LibTorch 1.13's mean() backward keeps its input and adds gradients out of place;
+    // 2.x's does neither (estimator::DeviceModel).
+    rt.mean_backward_keeps_input = TORCH_VERSION_MAJOR < 2;
+    s.grad_buffer_in_place = TORCH_VERSION_MAJOR >= 2;
     s.cpu_bf16_gemm_threads = rt.threads;  // charged only for bf16 products, as the estimator does on the CPU
   }
   // A tensor of n elements; `grad`: a leaf that receives a gradient.

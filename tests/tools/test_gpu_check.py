@@ -51,7 +51,7 @@ class GpuCheck(unittest.TestCase):
 
     def test_every_step_measured(self):
         r = self.results()
-        self.assertEqual(sorted(r), ["bench", "daemon", "estimator", "headline", "tests"])
+        self.assertEqual(sorted(r), ["ablation", "bench", "daemon", "estimator", "headline", "tests"])
         for name, step in r.items():
             self.assertEqual(step["status"], "ok", f"{name}: {step.get('errors')}")
             self.assertTrue(step["markdown"].strip(), name)
@@ -94,7 +94,7 @@ class GpuCheck(unittest.TestCase):
             self.assertEqual(p.returncode, 0, p.stdout[-3000:] + p.stderr[-2000:])
             with open(os.path.join(out, "results.json")) as f:
                 steps = json.load(f)["steps"]
-            self.assertEqual([s["status"] for s in steps], ["ok"] * 5, [s.get("errors") for s in steps])
+            self.assertEqual([s["status"] for s in steps], ["ok"] * 6, [s.get("errors") for s in steps])
 
     def test_unpack_refuses_root_and_tampered_packages(self):
         p = sh(["scripts/gpu/deps.sh", "unpack", "/"])
