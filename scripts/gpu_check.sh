@@ -69,7 +69,8 @@ mkdir -p "$work"
 log "unpacking the carried packages into $prefix"
 scripts/gpu/deps.sh unpack "$prefix" 2>&1 | tee -a "$out/check.log" || fail "scripts/gpu/deps.sh unpack"
 libdir=$prefix/usr/lib/x86_64-linux-gnu
-export LD_LIBRARY_PATH=$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# zlib1g installs into /lib, the rest into /usr/lib.
+export LD_LIBRARY_PATH=$libdir:$prefix/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PATH=$prefix/usr/bin:$PATH
 # pkg-config (gRPC's CMake files ask it for RE2) reads the prefix's .pc files, and the
 # folders they name are taken inside the prefix.

@@ -48,14 +48,19 @@ def owners(paths):
             if path in out:
                 out[path] = pkgs.split(",")[0].split(":")[0].strip()
     # dpkg names files by the path it installed them at (/lib vs /usr/lib on merged-/usr).
-    missing = [p for p in todo if not out[p] and p.startswith("/usr/lib/")]
-    if missing:
-        p = subprocess.run(["dpkg", "-S"] + [m[4:] for m in missing], capture_output=True, text=True)
+    alias = {}
+    for p in todo:
+        if not out[p] and p.startswith("/usr/lib/"):
+            alias[p[4:]] = p
+        elif not out[p] and p.startswith("/lib/"):
+            alias["/usr" + p] = p
+    if alias:
+        p = subprocess.run(["dpkg", "-S"] + sorted(alias), capture_output=True, text=True)
         for line in p.stdout.splitlines():
             if ": " in line:
                 pkgs, path = line.split(": ", 1)
-                if "/usr" + path in out:
-                    out["/usr" + path] = pkgs.split(",")[0].split(":")[0].strip()
+                if path in alias:
+                    out[alias[path]] = pkgs.split(",")[0].split(":")[0].strip()
     return out
 
 
@@ -78,6 +83,13 @@ def main():
     allowed_roots = [prefix, os.path.realpath(REPO), build, "/usr/local/cuda", "/usr/lib/gcc",
                      os.path.realpath("/usr/local/cuda")]
     allowed_roots += [os.path.realpath(p) for p in a.torch_include]
+    allowed_roots.append(torch_lib)
+    # A compiler installed in its own prefix (the GPU machine's /opt/gcc) brings its runtime.
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx:
+        cxx_prefix = os.path.dirname(os.path.dirname(os.path.realpath(cxx)))
+        if cxx_prefix not in ("/usr", "/", "/usr/local"):
+            allowed_roots.append(cxx_prefix)
     torch_pkgs = set(a.torch_package)
 
     def rooted(p):
