@@ -606,21 +606,33 @@ Tensor cross_entropy(Sim& s, const Tensor& logits, int64_t rows, int64_t classes
 Tensor linear_cross_entropy(Sim& s, const Runtime& rt, const Tensor& h, int64_t rows, int64_t d, int64_t vocab,
                             const Tensor& weight) {
   const bool build = s.grad_mode && (h.requires_grad() || weight.requires_grad());
+  // bf16 / fp16 on CUDA: products in the job's dtype, no fp32 copy of the head, the
+  // logits' product cast to fp32 (worker/ops/functions/cross_entropy.cpp).
+  const bool low = rt.cuda && h.esize != kF32 && weight.esize == h.esize;
   Tensor valid = s.empty(rows, 1);
-  Tensor wf = weight.esize == kF32 ? weight : s.empty(vocab * d, kF32);
+  Tensor wf = low || weight.esize == kF32 ? Tensor{} : s.empty(vocab * d, kF32);
   Tensor dh, dw;
   if (build && h.requires_grad()) dh = s.empty(rows * d, h.esize);
   if (build && weight.requires_grad()) dw = s.empty(vocab * d, kF32);
+  Tensor total = s.empty(1, 8);  // the loss summed on the device, in double
   {
     const int64_t step = std::max<int64_t>(1, rt.loss_chunk_bytes / std::max<int64_t>(1, vocab * 4));
     const int64_t c = std::min(step, rows);
-    Tensor hc = h.esize == kF32 ? Tensor{} : s.empty(c * d, kF32);
+    Tensor hc = low || h.esize == kF32 ? Tensor{} : s.empty(c * d, kF32);
     Tensor safe = s.empty(c, 8);
-    Tensor logits = s.empty(c * vocab, kF32);
+    Tensor logits;
+    {
+      Tensor product = low ? s.empty(c * vocab, h.esize) : Tensor{};
+      logits = s.empty(c * vocab, kF32);
+    }
     Tensor lse = s.empty(c, kF32), picked = s.empty(c, kF32);
     if (build) {
       Tensor a = s.empty(c, kF32), b = s.empty(c, kF32);
-      if (dh.defined()) Tensor dhc = s.empty(c * d, kF32);
+      if (dh.defined()) {
+        Tensor cast = low ? s.empty(c * vocab, h.esize) : Tensor{};
+        Tensor dhc = s.empty(c * d, low ? h.esize : kF32);
+      }
+      if (dw.defined() && low) Tensor hcf = s.empty(c * d, kF32);
     }
   }
   Tensor loss = s.empty(1, kF32);

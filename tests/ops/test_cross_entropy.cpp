@@ -31,6 +31,30 @@ TEST(LinearCrossEntropy, LossAndGradientsMatchTheComposite) {
   }
 }
 
+// bf16: the CUDA path's products in bf16 (fp32 logits), run here on the CPU, against the
+// unfused head in bf16 and the loss in fp32, which is what the exact modes compute.
+TEST(LinearCrossEntropy, LowPrecisionProductsMatchTheUnfusedBf16Head) {
+  at::manual_seed(41);
+  const int64_t T = 29, d = 32, V = 211;
+  const at::Tensor h0 = at::randn({T, d}).to(at::kBFloat16), w0 = (at::randn({V, d}) * 0.3).to(at::kBFloat16);
+  at::Tensor y = at::randint(V, {T}, at::kLong);
+  y.narrow(0, 3, 2).fill_(-100);
+  memfit::ops::detail::low_precision_loss_products_everywhere(true);
+  for (bool train_w : {false, true}) {
+    const at::Tensor ha = h0.clone().requires_grad_(true), hb = h0.clone().requires_grad_(true);
+    const at::Tensor wa = w0.clone().requires_grad_(train_w), wb = w0.clone().requires_grad_(train_w);
+    const at::Tensor la = memfit::ops::linear_cross_entropy(ha, wa, y, V * 4 * 4);  // 4 rows a chunk
+    const at::Tensor lb =
+        at::cross_entropy_loss(at::linear(hb, wb).to(at::kFloat), y, {}, at::Reduction::Mean, -100);
+    EXPECT_NEAR(la.item<double>(), lb.item<double>(), 1e-4);
+    la.backward();
+    lb.backward();
+    EXPECT_TRUE(memfit::test::close(ha.grad().to(at::kFloat), hb.grad().to(at::kFloat), 2e-2, 1e-3));
+    if (train_w) EXPECT_TRUE(memfit::test::close(wa.grad().to(at::kFloat), wb.grad().to(at::kFloat), 2e-2, 1e-3));
+  }
+  memfit::ops::detail::low_precision_loss_products_everywhere(false);
+}
+
 TEST(LinearCrossEntropy, KeepsTheInputGradientNotTheLogits) {
   const int64_t T = 64, d = 32, V = 5000;
   const at::Tensor leaf = at::randn({T, d}).requires_grad_(true);

@@ -15,6 +15,9 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// Tests may run the CUDA path's order of products on the CPU (its numerics).
+bool g_low_precision_products_everywhere = false;
+
 int64_t rows_per_chunk(int64_t vocab, int64_t chunk_bytes) {
   return std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, vocab * 4));
 }
@@ -27,19 +30,28 @@ struct LinearCrossEntropyFn : public torch::autograd::Function<LinearCrossEntrop
     const at::Tensor valid = labels.ne(-100);
     const int64_t count = valid.sum().item<int64_t>();
     const bool grads = build_grads;
-    const at::Tensor wf = weight.to(at::kFloat);
+    // bf16 / fp16 on CUDA: the products run in the job's dtype on the tensor cores (fp32
+    // accumulation) and only the [c, V] logits block is fp32, as in the unfused head and
+    // loss; an fp32 copy of the head (V x d) and fp32 products would cost many times the
+    // step (docs/GPU.md). On the CPU, and in fp32, every product is fp32.
+    const bool low = h.scalar_type() != at::kFloat && weight.scalar_type() == h.scalar_type() &&
+                     (h.is_cuda() || g_low_precision_products_everywhere);
+    const at::Tensor wf = low ? at::Tensor() : weight.to(at::kFloat);
     at::Tensor dh = grads && h.requires_grad() ? at::empty(h.sizes(), h.options()) : at::Tensor();
     at::Tensor dw = grads && weight.requires_grad() ? at::zeros(weight.sizes(), weight.options().dtype(at::kFloat))
                                                     : at::Tensor();
-    double total = 0.0;
+    // The loss summed on the device: one read at the end, not a synchronisation per chunk.
+    at::Tensor total = at::zeros({}, h.options().dtype(at::kDouble));
     const int64_t step = rows_per_chunk(V, chunk_bytes);
     for (int64_t r0 = 0; r0 < T; r0 += step) {
       const int64_t c = std::min(step, T - r0);
-      const at::Tensor hc = h.narrow(0, r0, c).to(at::kFloat);
+      const at::Tensor hs = h.narrow(0, r0, c);
+      const at::Tensor hc = low ? at::Tensor() : hs.to(at::kFloat);
       const at::Tensor yc = labels.narrow(0, r0, c);
       const at::Tensor vc = valid.narrow(0, r0, c);
       const at::Tensor safe = yc.masked_fill(vc.logical_not(), 0).unsqueeze(1);
-      at::Tensor logits = at::mm(hc, wf.t());  // [c, V] fp32, the only block alive
+      // [c, V] fp32, the only such block alive (low: its product in the job's dtype first).
+      at::Tensor logits = low ? at::mm(hs, weight.t()).to(at::kFloat) : at::mm(hc, wf.t());
       const at::Tensor picked = logits.gather(1, safe);
       // logsumexp in place (at::logsumexp would allocate a second [c, V] block):
       // e = exp(logits - max), lse = log(sum e) + max.
@@ -47,18 +59,20 @@ struct LinearCrossEntropyFn : public torch::autograd::Function<LinearCrossEntrop
       logits.sub_(mx).exp_();
       const at::Tensor se = logits.sum(1, /*keepdim=*/true);
       const at::Tensor lse = se.log().add_(mx);
-      total += ((lse - picked).squeeze(1) * vc).sum().item<double>();
+      total.add_(((lse - picked).squeeze(1) * vc).sum());
       if (!grads || count == 0) continue;
       // d loss / d logits = (softmax - onehot) * valid / count, formed in place.
       logits.div_(se);
       logits.scatter_add_(1, safe, at::full({c, 1}, -1.0, logits.options()));
       logits.mul_(vc.unsqueeze(1).to(at::kFloat) / static_cast<double>(count));
-      if (dh.defined()) dh.narrow(0, r0, c).copy_(at::mm(logits, wf));
-      if (dw.defined()) dw.addmm_(logits.t(), hc);
+      if (dh.defined()) {
+        dh.narrow(0, r0, c).copy_(low ? at::mm(logits.to(h.scalar_type()), weight) : at::mm(logits, wf));
+      }
+      if (dw.defined()) dw.addmm_(logits.t(), low ? hs.to(at::kFloat) : hc);
     }
     ctx->save_for_backward({dh, dw});
     ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
-    const double loss = count > 0 ? total / static_cast<double>(count) : 0.0;
+    const double loss = count > 0 ? total.item<double>() / static_cast<double>(count) : 0.0;
     return at::scalar_tensor(loss, h.options().dtype(at::kFloat));
   }
 
@@ -75,6 +89,10 @@ struct LinearCrossEntropyFn : public torch::autograd::Function<LinearCrossEntrop
 };
 
 }  // namespace
+
+namespace detail {
+void low_precision_loss_products_everywhere(bool on) { g_low_precision_products_everywhere = on; }
+}  // namespace detail
 
 at::Tensor linear_cross_entropy(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& labels,
                                 int64_t chunk_bytes) {
