@@ -82,9 +82,11 @@ class GpuCheck(unittest.TestCase):
                 os.path.join(REPO, "build-gpu-prefix"), "--torch-lib", torch_lib,
                 "--torch-package", "libtorch-dev", "--programs", "bin/memfit"])
         self.assertEqual(p.returncode, 1, p.stdout[-2000:])
-        self.assertIn("/usr/include/google/protobuf/", p.stdout)
-        self.assertIn("(libprotobuf-dev)", p.stdout)
-        self.assertRegex(p.stdout, r"bin/memfit loads libprotobuf\.so\.32 from /usr/lib")
+        for pkg in ("libprotobuf-dev", "libgrpc++-dev", "libyaml-cpp-dev", "libabsl-dev", "nlohmann-json3-dev"):
+            self.assertIn(f"({pkg})", p.stdout)
+        self.assertIn("header /usr/include/google/protobuf/message.h (libprotobuf-dev)", p.stdout)
+        # Debian's LibTorch loads the system's protobuf itself, so here the programs'
+        # libraries are not held against the main build (on the GPU machine they are).
 
     @unittest.skipUnless(os.environ.get("MEMFIT_FULL_GPU_REHEARSAL") == "1",
                          "the full rehearsal runs with MEMFIT_FULL_GPU_REHEARSAL=1")
