@@ -26,6 +26,10 @@
 # Environment: OUT (results), PYTHON (the PyTorch Python), MEMFIT_JOBS (build jobs),
 # MEMFIT_CUDA_ARCHS (default: the GPU's compute capability), MEMFIT_GPU_PREFIX.
 set -uo pipefail
+# Paths from the environment are the caller's: resolve them before leaving its folder.
+out=$(realpath -m "${OUT:-$(dirname "$0")/../gpu-check}")
+[[ -n ${MEMFIT_GPU_PREFIX:-} ]] && MEMFIT_GPU_PREFIX=$(realpath -m "$MEMFIT_GPU_PREFIX")
+[[ -n ${MEMFIT_DATA_DIR:-} ]] && MEMFIT_DATA_DIR=$(realpath -m "$MEMFIT_DATA_DIR")
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 mode=gpu
@@ -47,7 +51,6 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 [[ $budget =~ ^[0-9]+$ ]] || { echo "gpu_check: --budget takes whole seconds, got '$budget'" >&2; exit 2; }
-out=$(realpath -m "${OUT:-gpu-check}")
 mkdir -p "$out"
 start=$(date +%s)
 log() { echo "gpu_check [$(( $(date +%s) - start ))s] $*" | tee -a "$out/check.log"; }
@@ -139,8 +142,20 @@ else
     { tail -n 40 "$work/configure.log" | tee -a "$out/check.log"; pack_logs; fail "configure"; }
   log "building ${targets[*]} with $jobs jobs"
   # -k 0: every error in one run, not only the first (a borrowed GPU's minutes are few).
-  cmake --build "$build" --parallel "$jobs" --target "${targets[@]}" -- -k 0 > "$work/build.log" 2>&1 ||
-    { grep -E -m 30 -A6 'error|FAILED' "$work/build.log" | head -200 | tee -a "$out/check.log"; pack_logs; fail "build"; }
+  # The build gets what the budget leaves after 90 s of steps, so a slow one still
+  # leaves its log behind rather than being killed from outside.
+  build_limit=$(( budget - ($(date +%s) - start) - 90 ))
+  [[ $build_limit -ge 30 ]] || build_limit=30
+  timeout -k 10 "$build_limit" cmake --build "$build" --parallel "$jobs" --target "${targets[@]}" -- -k 0 \
+    > "$work/build.log" 2>&1
+  build_rc=$?
+  if [[ $build_rc -ne 0 ]]; then
+    grep -E -m 30 -A6 'error|FAILED' "$work/build.log" | head -200 | tee -a "$out/check.log"
+    tail -n 20 "$work/build.log" >> "$out/check.log"
+    pack_logs
+    [[ $build_rc -eq 124 ]] && fail "build: stopped at its limit of $build_limit s (--budget $budget)"
+    fail "build"
+  fi
   log "build done"
   [[ $mode == ci ]] || tar -C "$build" -czf "$out/bin.tar.gz" "${programs[@]}"
   "$py" scripts/gpu/check_prefix.py --build "$build" --prefix "$prefix" "${check_args[@]}" \

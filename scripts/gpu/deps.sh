@@ -75,6 +75,9 @@ unpack() {
   local stamp="$prefix/.memfit-deps"
   if [[ -f $stamp ]] && cmp -s "$stamp" "$dir/MANIFEST"; then return 0; fi
   # Only a prefix this script made (it holds the stamp) or an empty folder is replaced.
+  if [[ -e $prefix && ! -d $prefix ]]; then
+    echo "gpu deps: $prefix exists and is not a folder: refusing to replace it" >&2; exit 1
+  fi
   if [[ -d $prefix && ! -f $stamp && -n $(ls -A "$prefix") ]]; then
     echo "gpu deps: $prefix exists and was not made by this script: refusing to replace it" >&2; exit 1
   fi
@@ -95,6 +98,9 @@ unpack() {
     [[ $t == /* ]] || continue
     ln -sfn "$(realpath -m --relative-to="$(dirname "$l")" "$prefix$t")" "$l"
   done < <(find "$prefix" -type l -print0)
+  local want
+  want=$(grep -c . "$dir/MANIFEST")
+  [[ $n -eq $want ]] || { echo "gpu deps: $n packages in $dir, MANIFEST lists $want: some were not carried" >&2; exit 1; }
   cp "$dir/MANIFEST" "$stamp"
   echo "gpu deps: $n packages unpacked into $prefix"
 }
@@ -103,7 +109,7 @@ unpack_data() {
   local dest=$1
   [[ -f $dir/data.tar.gz ]] || { echo "gpu deps: $dir/data.tar.gz missing" >&2; exit 1; }
   mkdir -p "$dest"
-  tar -C "$dest" -xzf "$dir/data.tar.gz"
+  tar -C "$dest" --skip-old-files -xzf "$dir/data.tar.gz"  # never over the user's files
 }
 
 case ${1:-} in

@@ -4,7 +4,9 @@ measured it at a fraction of exact's tokens per second in bf16). The same job (2
 bf16, LoRA rank 8, micro-batch 4 x 512) with one memory option at a time, then all of
 memfit_best's: tokens per second and peak memory each, against exact."""
 import os
+import shutil
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -28,8 +30,8 @@ def main():
     cuda = s.device == "cuda"
     scale = "full" if cuda else "tiny"
     batch, seq, warm, timed = (4, 512, 3, 6) if cuda else (2, 64, 1, 2)
-    work = s.path("work")
-    os.makedirs(work, exist_ok=True)
+    # Outside the logs folder: the runs' checkpoints must not go into logs.tar.gz.
+    work = tempfile.mkdtemp(prefix="memfit-gpu-ablation-")
     text, tok = W.synthetic_text(work, words=60_000 if cuda else 5_000)
     worker = os.path.join(s.bin, "memfit-worker")
     device = "cuda:0" if cuda else "cpu"
@@ -54,6 +56,7 @@ def main():
         rows.append([name, ", ".join(f"{k}: {v}" for k, v in memory.items()) or "-",
                      mib(r["peak_allocated"]) if r.get("peak_allocated") else "-",
                      f"{tps:.0f}" if tps else "-", rel])
+    shutil.rmtree(work, ignore_errors=True)
     s.finish(f"LLaMA-7B-shaped, 2 blocks, bf16, LoRA r8, {batch}x{seq}, {warm} warm-up + {timed} timed steps"
              f"{'' if cuda else ' (CPU: 64-wide model)'}:\n\n" +
              md_table(["variant", "memory options", "peak alloc MiB", "tokens/s", "vs exact"], rows))

@@ -18,11 +18,15 @@ def run_json(s, args, name):
         s.error(f"memfit-bench-ops {' '.join(args)}: " + ("stopped at the time limit" if rc is None else
                                                          f"exit {rc}: {out[-400:]}"))
         return None
-    try:
-        return json.loads(out.strip().splitlines()[-1])
-    except (ValueError, IndexError) as e:
-        s.error(f"memfit-bench-ops {' '.join(args)}: unreadable JSON ({e})")
-        return None
+    # The JSON object is the last line that parses (warnings may follow it).
+    for line in reversed(out.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    s.error(f"memfit-bench-ops {' '.join(args)}: no JSON object in its output")
+    return None
 
 
 def main():

@@ -185,6 +185,9 @@ class DaemonStep:
         self.cuda = step.device == "cuda"
         self.work = tempfile.mkdtemp(prefix="memfit-daemon-")
         self.data = step.result["data"]
+        # steps.py stops whatever still runs under this folder if the step is killed.
+        self.data["owned_dir"] = self.work
+        step.save()
         self.daemon = None
 
     def job_specs(self):

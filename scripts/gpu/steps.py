@@ -42,6 +42,35 @@ STEPS = [
 LIMITS = {"tests": 60, "bench": 60, "estimator": 150, "headline": 90, "daemon": 90, "ablation": 60}
 
 
+def step_owned_dir(result_path):
+    """The folder a step declared its own (data.owned_dir), if any."""
+    try:
+        with open(result_path) as f:
+            d = json.load(f).get("data", {}).get("owned_dir")
+        return d if d and os.path.isabs(d) and len(d) > 8 else None
+    except (OSError, ValueError):
+        return None
+
+
+def kill_processes_under(folder):
+    """SIGKILL every process whose command line names a path in `folder` (memfitd and
+    its workers, which start sessions of their own and so outlive the step's group)."""
+    prefix = folder.rstrip("/").encode() + b"/"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.startswith(prefix) for a in argv):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+
+
 def write_outputs(out, results, env):
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"env": env, "steps": results}, f, indent=1)
@@ -84,7 +113,12 @@ def main():
     wanted = set(a.steps.split(","))
     env = dict(kv.split("=", 1) for kv in a.env)
     env.update({"device": a.device, "tiny": a.tiny, "build": os.path.basename(build)})
+    wanted = {w.strip() for w in wanted}
     chosen = [(n, name, sc) for n, name, sc in STEPS if n in wanted or name in wanted]
+    unknown = wanted - {n for n, _, _ in STEPS} - {name for _, name, _ in STEPS}
+    if unknown or not chosen:
+        ap.error(f"--steps: unknown {', '.join(sorted(unknown)) or 'selection'}; steps are "
+                 + ", ".join(f"{n} ({name})" for n, name, _ in STEPS))
     scale = a.time_scale
     if a.budget > 0:
         scale = a.budget / sum(LIMITS[name] for _, name, _ in chosen)
@@ -114,12 +148,16 @@ def main():
             except subprocess.TimeoutExpired:
                 status, err = "timeout", f"stopped at its limit of {limit:.0f} s"
             finally:
-                # The step's own children (workers, memfitd) go with it.
+                # The step's own children go with it; memfitd's workers start sessions of
+                # their own, so any of the build's programs still running go too.
                 try:
                     os.killpg(p.pid, signal.SIGKILL)
                 except OSError:
                     pass
                 p.wait()
+                owned = step_owned_dir(result_path)
+                if owned:
+                    kill_processes_under(owned)
         r = {"step": num, "name": name, "status": status, "markdown": "", "data": {}, "errors": []}
         if os.path.exists(result_path):
             try:

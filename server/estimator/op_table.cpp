@@ -606,9 +606,9 @@ Tensor cross_entropy(Sim& s, const Tensor& logits, int64_t rows, int64_t classes
 Tensor linear_cross_entropy(Sim& s, const Runtime& rt, const Tensor& h, int64_t rows, int64_t d, int64_t vocab,
                             const Tensor& weight) {
   const bool build = s.grad_mode && (h.requires_grad() || weight.requires_grad());
-  // bf16 / fp16 on CUDA: products in the job's dtype, no fp32 copy of the head, the
-  // logits' product cast to fp32 (worker/ops/functions/cross_entropy.cpp).
-  const bool low = rt.cuda && h.esize != kF32 && weight.esize == h.esize;
+  // bf16 on CUDA: products in bf16, no fp32 copy of the head, the logits' product cast
+  // to fp32 (worker/ops/functions/cross_entropy.cpp). The estimator's 2-byte dtype is bf16.
+  const bool low = rt.cuda && h.esize == 2 && weight.esize == h.esize;
   Tensor valid = s.empty(rows, 1);
   Tensor wf = low || weight.esize == kF32 ? Tensor{} : s.empty(vocab * d, kF32);
   Tensor dh, dw;

@@ -55,6 +55,21 @@ TEST(LinearCrossEntropy, LowPrecisionProductsMatchTheUnfusedBf16Head) {
   memfit::ops::detail::low_precision_loss_products_everywhere(false);
 }
 
+// Every label ignored: the loss is 0 and its gradient exactly 0 (dh was left unwritten,
+// so backward returned whatever the allocator's memory held).
+TEST(LinearCrossEntropy, NoCountedRowGivesZeroGradients) {
+  const at::Tensor w = at::randn({50, 8});
+  const at::Tensor y = at::full({6}, -100, at::kLong);
+  for (int round = 0; round < 3; ++round) {
+    const at::Tensor h = at::randn({6, 8}).requires_grad_(true);
+    { at::Tensor dirt = at::full({6, 8}, 7.0f); }  // non-zero bytes of dh's size, freed last
+    const at::Tensor l = memfit::ops::linear_cross_entropy(h, w, y);
+    EXPECT_EQ(l.item<double>(), 0.0);
+    l.backward();
+    EXPECT_EQ(h.grad().abs().max().item<float>(), 0.0f);
+  }
+}
+
 TEST(LinearCrossEntropy, KeepsTheInputGradientNotTheLogits) {
   const int64_t T = 64, d = 32, V = 5000;
   const at::Tensor leaf = at::randn({T, d}).requires_grad_(true);

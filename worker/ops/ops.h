@@ -100,8 +100,8 @@ at::Tensor dropout(const at::Tensor& x, double p, bool training);
 // gradient. Keeps dL/dh ([T, d] in h's dtype) and, when W needs a gradient, dL/dW
 // ([V, d] fp32, the size of W's gradient anyway); not the inputs, not the logits.
 // h: [T, d]; weight: [V, d]; labels: [T] int64.
-// bf16 / fp16 on CUDA, the products run in h's dtype (fp32 accumulation) and only the
-// logits block is fp32; elsewhere every product is fp32.
+// bf16 on CUDA, the products run in bf16 (fp32 accumulation) and only the logits block
+// is fp32; elsewhere every product is fp32.
 at::Tensor linear_cross_entropy(const at::Tensor& h, const at::Tensor& weight,
                                 const at::Tensor& labels, int64_t chunk_bytes = 32 << 20);
 namespace detail {

@@ -30,11 +30,12 @@ struct LinearCrossEntropyFn : public torch::autograd::Function<LinearCrossEntrop
     const at::Tensor valid = labels.ne(-100);
     const int64_t count = valid.sum().item<int64_t>();
     const bool grads = build_grads;
-    // bf16 / fp16 on CUDA: the products run in the job's dtype on the tensor cores (fp32
+    // bf16 on CUDA: the products run in the job's dtype on the tensor cores (fp32
     // accumulation) and only the [c, V] logits block is fp32, as in the unfused head and
     // loss; an fp32 copy of the head (V x d) and fp32 products would cost many times the
     // step (docs/GPU.md). On the CPU, and in fp32, every product is fp32.
-    const bool low = h.scalar_type() != at::kFloat && weight.scalar_type() == h.scalar_type() &&
+    // (bf16 only: fp16's range would flush most of softmax / count to zero.)
+    const bool low = h.scalar_type() == at::kBFloat16 && weight.scalar_type() == h.scalar_type() &&
                      (h.is_cuda() || g_low_precision_products_everywhere);
     const at::Tensor wf = low ? at::Tensor() : weight.to(at::kFloat);
     at::Tensor dh = grads && h.requires_grad() ? at::empty(h.sizes(), h.options()) : at::Tensor();
@@ -70,6 +71,9 @@ struct LinearCrossEntropyFn : public torch::autograd::Function<LinearCrossEntrop
       }
       if (dw.defined()) dw.addmm_(logits.t(), low ? hs.to(at::kFloat) : hc);
     }
+    // No row counts (every label -100): the loss is 0 and so is its gradient; dh was
+    // never written.
+    if (dh.defined() && count == 0) dh.zero_();
     ctx->save_for_backward({dh, dw});
     ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
     const double loss = count > 0 ? total.item<double>() / static_cast<double>(count) : 0.0;
