@@ -62,6 +62,24 @@ class Step:
             return rc, f.read()
 
 
+def processes_naming(folder):
+    """(pid, argv) of every process, this one aside, whose command line names a path
+    inside `folder` (memfitd and its workers, which run in sessions of their own)."""
+    prefix = folder.rstrip("/").encode() + b"/"
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.startswith(prefix) for a in argv):
+            out.append((int(d), argv))
+    return out
+
+
 def md_table(header, rows):
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:

@@ -27,7 +27,7 @@ import time
 from datetime import datetime
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Step, md_table  # noqa: E402
+from common import Step, md_table, processes_naming  # noqa: E402
 import workloads as W  # noqa: E402
 
 MiB = 1 << 20
@@ -94,18 +94,7 @@ class Memfitd:
         """Pids of live memfit-worker processes started by this daemon: their command line
         names a spec in this daemon's state folder (workers run in their own sessions, so
         they are found by that, never by name alone)."""
-        pids = []
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if argv and argv[0].endswith(b"memfit-worker") and any(
-                    a.startswith(self.state_dir.encode() + b"/") for a in argv):
-                pids.append(int(d))
+        pids = [pid for pid, argv in processes_naming(self.state_dir) if argv[0].endswith(b"memfit-worker")]
         return pids
 
     def stop(self, grace):

@@ -28,6 +28,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from common import processes_naming  # noqa: E402
 
 STEPS = [
     ("1", "tests", "step_tests.py"),
@@ -55,20 +57,11 @@ def step_owned_dir(result_path):
 def kill_processes_under(folder):
     """SIGKILL every process whose command line names a path in `folder` (memfitd and
     its workers, which start sessions of their own and so outlive the step's group)."""
-    prefix = folder.rstrip("/").encode() + b"/"
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
+    for pid, _ in processes_naming(folder):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
+            os.kill(pid, signal.SIGKILL)
         except OSError:
-            continue
-        if any(a.startswith(prefix) for a in argv):
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
+            pass
 
 
 def write_outputs(out, results, env):
