@@ -23,15 +23,22 @@
 # protobuf, gRPC, Abseil, yaml-cpp and nlohmann-json) against the prefix alone, checks it,
 # and runs the step runner on tiny inputs with the main build (build/).
 #
-# Environment: OUT (results), PYTHON (the PyTorch Python), MEMFIT_JOBS (build jobs),
-# MEMFIT_CUDA_ARCHS (default: the GPU's compute capability), MEMFIT_GPU_PREFIX.
+# Environment: OUT (results; a second run into the same folder replaces them), PYTHON
+# (the PyTorch Python), MEMFIT_JOBS (build jobs), MEMFIT_CUDA_ARCHS (default: the GPU's
+# compute capability), MEMFIT_GPU_PREFIX, MEMFIT_GPU_DEPS (the carried packages, default
+# .gpu-deps), MEMFIT_DATA_DIR, MEMFIT_GPU_GRID=validation (step 3 at other shapes).
+# --budget: at least 120 s (60 s with --prebuilt).
+
 set -uo pipefail
 # Paths from the environment are the caller's: resolve them before leaving its folder.
 out=$(realpath -m "${OUT:-$(dirname "$0")/../gpu-check}")
 [[ -n ${MEMFIT_GPU_PREFIX:-} ]] && MEMFIT_GPU_PREFIX=$(realpath -m "$MEMFIT_GPU_PREFIX")
 [[ -n ${MEMFIT_DATA_DIR:-} ]] && MEMFIT_DATA_DIR=$(realpath -m "$MEMFIT_DATA_DIR")
+[[ -n ${MEMFIT_GPU_DEPS:-} ]] && export MEMFIT_GPU_DEPS=$(realpath -m "$MEMFIT_GPU_DEPS")
+caller=$PWD
 cd "$(dirname "$0")/.."
 repo=$(pwd)
+usage() { echo "gpu_check: $*" >&2; exit 2; }
 mode=gpu
 tiny=()
 budget=540
@@ -42,16 +49,26 @@ while [[ $# -gt 0 ]]; do
     --rehearse) mode=rehearse ;;
     --ci) mode=ci ;;
     --tiny) tiny=(--tiny) ;;
-    --budget) budget=${2:?--budget needs seconds}; shift ;;
-    --steps) steps=${2:?--steps needs a list such as 1,2,5}; shift ;;
-    --prebuilt) prebuilt=$(realpath "${2:?--prebuilt needs a bin.tar.gz}"); shift ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    --budget) [[ $# -ge 2 ]] || usage "--budget needs whole seconds"; budget=$2; shift ;;
+    --steps) [[ $# -ge 2 ]] || usage "--steps needs a list such as 1,2,5"; steps=$2; shift ;;
+    --prebuilt)
+      [[ $# -ge 2 && -n $2 ]] || usage "--prebuilt needs a bin.tar.gz"
+      prebuilt=$2
+      [[ $prebuilt == /* ]] || prebuilt=$caller/$prebuilt
+      [[ -f $prebuilt ]] || usage "--prebuilt: no file '$2'"
+      shift ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
-[[ $budget =~ ^[0-9]+$ ]] || { echo "gpu_check: --budget takes whole seconds, got '$budget'" >&2; exit 2; }
-mkdir -p "$out"
+[[ $budget =~ ^[0-9]+$ ]] || usage "--budget takes whole seconds, got '$budget'"
+min_budget=$([[ -n $prebuilt ]] && echo 60 || echo 120)
+[[ $budget -ge $min_budget ]] || usage "--budget: at least $min_budget s (the build and the steps), got $budget"
+step_names='1|2|3|4|5|6|tests|bench|estimator|headline|daemon|ablation'
+[[ $steps =~ ^($step_names)(,($step_names))*$ ]] ||
+  usage "--steps: '$steps' is not a comma-separated list of 1-6 or tests, bench, estimator, headline, daemon, ablation"
+mkdir -p "$out" 2>/dev/null && [[ -d $out && -w $out ]] || usage "OUT=$out is not a folder this user can write"
 start=$(date +%s)
 log() { echo "gpu_check [$(( $(date +%s) - start ))s] $*" | tee -a "$out/check.log"; }
 : > "$out/check.log"

@@ -14,8 +14,19 @@
 # package=version and each file's sha256, and `unpack` checks it. The packages are Debian
 # 12's (glibc 2.36, libstdc++ of GCC 12): any x86-64 Linux with glibc >= 2.36 runs them.
 set -euo pipefail
+# Paths the caller gives are the caller's: resolved before leaving its folder.
+abs() { realpath -m -- "$1"; }
+[[ -n ${MEMFIT_GPU_DEPS:-} ]] && MEMFIT_GPU_DEPS=$(abs "$MEMFIT_GPU_DEPS")
+[[ -n ${MEMFIT_DATA_DIR:-} ]] && MEMFIT_DATA_DIR=$(abs "$MEMFIT_DATA_DIR")
+[[ ${1:-} == unpack || ${1:-} == data ]] && [[ -n ${2:-} ]] && set -- "$1" "$(abs "$2")"
 cd "$(dirname "$0")/../.."
-dir=${MEMFIT_GPU_DEPS:-.gpu-deps}
+dir=$(abs "${MEMFIT_GPU_DEPS:-.gpu-deps}")
+
+# Folders never unpacked into or replaced.
+protected() {
+  case $1 in /|/usr|/usr/local|/opt|/etc|/var|/home|/root|/tmp|"$HOME") return 0 ;; esac
+  return 1
+}
 
 # Build and run time of proto/, server/, client/, worker/ and tests/ (GoogleTest), found by
 # the rehearsal's check (scripts/gpu/check_prefix.py): every header and library the build
@@ -35,20 +46,28 @@ PACKAGES=(
 
 download() {
   command -v apt-get >/dev/null || { echo "gpu deps: apt-get is needed to download (Debian 12)" >&2; exit 1; }
-  rm -rf "$dir.part"
-  mkdir -p "$dir.part"
-  (cd "$dir.part" && apt-get download -q "${PACKAGES[@]}" >/dev/null) || {
-    echo "gpu deps: apt-get download failed (run 'apt-get update' first?)" >&2; exit 1; }
-  (cd "$dir.part" && for f in *.deb; do
-     printf '%s=%s %s\n' "$(dpkg-deb -f "$f" Package)" "$(dpkg-deb -f "$f" Version)" "$(sha256sum "$f" | cut -d' ' -f1)"
-   done) > "$dir.part/MANIFEST"
   local data=${MEMFIT_DATA_DIR:-.memfit/data}
   [[ -f $data/fashion-mnist/t10k-images-idx3-ubyte ]] || {
     echo "gpu deps: no data in $data: run scripts/fetch_data.sh first" >&2; exit 1; }
-  tar -C "$data" -czf "$dir.part/data.tar.gz" gpt2 llama moby-dick \
+  # Only a folder this script made (it holds a MANIFEST), an empty one or none is replaced.
+  if protected "$dir" || [[ -e $dir && ! -d $dir ]] ||
+     [[ -d $dir && ! -f $dir/MANIFEST && -n $(ls -A "$dir") ]]; then
+    echo "gpu deps: $dir exists and was not made by this script: refusing to replace it" >&2; exit 1
+  fi
+  local part
+  part=$(mktemp -d "$(dirname "$dir")/.gpu-deps.part.XXXXXX")
+  trap 'rm -rf "$part"' EXIT
+  (cd "$part" && apt-get download -q "${PACKAGES[@]}" >/dev/null) || {
+    echo "gpu deps: apt-get download failed (run 'apt-get update' first?)" >&2; exit 1; }
+  (cd "$part" && for f in *.deb; do
+     printf '%s=%s %s\n' "$(dpkg-deb -f "$f" Package)" "$(dpkg-deb -f "$f" Version)" "$(sha256sum "$f" | cut -d' ' -f1)"
+   done) > "$part/MANIFEST"
+  tar -C "$data" -czf "$part/data.tar.gz" gpt2 llama moby-dick \
     fashion-mnist/t10k-images-idx3-ubyte fashion-mnist/t10k-labels-idx1-ubyte
+  chmod 755 "$part"
   rm -rf "$dir"
-  mv "$dir.part" "$dir"
+  mv "$part" "$dir"
+  trap - EXIT
   echo "gpu deps: $(ls "$dir"/*.deb | wc -l) packages, $(du -sh "$dir" | cut -f1) in $dir"
 }
 
@@ -71,9 +90,22 @@ unpack() {
     echo "gpu deps: dpkg-deb or ar is needed to unpack" >&2; exit 1
   fi
   prefix=$(realpath -m "$prefix")
-  case $prefix in /|/usr|/usr/local|/opt|"$HOME") echo "gpu deps: refusing to unpack into $prefix" >&2; exit 1;; esac
+  protected "$prefix" && { echo "gpu deps: refusing to unpack into $prefix" >&2; exit 1; }
   local stamp="$prefix/.memfit-deps"
   if [[ -f $stamp ]] && cmp -s "$stamp" "$dir/MANIFEST"; then return 0; fi
+  # Every .deb here is one the MANIFEST lists, and every one it lists is here, checked
+  # before anything is replaced.
+  local name sum sums missing=() f
+  sums=$(find "$dir" -maxdepth 1 -name '*.deb' -print0 | xargs -0r sha256sum)
+  while read -r sum f; do
+    [[ -n $sum ]] || continue
+    grep -q " $sum\$" "$dir/MANIFEST" || { echo "gpu deps: $f does not match $dir/MANIFEST" >&2; exit 1; }
+  done <<< "$sums"
+  while read -r name sum; do
+    [[ -n $name ]] || continue
+    grep -q "^$sum " <<< "$sums" || missing+=("$name")
+  done < "$dir/MANIFEST"
+  [[ ${#missing[@]} -eq 0 ]] || { echo "gpu deps: not carried in $dir: ${missing[*]}" >&2; exit 1; }
   # Only a prefix this script made (it holds the stamp) or an empty folder is replaced.
   if [[ -e $prefix && ! -d $prefix ]]; then
     echo "gpu deps: $prefix exists and is not a folder: refusing to replace it" >&2; exit 1
@@ -84,10 +116,8 @@ unpack() {
   rm -rf "$prefix"
   mkdir -p "$prefix"
   echo "partial: being unpacked by scripts/gpu/deps.sh" > "$stamp"
-  local f n=0
+  local n=0
   for f in "$dir"/*.deb; do
-    grep -q " $(sha256sum "$f" | cut -d' ' -f1)\$" "$dir/MANIFEST" ||
-      { echo "gpu deps: $f does not match $dir/MANIFEST" >&2; exit 1; }
     extract "$f" "$prefix" || { echo "gpu deps: unpacking $f failed" >&2; exit 1; }
     n=$((n + 1))
   done
@@ -107,13 +137,15 @@ unpack() {
 
 unpack_data() {
   local dest=$1
+  protected "$dest" && { echo "gpu deps: refusing to put the data into $dest" >&2; exit 1; }
   [[ -f $dir/data.tar.gz ]] || { echo "gpu deps: $dir/data.tar.gz missing" >&2; exit 1; }
   mkdir -p "$dest"
   tar -C "$dest" --skip-old-files -xzf "$dir/data.tar.gz"  # never over the user's files
+  echo "gpu deps: data in $dest"
 }
 
 case ${1:-} in
-  download) download ;;
+  download) [[ $# -eq 1 ]] || { echo "usage: $0 download" >&2; exit 2; }; download ;;
   data) [[ $# -eq 2 ]] || { echo "usage: $0 data DIR" >&2; exit 2; }; unpack_data "$2" ;;
   unpack) [[ $# -eq 2 ]] || { echo "usage: $0 unpack PREFIX" >&2; exit 2; }; unpack "$2" ;;
   *) echo "usage: $0 download | unpack PREFIX | data DIR" >&2; exit 2 ;;

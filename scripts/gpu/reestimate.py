@@ -7,10 +7,12 @@ estimator's CUDA model does to a past measurement, without a GPU.
     python3 scripts/gpu/reestimate.py out/results.json --gpu-model "NVIDIA H200"
     MEMFIT_GPU_GRID=validation python3 scripts/gpu/reestimate.py out/results.json
 
-RESULTS.json is the check's results.json; MEMFIT_GPU_GRID must match the run's.
+RESULTS.json is the check's results.json (the grid it ran, full or validation, is read
+from it).
 """
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,14 +28,26 @@ import accuracy as A  # noqa: E402
 import step_estimator as SE  # noqa: E402
 
 
+def load_measured(path):
+    """The step-3 specs of a results.json and the grid it ran; exits naming the problem."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        step = next(s for s in results["steps"] if s.get("name") == "estimator")
+        data = step["data"]
+        return {s["spec"]: s for s in data["specs"]}, data.get("grid"), data.get("tiny")
+    except (OSError, ValueError) as e:
+        sys.exit(f"reestimate: {path}: {e}")
+    except (KeyError, TypeError, AttributeError, StopIteration):
+        sys.exit(f"reestimate: {path}: no step 3 (estimator) with measured specs in it")
+
+
 def main():
-    if len(sys.argv) < 2:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         sys.exit(__doc__)
-    with open(sys.argv[1]) as f:
-        steps = json.load(f)["steps"]
-    measured = {s["spec"]: s for st in steps if st["name"] == "estimator" for s in st["data"]["specs"]}
-    grid = SE.FULL_GRID
-    if os.environ.get("MEMFIT_GPU_GRID") == "validation":
+    measured, grid_name, tiny = load_measured(sys.argv[1])
+    grid = SE.TINY_GRID if tiny else SE.FULL_GRID
+    if grid_name == "validation" or os.environ.get("MEMFIT_GPU_GRID") == "validation":
         grid = SE.validation_grid(grid)
     tmp_root = tempfile.mkdtemp(prefix="memfit-reestimate-")
     texts = A.make_data(tmp_root)
@@ -56,6 +70,9 @@ def main():
         alloc, reserved = e["allocated_peak_bytes"], e["allocated_peak_bytes"] + e["allocator_overhead_bytes"]
         rows.append((label, alloc / m["allocated"] - 1, reserved / m["reserved"] - 1,
                      e["peak_bytes"] / m["nvml_peak"] - 1))
+    shutil.rmtree(tmp_root, ignore_errors=True)
+    if not rows:
+        sys.exit(f"reestimate: none of the {len(measured)} measured specs (with an NVML peak) is in the grid")
     for label, a, r, t in rows:
         print(f"{label:48s} allocated {100 * a:+6.2f}%  reserved {100 * r:+6.2f}%  total {100 * t:+6.2f}%")
     for k, name in ((1, "allocated"), (2, "reserved"), (3, "total vs NVML")):
