@@ -85,7 +85,8 @@ struct TraceJob {
   est::Input input;
   double arrival_s = 0, work_s = 0, u = 0;
   int64_t estimate = 0, true_peak = 0;
-  std::string key;  // calibration kind
+  std::string key;          // calibration kind
+  std::string compute_key;  // what the daemon learns compute per: model, method, dtype, batch shape
 };
 
 int64_t params_of(const memfit::model::ModelConfig& c) {
@@ -160,20 +161,40 @@ std::vector<TraceJob> make_trace(int n, int devices, uint64_t seed, double floor
     t += gap(rng);
     j.arrival_s = t;
     j.key = est::Calibration::key_of(in);
+    j.compute_key = std::string(f.name) + "|" + (in.job.method == memfit::spec::Method::kFull ? "full" : "lora") + "|" +
+                    std::to_string(in.job.training.micro_batch) + "x" + std::to_string(in.job.training.sequence_length);
     out.push_back(std::move(j));
   }
   return out;
 }
 
-enum class Policy { kExclusive, kDeclared, kMemfit, kOracle };
+// Reservation and placement. The rows that spread use compute-aware placement
+// (sched::PlacementPolicy::kSpread); "learned" gives the scheduler each job's compute
+// share once a job of the same kind has finished (what memfitd's ComputeModel learns from
+// the workers' throughput), 1 (a whole GPU) before that; "true" gives it the model's u.
+enum class Policy {
+  kExclusive,
+  kDeclared,
+  kMemfitBestFit,
+  kMemfitSpread,
+  kMemfitLearned,
+  kOracleBestFit,
+  kOracleSpread
+};
 const char* policy_name(Policy p) {
   switch (p) {
     case Policy::kExclusive: return "one job per GPU";
-    case Policy::kDeclared: return "declared size (HAMi/shards)";
-    case Policy::kMemfit: return "memfit estimate";
-    case Policy::kOracle: return "oracle (true peaks)";
+    case Policy::kDeclared: return "declared size (HAMi/shards), best fit";
+    case Policy::kMemfitBestFit: return "memfit estimate, best fit (before)";
+    case Policy::kMemfitSpread: return "memfit estimate, spread, compute unknown";
+    case Policy::kMemfitLearned: return "memfit estimate, spread, learned compute (memfitd)";
+    case Policy::kOracleBestFit: return "oracle (true peaks), best fit";
+    case Policy::kOracleSpread: return "oracle (true peaks), spread, true compute";
   }
   return "";
+}
+bool spreads(Policy p) {
+  return p == Policy::kMemfitSpread || p == Policy::kMemfitLearned || p == Policy::kOracleSpread;
 }
 
 struct Result {
@@ -185,8 +206,19 @@ Result simulate(const std::vector<TraceJob>& trace, int ndev, Policy policy) {
   const int64_t dev_bytes = 80 * GiB;
   std::vector<sched::Device> devs;
   for (int d = 0; d < ndev; ++d) devs.push_back({"cuda:" + std::to_string(d), dev_bytes});
-  sched::Scheduler s(devs, {});
+  sched::Options opts;
+  opts.placement = spreads(policy) ? sched::PlacementPolicy::kSpread : sched::PlacementPolicy::kBestFit;
+  sched::Scheduler s(devs, opts);
   sched::ReservationPolicy rp;
+  std::map<std::string, double> learned;  // compute_key -> u, from finished jobs
+  auto compute_of = [&](const TraceJob& j) {
+    if (policy == Policy::kOracleSpread) return j.u;
+    if (policy == Policy::kMemfitLearned) {
+      const auto it = learned.find(j.compute_key);
+      return it == learned.end() ? 1.0 : it->second;
+    }
+    return 1.0;
+  };
   est::Calibration cal;
   struct Live {
     double remaining = 0, oom_at = -1;
@@ -206,8 +238,11 @@ Result simulate(const std::vector<TraceJob>& trace, int ndev, Policy policy) {
           if (static_cast<double>(g * GiB) >= 1.2 * static_cast<double>(j.true_peak)) return g * GiB;
         }
         return dev_bytes;
-      case Policy::kMemfit: return std::min(dev_bytes, rp.reserve(cal.apply(j.key, j.estimate)));
-      case Policy::kOracle: return j.true_peak;
+      case Policy::kMemfitBestFit:
+      case Policy::kMemfitSpread:
+      case Policy::kMemfitLearned: return std::min(dev_bytes, rp.reserve(cal.apply(j.key, j.estimate)));
+      case Policy::kOracleBestFit:
+      case Policy::kOracleSpread: return j.true_peak;
     }
     return dev_bytes;
   };
@@ -269,17 +304,19 @@ Result simulate(const std::vector<TraceJob>& trace, int ndev, Policy policy) {
           ++r.done;
           jct_sum += t - trace[i].arrival_s;
           cal.add({trace[i].key, trace[i].estimate, trace[i].true_peak});
+          learned[trace[i].compute_key] = trace[i].u;
           L.finish = t;
         } else {
           ++r.oom;
           ++L.attempts;
-          if (policy == Policy::kMemfit) cal.add({trace[i].key, trace[i].estimate, L.reservation + 1});
+          if (policy == Policy::kMemfitBestFit || policy == Policy::kMemfitSpread || policy == Policy::kMemfitLearned) cal.add({trace[i].key, trace[i].estimate, L.reservation + 1});
           const int64_t next_res = rp.after_oom(L.reservation, L.attempts, dev_bytes);
           if (next_res <= 0) {
             ++finished;
             ++r.failed;
           } else {
-            s.enqueue({trace[i].id, "u", 0, static_cast<int64_t>(trace[i].arrival_s * 1000.0), next_res});
+            s.enqueue({trace[i].id, "u", 0, static_cast<int64_t>(trace[i].arrival_s * 1000.0), next_res,
+                       compute_of(trace[i])});
           }
         }
       }
@@ -292,7 +329,7 @@ Result simulate(const std::vector<TraceJob>& trace, int ndev, Policy policy) {
         ++r.failed;
         continue;
       }
-      s.enqueue({j.id, "u", 0, static_cast<int64_t>(j.arrival_s * 1000.0), res});
+      s.enqueue({j.id, "u", 0, static_cast<int64_t>(j.arrival_s * 1000.0), res, compute_of(j)});
     }
   }
   r.makespan_h = t / 3600.0;
@@ -302,12 +339,102 @@ Result simulate(const std::vector<TraceJob>& trace, int ndev, Policy policy) {
   return r;
 }
 
+// One trace at (load, floor): every policy's result.
+std::map<Policy, Result> run_all(int jobs, int devices, uint64_t seed, double floor, double load, bool print) {
+  const auto trace = make_trace(jobs, devices, seed, floor, load);
+  if (print) {
+    std::map<std::string, int> mix;
+    double mean_peak = 0;
+    for (const auto& j : trace) {
+      ++mix[j.family];
+      mean_peak += static_cast<double>(j.true_peak) / GiB / static_cast<double>(trace.size());
+    }
+    std::printf("trace: %d jobs, seed %llu, %d x 80 GiB, arrivals at %.1fx what one job per GPU serves, compute floor u >= %.2f, "
+                "mean true peak %.1f GiB\n", jobs, static_cast<unsigned long long>(seed), devices, load, floor, mean_peak);
+    std::printf("mix:");
+    for (const auto& [k, v] : mix) std::printf(" %s %d;", k.c_str(), v);
+    std::printf("\n\n| reservation, placement | makespan h | throughput vs one per GPU | mean JCT h | JCT vs one per GPU | memory utilization | jobs per GPU | out-of-memory | failed |\n|---|---|---|---|---|---|---|---|---|\n");
+  }
+  std::map<Policy, Result> all;
+  for (Policy p : {Policy::kExclusive, Policy::kDeclared, Policy::kMemfitBestFit, Policy::kMemfitSpread,
+                   Policy::kMemfitLearned, Policy::kOracleBestFit, Policy::kOracleSpread}) {
+    const Result r = simulate(trace, devices, p);
+    all[p] = r;
+    const Result& base = all[Policy::kExclusive];
+    if (print) {
+      std::printf("| %s | %.1f | %.2fx | %.2f | %.2fx | %.1f%% | %.2f | %d | %d |\n", policy_name(p), r.makespan_h,
+                  base.makespan_h / r.makespan_h, r.mean_jct_h, r.mean_jct_h / base.mean_jct_h, 100.0 * r.mem_util,
+                  r.mean_jobs_per_gpu, r.oom, r.failed);
+    }
+  }
+  return all;
+}
+
+// The issue-13 goals for memfitd's placement (spread, learned compute) at one (load, floor):
+// 0 out-of-memory everywhere; at load <= 0.5 mean JCT <= 1.05x one job per GPU; at load >= 4
+// throughput >= 2.4x (floor 0.2) or above the best-fit oracle (floor 0.5) and mean JCT no
+// worse than best fit; makespan within 10% of the oracle's.
+struct Goals {
+  bool ok = true;
+  std::string notes;
+};
+Goals check(const std::map<Policy, Result>& a, double floor, double load) {
+  Goals g;
+  const Result& m = a.at(Policy::kMemfitLearned);
+  const Result& x = a.at(Policy::kExclusive);
+  const Result& bf = a.at(Policy::kMemfitBestFit);
+  const Result& obf = a.at(Policy::kOracleBestFit);
+  const Result& osp = a.at(Policy::kOracleSpread);
+  auto miss = [&](const std::string& what) {
+    g.ok = false;
+    g.notes += (g.notes.empty() ? "" : "; ") + what;
+  };
+  if (m.oom > 0) miss("out-of-memory " + std::to_string(m.oom));
+  if (load <= 0.5 + 1e-9 && m.mean_jct_h > 1.05 * x.mean_jct_h) miss("JCT > 1.05x one per GPU");
+  if (load >= 4.0 - 1e-9) {
+    const double tp = x.makespan_h / m.makespan_h;
+    if (floor <= 0.2 + 1e-9 && tp < 2.4) miss("throughput < 2.4x");
+    if (floor >= 0.5 - 1e-9 && m.makespan_h >= obf.makespan_h) miss("throughput not above the best-fit oracle");
+    if (m.mean_jct_h > bf.mean_jct_h * 1.0001) miss("JCT worse than best fit");
+  }
+  const double best_oracle = std::min(obf.makespan_h, osp.makespan_h);
+  if (m.makespan_h > 1.10 * best_oracle) miss("makespan > 1.10x the oracle");
+  return g;
+}
+
+int sweep(int jobs, int devices, uint64_t seed) {
+  std::printf("seed %llu, %d jobs, %d x 80 GiB; JCT in hours, throughput = makespan of one job per GPU / makespan\n\n",
+              static_cast<unsigned long long>(seed), jobs, devices);
+  std::printf("| floor | load | one per GPU JCT | best fit JCT | spread+learned JCT | spread JCT vs one per GPU | best fit throughput | "
+              "spread+learned throughput | oracle best fit throughput | oracle spread throughput | OOM | goals |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  bool all_ok = true;
+  for (double floor : {0.2, 0.5}) {
+    for (double load : {0.5, 1.0, 4.0}) {
+      const auto a = run_all(jobs, devices, seed, floor, load, false);
+      const Result& x = a.at(Policy::kExclusive);
+      const Result& bf = a.at(Policy::kMemfitBestFit);
+      const Result& m = a.at(Policy::kMemfitLearned);
+      const Goals g = check(a, floor, load);
+      all_ok = all_ok && g.ok;
+      std::printf("| %.1f | %.1f | %.2f | %.2f | %.2f | %.2fx | %.2fx | %.2fx | %.2fx | %.2fx | %d | %s |\n", floor, load,
+                  x.mean_jct_h, bf.mean_jct_h, m.mean_jct_h, m.mean_jct_h / x.mean_jct_h, x.makespan_h / bf.makespan_h,
+                  x.makespan_h / m.makespan_h, x.makespan_h / a.at(Policy::kOracleBestFit).makespan_h,
+                  x.makespan_h / a.at(Policy::kOracleSpread).makespan_h, m.oom, g.ok ? "met" : g.notes.c_str());
+      std::fflush(stdout);
+    }
+  }
+  std::printf("\ngoals: %s\n", all_ok ? "all met" : "some missed (see the table)");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int jobs = 600, devices = 8;
   uint64_t seed = 1;
   double floor = 0.2, load = 4.0;
+  bool do_sweep = false;
   for (int i = 1; i < argc; ++i) {
     auto next = [&]() -> const char* {
       if (i + 1 >= argc) {
@@ -321,34 +448,22 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--seed")) seed = std::strtoull(next(), nullptr, 10);
     else if (!std::strcmp(argv[i], "--floor")) floor = std::clamp(std::atof(next()), 0.0, 1.0);
     else if (!std::strcmp(argv[i], "--load")) load = std::max(0.1, std::atof(next()));
+    else if (!std::strcmp(argv[i], "--sweep")) do_sweep = true;
     else {
-      std::fprintf(stderr, "usage: memfit-bench-schedule [--jobs N] [--devices N] [--seed S] [--floor U] [--load X]\n");
+      std::fprintf(stderr, "usage: memfit-bench-schedule [--jobs N] [--devices N] [--seed S] [--floor U] [--load X] [--sweep]\n"
+                           "  --sweep: loads 0.5, 1 and 4 at floors 0.2 and 0.5, each against the placement goals\n");
       return 2;
     }
   }
-  const auto trace = make_trace(jobs, devices, seed, floor, load);
-  std::map<std::string, int> mix;
-  double mean_peak = 0;
-  for (const auto& j : trace) {
-    ++mix[j.family];
-    mean_peak += static_cast<double>(j.true_peak) / GiB / static_cast<double>(trace.size());
-  }
-  std::printf("trace: %d jobs, seed %llu, %d x 80 GiB, arrivals at %.1fx what one job per GPU serves, compute floor u >= %.2f, "
-              "mean true peak %.1f GiB\n", jobs, static_cast<unsigned long long>(seed), devices, load, floor, mean_peak);
-  std::printf("mix:");
-  for (const auto& [k, v] : mix) std::printf(" %s %d;", k.c_str(), v);
-  std::printf("\n\n| reservation | makespan h | throughput vs one per GPU | mean JCT h | memory utilization | jobs per GPU | out-of-memory | failed |\n|---|---|---|---|---|---|---|---|\n");
-  Result base;
-  std::map<Policy, Result> all;
-  for (Policy p : {Policy::kExclusive, Policy::kDeclared, Policy::kMemfit, Policy::kOracle}) {
-    const Result r = simulate(trace, devices, p);
-    all[p] = r;
-    if (p == Policy::kExclusive) base = r;
-    std::printf("| %s | %.1f | %.2fx | %.1f | %.1f%% | %.2f | %d | %d |\n", policy_name(p), r.makespan_h,
-                base.makespan_h / r.makespan_h, r.mean_jct_h, 100.0 * r.mem_util, r.mean_jobs_per_gpu, r.oom, r.failed);
-  }
-  const double vs_oracle = all[Policy::kMemfit].makespan_h / all[Policy::kOracle].makespan_h;
-  std::printf("\nmemfit vs oracle makespan: %.3f (goal <= 1.10); vs one per GPU: %.2fx (goal >= 1.8); out-of-memory: %d (goal 0)\n",
-              vs_oracle, base.makespan_h / all[Policy::kMemfit].makespan_h, all[Policy::kMemfit].oom);
+  if (do_sweep) return sweep(jobs, devices, seed);
+  const auto all = run_all(jobs, devices, seed, floor, load, true);
+  const Result& base = all.at(Policy::kExclusive);
+  const Result& m = all.at(Policy::kMemfitLearned);
+  const double vs_oracle = m.makespan_h / std::min(all.at(Policy::kOracleBestFit).makespan_h, all.at(Policy::kOracleSpread).makespan_h);
+  const Goals g = check(all, floor, load);
+  std::printf("\nmemfit (spread, learned compute) vs the best oracle makespan: %.3f (goal <= 1.10); vs one per GPU: %.2fx; "
+              "mean JCT %.2fx one per GPU, %.2fx best fit; out-of-memory: %d (goal 0); goals at this load: %s\n",
+              vs_oracle, base.makespan_h / m.makespan_h, m.mean_jct_h / base.mean_jct_h,
+              m.mean_jct_h / all.at(Policy::kMemfitBestFit).mean_jct_h, m.oom, g.ok ? "met" : g.notes.c_str());
   return 0;
 }

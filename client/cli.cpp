@@ -303,9 +303,11 @@ Definition::Definition() {
   v->add_flag("--raw", inv_.logs.raw, "the bytes as they are, even on a terminal");
   connection(v);
 
-  v = verb("devices", {"each device's memory: total, reserved, used; its jobs",
-                       "Each device: total, reserved and measured memory, a bar (# used, + reserved, "
-                       ". free), and its jobs.",
+  v = verb("devices", {"each device's memory and compute: total, reserved, used; its jobs",
+                       "Each device: total, reserved and measured memory, the compute its jobs have "
+                       "committed (0 idle, 1 one device's worth), a bar (# used, + reserved, . free), "
+                       "and its jobs; then what sharing a device costs each kind of job, learned from "
+                       "the workers' throughput alone and shared.",
                        "devices"});
   output(v, {"table", "json"}, "table, or json");
   connection(v);

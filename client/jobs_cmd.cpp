@@ -540,10 +540,32 @@ int devices(Remote& r, const Common& c) {
                             std::string(static_cast<size_t>(width - res), '.') + "]";
     std::string jobs;
     for (const auto& id : d.job_ids()) jobs += (jobs.empty() ? "" : ",") + id;
+    char compute[32];
+    std::snprintf(compute, sizeof compute, "%.2f", d.committed_compute());
     rows.push_back({d.name(), d.model(), human_size(d.total_bytes()), human_size(d.reserved_bytes()),
-                    human_size(d.used_bytes()), bar, jobs.empty() ? "-" : jobs});
+                    human_size(d.used_bytes()), compute, bar, jobs.empty() ? "-" : jobs});
   }
-  std::printf("%s", table({"DEVICE", "MODEL", "TOTAL", "RESERVED", "USED", "MEMORY (# used, + reserved)", "JOBS"}, rows).c_str());
+  std::printf("%s", table({"DEVICE", "MODEL", "TOTAL", "RESERVED", "USED", "COMPUTE", "MEMORY (# used, + reserved)", "JOBS"},
+                          rows)
+                        .c_str());
+  if (out.kinds_size() > 0) {
+    // What co-location costs each kind of job, learned from its workers' throughput.
+    std::vector<std::vector<std::string>> kinds;
+    auto num = [](double v, const char* fmt) {
+      char b[32];
+      std::snprintf(b, sizeof b, fmt, v);
+      return std::string(b);
+    };
+    for (const auto& k : out.kinds()) {
+      kinds.push_back({k.kind(), k.solo_steps() > 0 ? num(k.solo_rate(), "%.1f/s") : "-",
+                       k.shared_steps() > 0 ? num(k.shared_rate(), "%.1f/s") : "-",
+                       k.shared_steps() > 0 ? num(k.shared_jobs(), "%.1f") : "-",
+                       k.slowdown() > 0 ? num(k.slowdown(), "%.2fx") : "-", num(k.compute(), "%.2f")});
+    }
+    std::printf("\nco-location, learned from throughput (tokens or samples per second; COMPUTE: the share of a device "
+                "placement assumes, 1 until learned):\n%s",
+                table({"KIND", "ALONE", "SHARED", "JOBS WHEN SHARED", "SLOWDOWN", "COMPUTE"}, kinds).c_str());
+  }
   return kExitOk;
 }
 

@@ -8,16 +8,23 @@
 #      (exact) and memfit's ops (memfit_best), same seed;
 # then print each job's estimated vs measured peak memory, the activation memory memfit's
 # ops saved, the final validation metrics and where the outputs are, and stop memfitd.
-# A few minutes on 2 cores once built. Options: --keep (leave memfitd running).
+# A few minutes on 2 cores once built. Options: --keep (leave memfitd running),
+# --placement best_fit (memfitd's memory-only placement, to compare; default spread).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 keep=false
-for a in "$@"; do
-  case $a in
+placement=spread
+while (($#)); do
+  case $1 in
     --keep) keep=true ;;
+    --placement)
+      [[ ${2:-} == spread || ${2:-} == best_fit ]] || { echo "demo: --placement: spread or best_fit, got '${2:-}'" >&2; exit 2; }
+      placement=$2
+      shift ;;
     -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "demo: unknown option '$a' (--keep)" >&2; exit 2 ;;
+    *) echo "demo: unknown option '$1' (--keep, --placement spread|best_fit)" >&2; exit 2 ;;
   esac
+  shift
 done
 
 if [[ -z ${MEMFIT_DEMO_PREBUILT:-} ]]; then  # set by the CTest that runs this demo
@@ -102,7 +109,7 @@ done
 # Jobs read the demo's data and the fetched tokenizer and write below $demo/out (a shared
 # deployment names such folders per user: docs/DAEMON.md).
 "$bin/memfitd" --state-dir "$demo/state" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
-  --read-root "$demo" --read-root "$data" --write-root "$demo/out" \
+  --read-root "$demo" --read-root "$data" --write-root "$demo/out" --placement "$placement" \
   2> "$demo/memfitd.log" &
 daemon=$!
 prom=""
@@ -189,8 +196,13 @@ echo
 echo "== jobs"
 memfit list
 echo
+echo "== placement: each job's device and run time"
+memfit devices -o json > "$demo/devices.json"
+memfit list -o json > "$demo/jobs.json"
+/usr/bin/python3 "$root/scripts/demo_placement.py" "$demo/devices.json" "$demo/jobs.json"
+echo
 echo "== memory and results"
-memfit list -o json | /usr/bin/python3 "$root/scripts/demo_summary.py"
+/usr/bin/python3 "$root/scripts/demo_summary.py" < "$demo/jobs.json"
 echo
 echo "estimated = memfitd's estimate before the job ran; measured = the worker's peak; saved ="
 echo "activation memory memfit's ops keep less than the stock ops would (estimated, per step)."

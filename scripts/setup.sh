@@ -19,6 +19,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libsqlite3-dev prometheus-cpp-dev
   prometheus clang chromium python3-matplotlib
   python3-torch python3-numpy python3-grpcio python3-protobuf python3-yaml openssl
+  slurmctld slurmd slurm-client munge
 )
 # npm fetches data and tokenizers by package name (scripts/fetch_data.sh); any npm will
 # do, Debian's if there is none.

@@ -145,6 +145,7 @@ Core::Admission Core::admit(const Caller& c, const v1::JobSpec& spec_in, const s
   }
   a.plan.set_micro_batch(in.job.training.micro_batch);
   a.plan.set_gradient_accumulation(in.job.training.gradient_accumulation);
+  a.plan.set_compute_kind(ComputeKindOf(in));
   *a.plan.mutable_memory() = memory_spec(in.job.memory);
   a.worker_spec = s;
   a.estimate_json = estimator::to_json(a.estimate).dump();

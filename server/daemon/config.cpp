@@ -1,5 +1,7 @@
 #include "config.h"
 
+#include <limits>
+
 #include <pwd.h>
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
@@ -41,10 +43,22 @@ std::string scalar(const YAML::Node& n, const std::string& key) {
   return n.as<std::string>();
 }
 
+// A count: a whole decimal number in [lo, hi].
+int whole(const std::string& text, const std::string& what, double lo, double hi) {
+  const bool digits = !text.empty() && text.find_first_not_of("0123456789") == std::string::npos;
+  if (!digits) throw ConfigError(what + ": expected a whole number, got '" + text + "'");
+  return static_cast<int>(number(text, what, lo, hi));
+}
+
 bool boolean(const std::string& v, const std::string& key) {
   if (v == "true" || v == "yes" || v == "on" || v == "auto") return true;
   if (v == "false" || v == "no" || v == "off") return false;
   throw ConfigError(key + ": expected true/false (or auto/off), got '" + v + "'");
+}
+
+std::string placement_of(const std::string& v, const std::string& key) {
+  if (v == "spread" || v == "best_fit") return v;
+  throw ConfigError(key + ": expected spread or best_fit, got '" + v + "'");
 }
 
 void apply_yaml(Config& c, const std::string& path) {
@@ -97,6 +111,7 @@ void apply_yaml(Config& c, const std::string& path) {
         for (const auto& r : l.second) (lk == "read_roots" ? c.read_roots : c.write_roots).push_back(scalar(r, f));
       }
     } else if (k == "limits") {
+      if (!v.IsMap()) throw ConfigError(p + "limits: expected a mapping (max_queued_per_user, ...)");
       for (const auto& l : v) {
         const std::string lk = l.first.as<std::string>(), f = p + "limits." + lk;
         if (lk == "max_queued_per_user") c.max_queued_per_user = static_cast<int64_t>(number(scalar(l.second, f), f, 1, 1e9));
@@ -117,6 +132,7 @@ void apply_yaml(Config& c, const std::string& path) {
         else throw ConfigError(f + ": unknown setting");
       }
     } else if (k == "scheduling") {
+      if (!v.IsMap()) throw ConfigError(p + "scheduling: expected a mapping (margin, placement, ...)");
       for (const auto& s : v) {
         const std::string sk = s.first.as<std::string>(), f = p + "scheduling." + sk;
         const std::string sv = scalar(s.second, f);
@@ -127,6 +143,47 @@ void apply_yaml(Config& c, const std::string& path) {
         else if (sk == "starvation_minutes") c.starvation_minutes = number(sv, f, 0, 1e6);
         else if (sk == "cancel_grace_seconds") c.cancel_grace_seconds = number(sv, f, 0, 86400);
         else if (sk == "paused") c.paused = boolean(sv, f);
+        else if (sk == "placement") c.placement = placement_of(sv, f);
+        else throw ConfigError(f + ": unknown setting");
+      }
+    } else if (k == "executor") {
+      c.executor = scalar(v, p + k);
+      if (c.executor != "local" && c.executor != "slurm") {
+        throw ConfigError(p + "executor: expected local or slurm, got '" + c.executor + "'");
+      }
+    } else if (k == "slurm") {
+      if (!v.IsMap()) throw ConfigError(p + "slurm: expected partition, shard_memory, shards_per_gpu, gpus, ...");
+      for (const auto& s : v) {
+        const std::string sk = s.first.as<std::string>(), f = p + "slurm." + sk;
+        SlurmConfig& sc = c.slurm;
+        if (sk == "sbatch_args") {
+          if (!s.second.IsSequence()) throw ConfigError(f + ": expected a list of arguments");
+          for (const auto& a : s.second) {
+            const std::string arg = scalar(a, f);
+            // memfitd sets these itself (docs/SLURM.md): an argument may not replace them.
+            static const char* const kOwn[] = {"--partition", "-p", "--gres", "--uid", "--gid", "--output", "-o",
+                                               "--error", "-e", "--chdir", "-D", "--export", "--wrap", "--job-name",
+                                               "-J", "--parsable", "--open-mode", "--requeue", "--no-requeue"};
+            if (arg.empty()) throw ConfigError(f + ": an empty argument");
+            for (const char* own : kOwn) {
+              const std::string o = own;
+              if (arg == o || arg.rfind(o + "=", 0) == 0 || (o.size() == 2 && arg.rfind(o, 0) == 0)) {
+                throw ConfigError(f + ": '" + arg + "' would replace what memfitd sets itself (" + o + ")");
+              }
+            }
+            sc.sbatch_args.push_back(arg);
+          }
+          continue;
+        }
+        const std::string sv = scalar(s.second, f);
+        if (sk == "partition") sc.partition = sv;
+        else if (sk == "shard_memory") sc.shard_memory = size_of(sv, f);
+        else if (sk == "shards_per_gpu") sc.shards_per_gpu = whole(sv, f, 1, 1e6);
+        else if (sk == "gpus") sc.gpus = whole(sv, f, 1, 1e6);
+        else if (sk == "device") sc.device = sv;
+        else if (sk == "run_as") sc.run_as = sv;
+        else if (sk == "bin_dir") sc.bin_dir = sv;
+        else if (sk == "poll_seconds") sc.poll_seconds = number(sv, f, 0.05, 3600);
         else throw ConfigError(f + ": unknown setting");
       }
     } else if (k == "metrics") {
@@ -160,6 +217,7 @@ std::string usage() {
          "               [--read-root DIR]... [--write-root DIR]... [--worker-user NAME]\n"
          "               [--worker-memory-allowance SIZE] [--worker-cgroup DIR] [--crash-retries N]\n"
          "               [--max-queued-per-user N] [--margin F] [--starvation-minutes M]\n"
+         "               [--placement spread|best_fit]\n"
          "               [--cancel-grace-seconds S] [--metrics-finished-retention-seconds S]\n"
          "               [--paused] [--check-config]\n"
          "--check-config reads the configuration, prints it as memfitd will use it, and exits.\n";
@@ -199,13 +257,24 @@ std::string describe(const Config& c) {
   char buf[256];
   std::snprintf(buf, sizeof buf,
                 "scheduling: {margin: %g, oom_retries: %d, crash_retries: %d, oom_growth: %g, starvation_minutes: %g, "
-                "cancel_grace_seconds: %g, paused: %s}\n",
+                "cancel_grace_seconds: %g, paused: %s, placement: %s}\n",
                 c.margin, c.oom_retries, c.crash_retries, c.oom_growth, c.starvation_minutes, c.cancel_grace_seconds,
-                c.paused ? "true" : "false");
+                c.paused ? "true" : "false", c.placement.c_str());
   o += buf;
   std::snprintf(buf, sizeof buf, "metrics: {finished_retention_seconds: %g, finished_max_jobs: %lld}\n",
                 c.metrics_finished_retention_seconds, static_cast<long long>(c.metrics_finished_max_jobs));
-  return o + buf;
+  o += buf;
+  o += "executor: " + c.executor + "\n";
+  if (c.executor == "slurm") {
+    const SlurmConfig& s = c.slurm;
+    std::string args;
+    for (const auto& a : s.sbatch_args) args += (args.empty() ? "" : ", ") + q(a);
+    std::snprintf(buf, sizeof buf, "shard_memory: %lld, shards_per_gpu: %d, gpus: %d, poll_seconds: %g",
+                  static_cast<long long>(s.shard_memory), s.shards_per_gpu, s.gpus, s.poll_seconds);
+    o += "slurm: {partition: " + q(s.partition) + ", " + buf + ", device: " + s.device + ", run_as: " + s.run_as +
+         ", bin_dir: " + q(s.bin_dir) + ", sbatch_args: [" + args + "]}\n";
+  }
+  return o;
 }
 
 Config load_config(const std::vector<std::string>& args, const std::string& argv0) {
@@ -258,6 +327,7 @@ Config load_config(const std::vector<std::string>& args, const std::string& argv
     else if (f == "--max-queued-per-user") c.max_queued_per_user = static_cast<int64_t>(number(value(), f, 1, 1e9));
     else if (f == "--margin") c.margin = number(value(), f, 0, 10);
     else if (f == "--starvation-minutes") c.starvation_minutes = number(value(), f, 0, 1e6);
+    else if (f == "--placement") c.placement = placement_of(value(), f);
     else if (f == "--cancel-grace-seconds") c.cancel_grace_seconds = number(value(), f, 0, 86400);
     else if (f == "--metrics-finished-retention-seconds") {
       c.metrics_finished_retention_seconds = number(value(), "metrics.finished_retention_seconds (" + f + ")", 0, kMaxRetention);
@@ -272,6 +342,26 @@ Config load_config(const std::vector<std::string>& args, const std::string& argv
     c.worker = (self.parent_path() / "memfit-worker").string();
   }
   if (c.tls_cert.empty() != c.tls_key.empty()) throw ConfigError("tls: give both a certificate and a key");
+  if (c.executor == "slurm") {
+    const SlurmConfig& s = c.slurm;
+    if (s.partition.empty()) throw ConfigError("slurm.partition: required with executor: slurm");
+    if (s.shard_memory <= 0) throw ConfigError("slurm.shard_memory: required with executor: slurm (the bytes of one shard)");
+    if (s.shards_per_gpu <= 0) throw ConfigError("slurm.shards_per_gpu: required with executor: slurm");
+    if (s.gpus <= 0) throw ConfigError("slurm.gpus: required with executor: slurm (the partition's GPUs)");
+    // The partition is one device of gpus x shards_per_gpu x shard_memory bytes: past
+    // int64 that product wraps (undefined; a negative or tiny device).
+    if (s.shard_memory > std::numeric_limits<int64_t>::max() / s.shards_per_gpu / s.gpus) {
+      throw ConfigError("slurm: gpus x shards_per_gpu x shard_memory is over 8 EiB");
+    }
+    if (s.device != "cuda" && s.device != "cpu") throw ConfigError("slurm.device: expected cuda or cpu, got '" + s.device + "'");
+    if (s.run_as != "service" && s.run_as != "submitter") {
+      throw ConfigError("slurm.run_as: expected service or submitter, got '" + s.run_as + "'");
+    }
+    if (s.run_as == "submitter" && ::geteuid() != 0) {
+      throw ConfigError("slurm.run_as: submitter needs memfitd to run as root (sbatch --uid)");
+    }
+    if (!s.bin_dir.empty() && s.bin_dir.front() != '/') throw ConfigError("slurm.bin_dir: must be absolute, got '" + s.bin_dir + "'");
+  }
   // Roots: absolute, canonical up to a {user} part (an administrator's links are resolved
   // once here; below a root nothing is followed out of it).
   for (auto* roots : {&c.read_roots, &c.write_roots}) {

@@ -19,8 +19,12 @@
 //            max_weights_bytes: 1TiB, max_name_bytes: 256, max_user_priority: 10}
 //   workers: {user: memfit-worker, memory_allowance: 2GiB, cgroup: /sys/fs/cgroup/memfit}
 //   scheduling: {margin: 0.08, oom_retries: 2, crash_retries: 2, oom_growth: 1.25,
-//                starvation_minutes: 30, cancel_grace_seconds: 60, paused: false}
+//                starvation_minutes: 30, cancel_grace_seconds: 60, paused: false,
+//                placement: spread}    # or best_fit (scheduler.h)
 //   metrics: {finished_retention_seconds: 600, finished_max_jobs: 1000}
+//   executor: local                   # local (worker processes here) | slurm (docs/SLURM.md)
+//   slurm: {partition: gpu-shared, shard_memory: 10GiB, shards_per_gpu: 8, gpus: 16,
+//           device: cuda, run_as: service, bin_dir: "", sbatch_args: [], poll_seconds: 2}
 #pragma once
 
 #include <cstdint>
@@ -38,6 +42,21 @@ class ConfigError : public std::runtime_error {
 struct DeviceConfig {
   std::string name;  // "cpu:0" or "cuda:0"
   int64_t memory_bytes = 0;
+};
+
+// The Slurm executor (executor: slurm): each admitted job is one sbatch job asking for
+// ceil(reservation / shard_memory) shards of one GPU on `partition`, which must hold shard
+// jobs only (Slurm 22.05 does not keep whole-GPU and shard jobs apart on one GPU).
+struct SlurmConfig {
+  std::string partition;             // required
+  int64_t shard_memory = 0;          // bytes per shard, as gres.conf's Count divides a GPU (required)
+  int shards_per_gpu = 0;            // required: a job asks for at most this many (more never start)
+  int gpus = 0;                      // GPUs of the partition (memfitd's queue stops at their total)
+  std::string device = "cuda";       // what the worker runs on: cuda | cpu (test clusters)
+  std::string run_as = "service";    // service: workers.user (or memfitd's user) | submitter: the job's owner
+  std::string bin_dir;               // folder of sbatch, squeue, scancel, sacct ("" = PATH)
+  std::vector<std::string> sbatch_args;  // extra arguments (an account, a QoS), after memfitd's
+  double poll_seconds = 2;           // squeue at most this often
 };
 
 struct Config {
@@ -74,12 +93,15 @@ struct Config {
   int crash_retries = 2;
   double oom_growth = 1.25;
   double starvation_minutes = 30;
+  std::string placement = "spread";  // spread | best_fit (sched::PlacementPolicy)
   double cancel_grace_seconds = 60;
   bool paused = false;            // accept and queue jobs but start no worker (load tests)
   // /metrics keeps a finished job's series (with its final state) this long, so a job
   // shorter than the scrape interval is still seen; at most this many finished jobs.
   double metrics_finished_retention_seconds = 600;
   int64_t metrics_finished_max_jobs = 1000;
+  std::string executor = "local";  // local | slurm
+  SlurmConfig slurm;
 };
 
 // Defaults, then the YAML file (if given), then the flags. Throws ConfigError naming the

@@ -1,6 +1,7 @@
 #include "core.h"
 
 #include <fcntl.h>
+#include <pwd.h>
 #include <google/protobuf/util/json_util.h>
 #include <google/protobuf/util/time_util.h>
 #include <sys/stat.h>
@@ -14,6 +15,7 @@
 #include <thread>
 
 #include "confined.h"
+#include "slurm.h"
 
 namespace memfit::daemon {
 namespace {
@@ -27,7 +29,7 @@ std::string size(int64_t b) { return estimator::format_size(b); }
 
 std::vector<sched::Device> sched_devices(const DeviceMonitor& d) {
   std::vector<sched::Device> out;
-  for (const auto& x : d.devices()) out.push_back({x.name, x.total_bytes});
+  for (const auto& x : d.devices()) out.push_back({x.name, x.total_bytes, x.max_job_bytes});
   return out;
 }
 
@@ -52,10 +54,12 @@ Core::Core(Config cfg, store::Store& store, DeviceMonitor& devices, Clock clock,
                                   std::chrono::system_clock::now().time_since_epoch())
                            .count();
                      })),
-      own_launcher_(launcher ? nullptr : std::make_unique<ProcessLauncher>()),
+      own_launcher_(launcher ? nullptr : make_launcher(cfg_, clock_)),
       launcher_(launcher ? launcher : own_launcher_.get()),
       retry_{cfg_.crash_retries},
-      sched_(sched_devices(devices), sched::Options{static_cast<int64_t>(cfg_.starvation_minutes * 60000.0)}),
+      sched_(sched_devices(devices), sched::Options{static_cast<int64_t>(cfg_.starvation_minutes * 60000.0),
+                                                    cfg_.placement == "best_fit" ? sched::PlacementPolicy::kBestFit
+                                                                                 : sched::PlacementPolicy::kSpread}),
       policy_(reservation_policy(cfg_)) {
   std::random_device rd;
   absl::MutexLock lock(&mu_);
@@ -63,6 +67,33 @@ Core::Core(Config cfg, store::Store& store, DeviceMonitor& devices, Clock clock,
 }
 
 Core::~Core() { stop(false); }
+
+std::unique_ptr<WorkerLauncher> Core::make_launcher(const Config& cfg, Clock clock) {
+  if (cfg.executor == "slurm") {
+    return std::make_unique<SlurmLauncher>(
+        cfg.slurm, [](const std::vector<std::string>& argv) { return RunCommand(argv, 30000); }, std::move(clock));
+  }
+  return std::make_unique<ProcessLauncher>();
+}
+
+std::pair<int64_t, int64_t> Core::run_ids(const std::string& owner) const {
+  if (cfg_.executor != "slurm" || cfg_.slurm.run_as != "submitter") return {cfg_.worker_uid, cfg_.worker_gid};
+  // slurm.run_as: submitter: the job runs as the Unix user its owner's name is (sbatch --uid).
+  passwd pw{};
+  passwd* found = nullptr;
+  std::vector<char> buf(16384);
+  if (::getpwnam_r(owner.c_str(), &pw, buf.data(), buf.size(), &found) != 0 || found == nullptr) {
+    throw CoreError(Code::kFailedPrecondition,
+                    "slurm.run_as is submitter, but there is no Unix user named '" + owner + "' to run the job as");
+  }
+  // Never root, a system account (below 1000: slurm, munge, daemons) or memfitd's own user.
+  if (found->pw_uid == 0 || (found->pw_uid < 1000 && found->pw_uid != 65534) || found->pw_uid == ::geteuid()) {
+    throw CoreError(Code::kPermissionDenied, "slurm.run_as is submitter: jobs never run as root, a system account or "
+                                             "memfitd's own user ('" + owner + "' is uid " +
+                                             std::to_string(found->pw_uid) + ")");
+  }
+  return {found->pw_uid, found->pw_gid};
+}
 
 // ---- events ----
 
@@ -126,6 +157,13 @@ void Core::start(bool run_loop) {
     } catch (const estimator::EstimateError&) {
     }
   }
+  // A submission to an executor made just before memfitd died and never recorded (Slurm):
+  // that run must not go on beside the next attempt.
+  std::set<std::string> queued_ids;
+  for (const auto& j : queued) queued_ids.insert(j.id());
+  for (const auto& [id, what] : launcher_->withdraw(queued_ids)) {
+    if (auto j = store_.get(id)) record(*j, "recovered", what);
+  }
   for (const auto& j : queued) {
     if (j.failure().reason() == store::kCorruptRecord) {
       fail_corrupt(j);
@@ -136,7 +174,7 @@ void Core::start(bool run_loop) {
       continue;
     }
     try {
-      sched_.enqueue({j.id(), j.owner(), j.priority(), ms_of(j.created_at()), j.plan().reserved_bytes()});
+      sched_.enqueue(to_queue(j, j.plan().reserved_bytes()));
     } catch (const std::invalid_argument& e) {
       v1::Job f = j;
       f.set_state(v1::FAILED);
@@ -151,7 +189,11 @@ void Core::start(bool run_loop) {
     const auto w = workers.find(j.id());
     if (j.failure().reason() == store::kCorruptRecord) {
       if (w != workers.end()) {
-        if (auto p = launcher_->adopt(w->second.pid, w->second.events_path, w->second.events_offset)) p->kill();
+        bool known_device = false;  // else the stored id is another executor's (below)
+        for (const auto& d : sched_.devices()) known_device = known_device || d.name == w->second.device;
+        if (known_device) {
+          if (auto p = launcher_->adopt(w->second.pid, w->second.events_path, w->second.events_offset)) p->kill();
+        }
         store_.remove_worker(j.id());
       }
       fail_corrupt(j);
@@ -161,13 +203,34 @@ void Core::start(bool run_loop) {
       requeue(j, j.plan().reserved_bytes(), "recovered", "no worker on record after a restart; queued again");
       continue;
     }
+    bool known_device = false;
+    for (const auto& d : sched_.devices()) known_device = known_device || d.name == w->second.device;
+    if (!known_device) {
+      // Started on a device this memfitd does not have: the executor (local <-> slurm) or
+      // the Slurm partition changed across the restart. The stored id is then a pid of the
+      // other executor (or a Slurm id of another partition): never looked up as one of
+      // ours, never signalled or cancelled. Failed, not queued again: the old worker may
+      // still run and write to the job's output.
+      store_.remove_worker(j.id());
+      j.set_state(v1::FAILED);
+      j.mutable_failure()->set_kind(v1::SYSTEM);
+      j.mutable_failure()->set_reason("internal");
+      j.mutable_failure()->set_message("was running on " + w->second.device + " (worker " +
+                                       std::to_string(w->second.pid) +
+                                       "), a device memfitd no longer has after a restart (executor or partition "
+                                       "changed); that worker was left alone");
+      *j.mutable_finished_at() = ts(now());
+      record(j, "failed", j.failure().message());
+      continue;
+    }
     Active a;
     a.proc = launcher_->adopt(w->second.pid, w->second.events_path, w->second.events_offset);
     const bool alive = a.proc != nullptr;
     if (!alive) a.proc = launcher_->gone(w->second.events_path, w->second.events_offset);
     a.device = w->second.device;
     a.reservation = w->second.reservation_bytes;
-    sched_.adopt(j.id(), a.device, a.reservation);
+    a.compute_kind = j.plan().compute_kind();
+    sched_.adopt(j.id(), a.device, a.reservation, compute_.compute(a.compute_kind));
     if (j.state() == v1::CANCELLING) {
       a.proc->terminate();
       a.cancel_deadline_ms = now() + static_cast<int64_t>(cfg_.cancel_grace_seconds * 1000);
@@ -229,7 +292,8 @@ void Core::admit_released() {
       if (a.plan.reserved_bytes() > largest) {
         err = "the job needs " + size(a.plan.reserved_bytes()) + " but the largest device has " + size(largest);
       } else if (!a.output.in_state_dir) {
-        ClaimOutput(a.output, id, cfg_.worker_uid, cfg_.worker_gid);
+        const auto ids = run_ids(j.owner());
+        ClaimOutput(a.output, id, ids.first, ids.second);
         claimed = true;
       }
     } catch (const CoreError& e) {
@@ -275,6 +339,9 @@ void Core::tick() {
     if (a.proc->exited()) {
       poll(id, a);  // lines written just before the exit
       ended.push_back(id);
+    } else if (const std::string note = a.proc->status_change(); !note.empty()) {
+      v1::Job j = load(id);
+      record(j, "executor", note);
     }
   }
   // Device memory for the peak between scrapes, before the ended attempts are let go.
@@ -284,6 +351,15 @@ void Core::tick() {
     active_.erase(id);
   }
   release_waiting();
+  for (auto it = held_.begin(); it != held_.end();) {
+    if (now() < it->second) {
+      ++it;
+      continue;
+    }
+    v1::Job j = load(it->first);
+    it = held_.erase(it);
+    if (j.state() == v1::QUEUED) sched_.enqueue(to_queue(j, j.plan().reserved_bytes()));
+  }
   if (!cfg_.paused) {
     for (const auto& p : sched_.schedule(now())) start_worker(p);
   }
@@ -316,7 +392,7 @@ void Core::release_waiting() {
     if (d.action == AfterDecision::Action::kRelease) {
       record(j, "after", d.message);
       try {
-        sched_.enqueue({j.id(), j.owner(), j.priority(), ms_of(j.created_at()), j.plan().reserved_bytes()});
+        sched_.enqueue(to_queue(j, j.plan().reserved_bytes()));
       } catch (const std::invalid_argument& e) {
         j.set_state(v1::FAILED);
         j.mutable_failure()->set_kind(v1::SYSTEM);
@@ -353,6 +429,22 @@ WorkerLaunch Core::launch_of(const v1::Job& j, const sched::Placement& p, const 
   for (const auto& r : ExpandRoots(cfg_.read_roots, j.owner())) l.args.insert(l.args.end(), {"--input-root", r});
   if (cfg_.read_roots.empty()) l.args.insert(l.args.end(), {"--input-root", dir + "/no-inputs"});
   l.args.insert(l.args.end(), {"--output-root", out.root});
+  l.reservation_bytes = p.reservation_bytes;
+  const auto ids = run_ids(j.owner());
+  l.confine.uid = ids.first;
+  l.confine.gid = ids.second;
+  if (cfg_.executor == "slurm") {
+    // Slurm picks the node and the GPU (CUDA_VISIBLE_DEVICES names the one its shards are on).
+    if (cfg_.slurm.device == "cuda") {
+      l.args.insert(l.args.end(), {"--device", "cuda:0"});
+      l.env.push_back("CUDA_DEVICE_ORDER=PCI_BUS_ID");
+    } else {
+      l.args.insert(l.args.end(), {"--device", "cpu", "--memory-limit", std::to_string(p.reservation_bytes), "--threads",
+                                   std::to_string(device_model().threads)});
+      l.confine.memory_limit_bytes = p.reservation_bytes + cfg_.worker_memory_allowance;  // sbatch --mem
+    }
+    return l;
+  }
   if (dev != nullptr && dev->kind == "cuda") {
     l.args.insert(l.args.end(), {"--device", "cuda:0"});
     // NVML numbers GPUs in PCI bus order; CUDA, by default, fastest first.
@@ -369,9 +461,11 @@ WorkerLaunch Core::launch_of(const v1::Job& j, const sched::Placement& p, const 
   l.confine.memory_limit_bytes = cuda ? (cfg_.worker_cgroup.empty() ? 0 : cfg_.worker_memory_allowance)
                                       : p.reservation_bytes + cfg_.worker_memory_allowance;
   l.confine.cgroup_dir = cfg_.worker_cgroup;
-  l.confine.uid = cfg_.worker_uid;
-  l.confine.gid = cfg_.worker_gid;
   return l;
+}
+
+sched::QueuedJob Core::to_queue(const v1::Job& j, int64_t reservation) {
+  return {j.id(), j.owner(), j.priority(), ms_of(j.created_at()), reservation, compute_.compute(j.plan().compute_kind())};
 }
 
 void Core::start_worker(const sched::Placement& p) {
@@ -405,24 +499,46 @@ void Core::start_worker(const sched::Placement& p) {
     const bool in_own = j.spec().output_dir() == own.dir;
     const OutputPlace out = in_own ? own : DecideOutput(rules_, j.owner(), j.id(), j.spec().output_dir());
     if (in_own && !jd.exists(std::string("output/") + kOutputMarker)) {
-      ClaimOutput(out, j.id(), cfg_.worker_uid, cfg_.worker_gid);
+      const auto ids = run_ids(j.owner());
+      ClaimOutput(out, j.id(), ids.first, ids.second);
     }
     Active a;
     a.proc = launcher_->start(launch_of(j, p, out));
     a.device = p.device;
     a.reservation = p.reservation_bytes;
+    a.compute_kind = j.plan().compute_kind();
     store_.put_worker({j.id(), a.proc->pid(), p.device, p.reservation_bytes, a.proc->out_path(), a.proc->offset(),
                        j.attempts()});
     j.set_state(v1::RUNNING);
     if (!j.has_started_at()) *j.mutable_started_at() = ts(now());
-    record(j, "placed",
-           "running on " + p.device + " with " + size(p.reservation_bytes) + " reserved (attempt " +
-               std::to_string(j.attempts()) + ", worker " + std::to_string(a.proc->pid()) + ")");
+    if (cfg_.executor == "slurm") {
+      record(j, "placed",
+             "submitted to Slurm as job " + std::to_string(a.proc->pid()) + " (partition " + cfg_.slurm.partition +
+                 ", shard:" + std::to_string(ShardsFor(p.reservation_bytes, cfg_.slurm)) + ") with " +
+                 size(p.reservation_bytes) + " reserved (attempt " + std::to_string(j.attempts()) + ")");
+    } else {
+      record(j, "placed",
+             "running on " + p.device + " with " + size(p.reservation_bytes) + " reserved (attempt " +
+                 std::to_string(j.attempts()) + ", worker " + std::to_string(a.proc->pid()) + ")");
+    }
     active_.emplace(j.id(), std::move(a));
     new_placements_.push_back(static_cast<double>(queued_ms) / 1000.0);
   } catch (const std::exception& e) {
-    // memfitd could not start it (job folder, worker binary, cgroup): the system's fault.
     sched_.release(j.id());
+    // Slurm refused the submission: often a controller restarting or unreachable. The job
+    // goes back to the queue after a back-off (30 s, 60 s, ...) on its crash budget.
+    if (cfg_.executor == "slurm" && j.crash_retries() < cfg_.crash_retries) {
+      j.set_crash_retries(j.crash_retries() + 1);
+      j.set_state(v1::QUEUED);
+      j.set_device("");
+      const int64_t wait_ms = int64_t{30000} * j.crash_retries();
+      held_[j.id()] = now() + wait_ms;
+      record(j, "requeued",
+             std::string(e.what()) + "; trying again in " + std::to_string(wait_ms / 1000) + " s (retry " +
+                 std::to_string(j.crash_retries()) + " of " + std::to_string(cfg_.crash_retries) + ")");
+      return;
+    }
+    // memfitd could not start it (job folder, worker binary, cgroup): the system's fault.
     j.set_state(v1::FAILED);
     j.mutable_failure()->set_kind(v1::SYSTEM);
     j.mutable_failure()->set_reason("internal");
@@ -437,8 +553,19 @@ void Core::poll(const std::string& id, Active& a) {
   if (lines.empty()) return;
   v1::Job j = load(id);
   for (const auto& line : lines) {
+    const int64_t steps_before = a.report.steps;
     const auto r = ApplyWorkerLine(line, j, a.report);
     if (r) record(j, r->kind, r->message, line.size() <= 65536 ? line : std::string());
+    // A step's throughput, alone or beside others on its device, teaches the compute model
+    // (the attempt's first step, with its warm-up, does not count).
+    // Not with the Slurm executor: its one device is the whole partition, so every job
+    // beside another on the cluster would count as sharing a GPU with it.
+    if (a.report.steps > steps_before && a.report.steps > 1 && !a.compute_kind.empty() && cfg_.executor != "slurm") {
+      const v1::Progress& pr = j.progress();
+      const double rate = pr.tokens_per_second() > 0 ? pr.tokens_per_second() : pr.samples_per_second();
+      compute_.observe(a.compute_kind, rate, static_cast<int>(sched_.jobs_on(a.device).size()));
+      sched_.set_compute(id, compute_.compute(a.compute_kind));
+    }
   }
   store_.set_worker_offset(id, a.proc->offset());
 }
@@ -448,7 +575,7 @@ void Core::requeue(v1::Job& j, int64_t reservation, const std::string& kind, con
   j.set_device("");
   j.mutable_plan()->set_reserved_bytes(reservation);
   record(j, kind, why);
-  sched_.enqueue({j.id(), j.owner(), j.priority(), ms_of(j.created_at()), reservation});
+  sched_.enqueue(to_queue(j, reservation));
 }
 
 void Core::finish(const std::string& id, Active& a) {

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "calibration.h"
+#include "compute_model.h"
 #include "config.h"
 #include "decide.h"
 #include "devices.h"
@@ -72,7 +73,14 @@ struct Snapshot {
     std::string name, kind;
     int64_t total = 0, reserved = 0, used = 0;
     int64_t peak = 0;  // the highest sample since the previous snapshot (PeakWindow)
+    double committed_compute = 0;
   };
+  // Compute sharing learned per kind of job (sched::ComputeModel).
+  struct Kind {
+    std::string kind;
+    double slowdown = 0, compute = 1;
+  };
+  std::vector<Kind> kinds;
   std::vector<Dev> devices;
   std::vector<JobSeries> jobs;
   std::map<int, int64_t> jobs_by_state;  // v1::JobState -> count
@@ -127,6 +135,7 @@ class Core {
     int64_t cancel_deadline_ms = 0;  // SIGKILL after it (0 = none)
     bool stopping = false;           // memfitd asked it to stop (graceful shutdown)
     AttemptReport report;
+    std::string compute_kind;  // MemoryPlan.compute_kind ("" for jobs admitted before it existed)
   };
   struct Admission {
     v1::JobSpec worker_spec;  // what the worker runs (auto options applied, output placed)
@@ -146,6 +155,8 @@ class Core {
   v1::JobEvent event(const std::string& kind, v1::JobState st, const std::string& msg, const std::string& data = "");
   void record(v1::Job& j, const std::string& kind, const std::string& msg, const std::string& data = "");
   void start_worker(const sched::Placement& p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The scheduler's entry for a queued job: its reservation and learned compute share.
+  sched::QueuedJob to_queue(const v1::Job& j, int64_t reservation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   WorkerLaunch launch_of(const v1::Job& j, const sched::Placement& p, const OutputPlace& out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void poll(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -168,6 +179,10 @@ class Core {
   // A job reached a final state: keep its series for metrics.finished_retention_seconds.
   void remember_finished(const v1::Job& j) ABSL_LOCKS_EXCLUDED(recent_mu_);
   int64_t now() const { return clock_(); }
+  // Who the job's worker runs as: workers.user (uid, gid; -1 = memfitd's own), or with
+  // slurm.run_as: submitter the Unix user named like the job's owner (CoreError if none).
+  std::pair<int64_t, int64_t> run_ids(const std::string& owner) const;
+  static std::unique_ptr<WorkerLauncher> make_launcher(const Config& cfg, Clock clock);
   estimator::DeviceModel device_model() const;
 
   const Config cfg_;
@@ -185,11 +200,16 @@ class Core {
   sched::Scheduler sched_ ABSL_GUARDED_BY(mu_);
   sched::ReservationPolicy policy_;  // set in the constructor, read-only after
   estimator::Calibration calibration_ ABSL_GUARDED_BY(mu_);
+  // Compute sharing learned from the workers' step throughput (poll), per compute kind.
+  sched::ComputeModel compute_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, Active> active_ ABSL_GUARDED_BY(mu_);
   // Queued jobs waiting for another job (submit --after): id -> the other job's id. Not in
   // the scheduler until DecideAfter releases them (tick); cancelled with the reason when
   // the other job fails or is cancelled.
   std::map<std::string, std::string> waiting_ ABSL_GUARDED_BY(mu_);
+  // Jobs whose submission to the executor failed (sbatch: a controller down) and that wait
+  // out a back-off before they are queued again: id -> when (ms).
+  std::map<std::string, int64_t> held_ ABSL_GUARDED_BY(mu_);
   // Cancelled between their insert and their enqueue (a submit still in flight).
   std::set<std::string> cancelled_in_submit_ ABSL_GUARDED_BY(mu_);
   uint64_t seq_ ABSL_GUARDED_BY(mu_) = 0;

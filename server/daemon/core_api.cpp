@@ -26,7 +26,6 @@ using google::protobuf::util::TimeUtil;
 
 bool terminal(v1::JobState s) { return s == v1::SUCCEEDED || s == v1::FAILED || s == v1::CANCELLED; }
 google::protobuf::Timestamp ts(int64_t ms) { return TimeUtil::MillisecondsToTimestamp(ms); }
-int64_t ms_of(const google::protobuf::Timestamp& t) { return TimeUtil::TimestampToMilliseconds(t); }
 std::string size(int64_t b) { return estimator::format_size(b); }
 
 // A job name: at most `max` bytes of printable text (no control characters: names reach
@@ -121,7 +120,10 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
   // A folder the user named is this job's from here on (two jobs cannot claim one
   // folder). The job's own folder in the state dir is made when it first starts.
   try {
-    if (deferred.empty() && !a.output.in_state_dir) ClaimOutput(a.output, id, cfg_.worker_uid, cfg_.worker_gid);
+    if (deferred.empty() && !a.output.in_state_dir) {
+      const auto ids = run_ids(c.user);
+      ClaimOutput(a.output, id, ids.first, ids.second);
+    }
   } catch (const PathError& e) {
     if (!r.request_id().empty()) {
       if (auto prev = store_.find_by_request(c.user, r.request_id())) return *prev;  // a concurrent twin won
@@ -151,7 +153,7 @@ v1::Job Core::submit(const Caller& c, const v1::SubmitJobRequest& r) {
       // Waiting for another job: the loop releases it (release_waiting), even if that job
       // ended between the check above and here.
       if (!j.after().empty()) waiting_[j.id()] = j.after();
-      else sched_.enqueue({j.id(), j.owner(), j.priority(), ms_of(j.created_at()), a.plan.reserved_bytes()});
+      else sched_.enqueue(to_queue(j, a.plan.reserved_bytes()));
     }
     wake_.SignalAll();
     events_cv_.SignalAll();
@@ -203,7 +205,7 @@ v1::Job Core::cancel(const Caller& c, const std::string& id) {
   if (terminal(j.state()) || j.state() == v1::CANCELLING) return j;
   if (j.state() == v1::QUEUED) {
     // Not in the queue and not running: its submit is between the insert and the enqueue.
-    if (!sched_.remove_queued(id) && waiting_.erase(id) == 0 && active_.count(id) == 0) {
+    if (!sched_.remove_queued(id) && waiting_.erase(id) == 0 && held_.erase(id) == 0 && active_.count(id) == 0) {
       cancelled_in_submit_.insert(id);
     }
     j.set_state(v1::CANCELLED);
@@ -309,6 +311,18 @@ v1::ListDevicesResponse Core::devices() {
     }
     x->set_used_bytes(used);
     for (const auto& id : ids) x->add_job_ids(id);
+    x->set_committed_compute(sched_.committed_compute(d.name));
+  }
+  for (const auto& [kind, st] : compute_.kinds()) {
+    v1::ComputeKind* k = out.add_kinds();
+    k->set_kind(kind);
+    k->set_solo_rate(st.solo_rate);
+    k->set_shared_rate(st.shared_rate);
+    k->set_shared_jobs(st.shared_jobs);
+    k->set_slowdown(st.slowdown());
+    k->set_compute(st.compute());
+    k->set_solo_steps(st.solo_steps);
+    k->set_shared_steps(st.shared_steps);
   }
   return out;
 }
@@ -343,8 +357,9 @@ Snapshot Core::snapshot() {
       const int64_t used = devices_.used_bytes(d.name);  // -1 on CPU devices: summed below
       const int64_t sample = d.kind == "cuda" && used >= 0 ? used : device_sample(d);
       s.devices.push_back({d.name, d.kind, d.total_bytes, sched_.reserved_bytes(d.name), used,
-                           device_peaks_.take(d.name, sample)});
+                           device_peaks_.take(d.name, sample), sched_.committed_compute(d.name)});
     }
+    for (const auto& [kind, st] : compute_.kinds()) s.kinds.push_back({kind, st.slowdown(), st.compute()});
     s.queue_length = static_cast<int64_t>(sched_.queue_length());
     s.oom_retries_total = oom_retries_total_;
     s.estimate_ratios.swap(new_ratios_);

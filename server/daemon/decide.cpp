@@ -2,6 +2,7 @@
 
 #include <string.h>
 
+#include "calibration.h"
 #include "estimator.h"
 
 namespace memfit::daemon {
@@ -139,6 +140,14 @@ AfterDecision DecideAfter(const std::string& after_id, const std::optional<v1::J
       break;
   }
   return d;
+}
+
+std::string ComputeKindOf(const estimator::Input& in) {
+  const spec::Training& t = in.job.training;
+  return estimator::Calibration::key_of(in) + "|d" + std::to_string(in.config.hidden) + "xL" +
+         std::to_string(in.config.layers) + "|" + spec::name_of(in.job.method) + "|" +
+         (t.dtype == spec::DType::kBFloat16 ? "bf16" : "fp32") + "|" + std::to_string(t.micro_batch) + "x" +
+         std::to_string(t.sequence_length);
 }
 
 }  // namespace memfit::daemon

@@ -18,6 +18,7 @@
 #include <optional>
 #include <string>
 
+#include "estimator.h"
 #include "memfit/v1/service.pb.h"
 #include "scheduler.h"
 
@@ -78,6 +79,12 @@ struct AfterDecision {
   std::string message;  // kRelease: the event; kCancel: the reason (the job's failure message)
 };
 AfterDecision DecideAfter(const std::string& after_id, const std::optional<v1::Job>& after);
+
+// The kind of job compute sharing is learned for (MemoryPlan.compute_kind): the
+// calibration kind (architecture, memory options, device kind), the model's width and
+// depth, the method, the dtype and micro-batch x sequence length, e.g.
+// "gpt2|approx+ms_norm|cpu|d768xL12|lora|fp32|8x128". No paths: it is a metrics label.
+std::string ComputeKindOf(const estimator::Input& in);
 
 // Whether a worker failure reason is the user's to fix (USER_INPUT) rather than the system's.
 bool IsUserFault(const std::string& reason);

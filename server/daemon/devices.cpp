@@ -104,6 +104,16 @@ class Configured final : public DeviceMonitor {
 }  // namespace
 
 std::unique_ptr<DeviceMonitor> DeviceMonitor::create(const Config& cfg, std::string* log) {
+  if (cfg.executor == "slurm") {
+    // One device: the partition. Slurm places each job on a node and a GPU; memfitd's queue
+    // stops when the partition's shards are all reserved, and no job gets more than one GPU.
+    const SlurmConfig& s = cfg.slurm;
+    const int64_t gpu = s.shard_memory * s.shards_per_gpu;
+    DeviceInfo d{"slurm:" + s.partition, s.device, "Slurm partition " + s.partition, gpu * s.gpus, 0, gpu};
+    *log += "device " + d.name + ": " + std::to_string(s.gpus) + " GPUs x " + std::to_string(s.shards_per_gpu) +
+            " shards of " + estimator::format_size(s.shard_memory) + " (Slurm; a job gets shards of one GPU)\n";
+    return std::make_unique<Configured>(std::vector<DeviceInfo>{d});
+  }
   if (!cfg.devices.empty()) {
     std::vector<DeviceInfo> d;
     for (const auto& c : cfg.devices) {

@@ -18,6 +18,7 @@ struct DeviceInfo {
   std::string model;  // NVML's name, or "configured"
   int64_t total_bytes = 0;
   int index = 0;      // CUDA ordinal, or CPU device number
+  int64_t max_job_bytes = 0;  // the most one job may reserve (0: total_bytes): a Slurm partition's GPU
 };
 
 class DeviceMonitor {

@@ -86,14 +86,35 @@ std::vector<MetricFamily> MetricFamilies::build(const Snapshot& s) {
                          "Highest memory in use on the device since the previous scrape (NVML sampled at every "
                          "scheduling tick for GPUs; for CPU devices the sum of the running jobs' reported peaks).",
                          MetricType::Gauge);
+  auto dev_compute = family("memfit_device_committed_compute",
+                            "Sum of the compute shares of the jobs running on the device (learned from their "
+                            "throughput alone and shared; 1 per job until known): 0 idle, above 1 they slow each "
+                            "other down.",
+                            MetricType::Gauge);
   for (const auto& d : s.devices) {
     const std::vector<ClientMetric::Label> l{{"device", LabelValue(d.name)}, {"kind", LabelValue(d.kind)}};
+    dev_compute.metric.push_back(gauge(d.committed_compute, l));
     dev_total.metric.push_back(gauge(static_cast<double>(d.total), l));
     dev_reserved.metric.push_back(gauge(static_cast<double>(d.reserved), l));
     dev_used.metric.push_back(gauge(static_cast<double>(std::max<int64_t>(0, d.used)), l));
     dev_peak.metric.push_back(gauge(static_cast<double>(std::max<int64_t>(0, d.peak)), l));
   }
-  for (auto* f : {&dev_total, &dev_reserved, &dev_used, &dev_peak}) out.push_back(std::move(*f));
+  for (auto* f : {&dev_total, &dev_reserved, &dev_used, &dev_peak, &dev_compute}) out.push_back(std::move(*f));
+  auto slow = family("memfit_colocation_slowdown",
+                     "How much slower a kind of job runs beside other jobs on its device than alone (solo / shared "
+                     "throughput); absent until both were seen.",
+                     MetricType::Gauge);
+  auto share = family("memfit_job_kind_compute_share",
+                      "The fraction of a device's compute a kind of job uses alone, as placement assumes it (1 until "
+                      "learned).",
+                      MetricType::Gauge);
+  for (const auto& k : s.kinds) {
+    const std::vector<ClientMetric::Label> l{{"job_kind", LabelValue(k.kind)}};
+    if (k.slowdown > 0) slow.metric.push_back(gauge(k.slowdown, l));
+    share.metric.push_back(gauge(k.compute, l));
+  }
+  out.push_back(std::move(slow));
+  out.push_back(std::move(share));
 
   auto info = family("memfit_job_info",
                      "A job memfitd exports series for (running, or finished within "

@@ -22,11 +22,11 @@ namespace {
 class WorkerProcess : public Worker {
  public:
   WorkerProcess(int64_t pid, std::string out_path, int64_t offset, bool child, bool gone, std::string cgroup = "")
-      : pid_(pid), out_path_(std::move(out_path)), offset_(offset), child_(child), gone_(gone), cgroup_(std::move(cgroup)) {}
+      : pid_(pid), tail_(std::move(out_path), offset), child_(child), gone_(gone), cgroup_(std::move(cgroup)) {}
   int64_t pid() const override { return pid_; }
-  const std::string& out_path() const override { return out_path_; }
-  int64_t offset() const override { return offset_; }
-  std::vector<std::string> read_lines() override;
+  const std::string& out_path() const override { return tail_.path(); }
+  int64_t offset() const override { return tail_.offset(); }
+  std::vector<std::string> read_lines() override { return tail_.read(); }
   bool exited() override;
   int exit_code() const override { return exit_code_; }
   int exit_signal() const override { return exit_signal_; }
@@ -39,44 +39,13 @@ class WorkerProcess : public Worker {
 
  private:
   int64_t pid_ = 0;
-  std::string out_path_;
-  int64_t offset_ = 0;
+  LineTail tail_;
   bool child_ = true;
   bool gone_ = false;
   int exit_code_ = -1;
   int exit_signal_ = 0;
-  std::string partial_;
   std::string cgroup_;  // the worker's own cgroup, removed once it is gone
 };
-
-std::vector<std::string> WorkerProcess::read_lines() {
-  std::vector<std::string> out;
-  const int fd = ::open(out_path_.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-  if (fd < 0) return out;
-  if (::lseek(fd, static_cast<off_t>(offset_ + static_cast<int64_t>(partial_.size())), SEEK_SET) < 0) {
-    ::close(fd);
-    return out;
-  }
-  char buf[65536];
-  // At most 16 MiB per call: a worker that floods its stdout cannot stall the loop.
-  for (size_t total = 0; total < (size_t{16} << 20);) {
-    const ssize_t n = ::read(fd, buf, sizeof buf);
-    if (n <= 0) break;
-    partial_.append(buf, static_cast<size_t>(n));
-    total += static_cast<size_t>(n);
-  }
-  ::close(fd);
-  size_t start = 0;
-  for (size_t nl = partial_.find('\n'); nl != std::string::npos; nl = partial_.find('\n', start)) {
-    out.push_back(partial_.substr(start, nl - start));
-    start = nl + 1;
-  }
-  // An event line is small; a longer unterminated one is not an event: drop it.
-  if (partial_.size() - start > (size_t{1} << 20)) start = partial_.size();
-  offset_ += static_cast<int64_t>(start);
-  partial_.erase(0, start);
-  return out;
-}
 
 bool WorkerProcess::exited() {
   if (gone_) return true;
@@ -135,6 +104,35 @@ void close_from(int lo, int except) {
 }
 
 }  // namespace
+
+std::vector<std::string> LineTail::read() {
+  std::vector<std::string> out;
+  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) return out;
+  if (::lseek(fd, static_cast<off_t>(offset_ + static_cast<int64_t>(partial_.size())), SEEK_SET) < 0) {
+    ::close(fd);
+    return out;
+  }
+  char buf[65536];
+  // At most 16 MiB per call: a worker that floods its stdout cannot stall the loop.
+  for (size_t total = 0; total < (size_t{16} << 20);) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n <= 0) break;
+    partial_.append(buf, static_cast<size_t>(n));
+    total += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  size_t start = 0;
+  for (size_t nl = partial_.find('\n'); nl != std::string::npos; nl = partial_.find('\n', start)) {
+    out.push_back(partial_.substr(start, nl - start));
+    start = nl + 1;
+  }
+  // An event line is small; a longer unterminated one is not an event: drop it.
+  if (partial_.size() - start > (size_t{1} << 20)) start = partial_.size();
+  offset_ += static_cast<int64_t>(start);
+  partial_.erase(0, start);
+  return out;
+}
 
 bool CgroupUsable(const std::string& dir, std::string* why) {
   std::ifstream c(dir + "/cgroup.controllers");

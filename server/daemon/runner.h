@@ -12,7 +12,9 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <set>
 #include <optional>
 #include <string>
 #include <vector>
@@ -29,11 +31,28 @@ struct Confinement {
 
 struct WorkerLaunch {
   std::string binary;                 // memfit-worker
+  int64_t reservation_bytes = 0;      // the job's reservation (the Slurm executor's shard count)
   std::vector<std::string> args;      // after the binary
   std::vector<std::string> env;       // extra NAME=VALUE
   std::string dir;                    // the job's folder: worker.out, worker.err
   std::string job_id;                 // names the worker's cgroup
   Confinement confine;
+};
+
+// The complete lines appended to a file since `offset` (a worker's stdout): each read()
+// returns the lines finished since the last one and advances offset() past them. At most
+// 16 MiB per call; an unterminated line over 1 MiB is dropped. Links are not followed.
+class LineTail {
+ public:
+  LineTail(std::string path, int64_t offset) : path_(std::move(path)), offset_(offset) {}
+  std::vector<std::string> read();
+  const std::string& path() const { return path_; }
+  int64_t offset() const { return offset_; }
+
+ private:
+  std::string path_;
+  int64_t offset_ = 0;
+  std::string partial_;
 };
 
 class Worker {
@@ -51,6 +70,9 @@ class Worker {
   virtual int exit_signal() const = 0;
   virtual void terminate() = 0;  // SIGTERM: checkpoint and stop
   virtual void kill() = 0;       // SIGKILL
+  // How the executor holds it now, once per change, for the job's events ("" = no change):
+  // a Slurm job waiting for resources, then running on a node. Local processes: never.
+  virtual std::string status_change() { return ""; }
 };
 
 class WorkerLauncher {
@@ -62,6 +84,10 @@ class WorkerLauncher {
   virtual std::unique_ptr<Worker> adopt(int64_t pid, const std::string& out_path, int64_t offset) = 0;
   // A worker that ended while no daemon watched it: its remaining lines, then exited().
   virtual std::unique_ptr<Worker> gone(const std::string& out_path, int64_t offset) = 0;
+  // After a restart, for the jobs that are queued: stop any run of them the executor still
+  // has (a submission made just before memfitd died, never recorded). Returns, per job id,
+  // what it stopped. Local processes: nothing to find.
+  virtual std::map<std::string, std::string> withdraw(const std::set<std::string>& /*job_ids*/) { return {}; }
 };
 
 // Real processes (fork + exec, confined as the launch says).

@@ -14,7 +14,7 @@ bool Scheduler::Key::operator<(const Key& o) const {
 }
 
 Scheduler::Scheduler(std::vector<Device> devices, Options options)
-    : devices_(std::move(devices)), options_(options), reserved_(devices_.size(), 0) {
+    : devices_(std::move(devices)), options_(options), reserved_(devices_.size(), 0), compute_(devices_.size(), 0.0) {
   for (const Device& d : devices_) {
     if (d.total_bytes <= 0) throw std::invalid_argument("device " + d.name + ": total memory must be positive");
   }
@@ -22,7 +22,7 @@ Scheduler::Scheduler(std::vector<Device> devices, Options options)
 
 int64_t Scheduler::largest_device_bytes() const {
   int64_t m = 0;
-  for (const Device& d : devices_) m = std::max(m, d.total_bytes);
+  for (const Device& d : devices_) m = std::max(m, d.max_job_bytes > 0 ? std::min(d.max_job_bytes, d.total_bytes) : d.total_bytes);
   return m;
 }
 
@@ -38,6 +38,9 @@ size_t Scheduler::index_of(const std::string& device) const {
 void Scheduler::enqueue(const QueuedJob& job) {
   if (job.id.empty()) throw std::invalid_argument("job without an id");
   if (queued_.count(job.id) || running_.count(job.id)) throw std::invalid_argument("job " + job.id + " is already known");
+  if (!(job.compute > 0.0 && job.compute <= 1.0)) {
+    throw std::invalid_argument("job " + job.id + ": compute " + std::to_string(job.compute) + " is not in (0, 1]");
+  }
   if (!fits_alone(job.reservation_bytes)) {
     throw std::invalid_argument("job " + job.id + ": a reservation of " + std::to_string(job.reservation_bytes) +
                                 " bytes fits no device (the largest has " + std::to_string(largest_device_bytes()) + ")");
@@ -69,16 +72,11 @@ std::vector<Placement> Scheduler::schedule(int64_t now_ms) {
     if (queued_sizes_.empty() || most_free < *queued_sizes_.begin()) break;
 
     const QueuedJob& j = it->second;
-    std::optional<size_t> best;
-    for (size_t d = 0; d < devices_.size(); ++d) {
-      if (drain_ && drain_->first == d && drain_->second != j.id) continue;  // kept for the starving job
-      const int64_t left = free_on(d) - j.reservation_bytes;
-      if (left < 0) continue;
-      if (!best || left < free_on(*best) - j.reservation_bytes) best = d;
-    }
+    const std::optional<size_t> best = choose(j);
     if (best) {
       reserved_[*best] += j.reservation_bytes;
-      running_[j.id] = Running{*best, j.reservation_bytes};
+      compute_[*best] += j.compute;
+      running_[j.id] = Running{*best, j.reservation_bytes, j.compute};
       out.push_back({j.id, devices_[*best].name, j.reservation_bytes});
       if (drain_ && drain_->second == j.id) drain_.reset();
       queued_sizes_.erase(queued_sizes_.find(j.reservation_bytes));
@@ -101,19 +99,98 @@ std::vector<Placement> Scheduler::schedule(int64_t now_ms) {
   return out;
 }
 
+std::optional<size_t> Scheduler::choose(const QueuedJob& j) const {
+  const size_t n = devices_.size();
+  auto allowed = [&](size_t d) {
+    if (drain_ && drain_->first == d && drain_->second != j.id) return false;  // kept for the starving job
+    if (devices_[d].max_job_bytes > 0 && j.reservation_bytes > devices_[d].max_job_bytes) return false;
+    return free_on(d) >= j.reservation_bytes;
+  };
+  // Best fit: the least free memory left.
+  std::optional<size_t> tightest;
+  for (size_t d = 0; d < n; ++d) {
+    if (!allowed(d)) continue;
+    if (!tightest || free_on(d) < free_on(*tightest)) tightest = d;
+  }
+  if (!tightest || options_.placement == PlacementPolicy::kBestFit) return tightest;
+
+  // The room the other queued jobs need: as much free memory somewhere as the largest of
+  // them reserves, or, when that fits nowhere yet, all that the emptiest device has.
+  int64_t largest_other = 0;
+  bool skipped_self = false;
+  for (auto r = queued_sizes_.rbegin(); r != queued_sizes_.rend(); ++r) {
+    if (!skipped_self && *r == j.reservation_bytes && queued_.count(j.id)) {
+      skipped_self = true;  // j itself
+      continue;
+    }
+    largest_other = *r;
+    break;
+  }
+  int64_t most_free = 0;
+  for (size_t d = 0; d < n; ++d) most_free = std::max(most_free, free_on(d));
+  const int64_t need = std::min(largest_other, most_free);
+  auto room_after = [&](size_t on) {
+    int64_t m = 0;
+    for (size_t d = 0; d < n; ++d) m = std::max(m, free_on(d) - (d == on ? j.reservation_bytes : 0));
+    return m;
+  };
+
+  // Spread: among the devices that leave that room, the one where the job adds the least
+  // compute sharing: how far the device's committed compute goes past one device's worth
+  // with it, less how far it went past without it. A device where the job and its
+  // neighbours together stay within one device's compute is as good as an idle one (no one
+  // slows down); with unknown compute (1) that is an idle device. Ties (within a
+  // hundredth of a device): the least committed compute, then best fit. None leaves the
+  // room: pack (best fit).
+  auto added_sharing = [&](size_t d) {
+    return std::max(0.0, compute_[d] + j.compute - 1.0) - std::max(0.0, compute_[d] - 1.0);
+  };
+  // Whether device a is a better place than b (a hundredth of a device is a tie).
+  auto better = [&](size_t a, size_t b) {
+    const double sa = added_sharing(a), sb = added_sharing(b);
+    if (sa < sb - 0.01) return true;
+    if (sa > sb + 0.01) return false;
+    if (compute_[a] < compute_[b] - 0.01) return true;
+    if (compute_[a] > compute_[b] + 0.01) return false;
+    return free_on(a) < free_on(b);
+  };
+  std::optional<size_t> best;
+  for (size_t d = 0; d < n; ++d) {
+    if (!allowed(d) || room_after(d) < need) continue;
+    if (!best || better(d, *best)) best = d;
+  }
+  return best ? best : tightest;
+}
+
+bool Scheduler::set_compute(const std::string& id, double compute) {
+  const auto it = running_.find(id);
+  if (it == running_.end() || !(compute > 0.0 && compute <= 1.0)) return false;
+  compute_[it->second.device] += compute - it->second.compute;
+  it->second.compute = compute;
+  return true;
+}
+
+double Scheduler::committed_compute(const std::string& device) const {
+  const double c = compute_[index_of(device)];
+  return c < 1e-9 ? 0.0 : c;  // sums of doubles: an idle device reads 0
+}
+
 bool Scheduler::release(const std::string& id) {
   const auto it = running_.find(id);
   if (it == running_.end()) return false;
   reserved_[it->second.device] -= it->second.reservation;
+  compute_[it->second.device] -= it->second.compute;
   running_.erase(it);
   return true;
 }
 
-void Scheduler::adopt(const std::string& id, const std::string& device, int64_t reservation_bytes) {
+void Scheduler::adopt(const std::string& id, const std::string& device, int64_t reservation_bytes, double compute) {
   if (queued_.count(id) || running_.count(id)) throw std::invalid_argument("job " + id + " is already known");
+  if (!(compute > 0.0 && compute <= 1.0)) compute = 1.0;
   const size_t d = index_of(device);
   reserved_[d] += reservation_bytes;
-  running_[id] = Running{d, reservation_bytes};
+  compute_[d] += compute;
+  running_[id] = Running{d, reservation_bytes, compute};
 }
 
 int64_t Scheduler::reserved_bytes(const std::string& device) const { return reserved_[index_of(device)]; }

@@ -3,6 +3,7 @@
 
     check_bench_smoke.py ops -- memfit-bench-ops --quick --reps 1 --json
     check_bench_smoke.py schedule -- memfit-bench-schedule --jobs 80 --devices 4
+    check_bench_smoke.py sweep -- memfit-bench-schedule --sweep --jobs 200 --devices 4
 
 A CTest regular expression cannot do this: PASS_REGULAR_EXPRESSION makes CTest ignore
 the exit code, and one matching row hides every other row. Here the exit code must be 0
@@ -12,6 +13,9 @@ and every row must hold:
             row has positive times and byte counts.
   schedule  every policy's row is present; no policy failed a job; memfit's and the
             oracle's reservations ran nothing out of memory.
+  sweep     (memfit-bench-schedule --sweep) every (floor, load) row is present; memfit
+            ran nothing out of memory; at load 0.5 its mean completion time is within
+            1.05x of one job per GPU and below best fit's (compute-aware placement).
 Exits 1 naming the row and value that broke, 0 otherwise.
 """
 import json
@@ -64,38 +68,63 @@ def check_ops(out):
     print(f"check_bench_smoke: {len(ops)} op rows and {len(blocks)} block rows hold")
 
 
-POLICIES = ("one job per GPU", "declared size (HAMi/shards)", "memfit estimate", "oracle (true peaks)")
+POLICIES = ("one job per GPU", "declared size (HAMi/shards), best fit", "memfit estimate, best fit (before)",
+            "memfit estimate, spread, compute unknown", "memfit estimate, spread, learned compute (memfitd)",
+            "oracle (true peaks), best fit", "oracle (true peaks), spread, true compute")
 
 
 def check_schedule(out):
     rows = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 8 and cells[0] in POLICIES:
+        if len(cells) == 9 and cells[0] in POLICIES:
             rows[cells[0]] = cells
     for p in POLICIES:
         if p not in rows:
             fail(f"no row for policy {p!r}")
-        oom, failed = rows[p][6], rows[p][7]
+        oom, failed = rows[p][7], rows[p][8]
         if not re.fullmatch(r"\d+", oom) or not re.fullmatch(r"\d+", failed):
             fail(f"{p}: out-of-memory {oom!r}, failed {failed!r} are not counts")
         if int(failed) != 0:
             fail(f"{p}: {failed} jobs failed")
-        if p in ("memfit estimate", "oracle (true peaks)") and int(oom) != 0:
+        if (p.startswith("memfit") or p.startswith("oracle")) and int(oom) != 0:
             fail(f"{p}: {oom} jobs ran out of memory")
     print(f"check_bench_smoke: {len(rows)} policy rows hold")
 
 
+def check_sweep(out):
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 12 and re.fullmatch(r"\d\.\d", cells[0]):
+            rows[(cells[0], cells[1])] = cells
+    for floor in ("0.2", "0.5"):
+        for load in ("0.5", "1.0", "4.0"):
+            r = rows.get((floor, load))
+            if r is None:
+                fail(f"no sweep row for floor {floor}, load {load}")
+            one, best_fit, spread = (float(r[i]) for i in (2, 3, 4))
+            if r[10] != "0":
+                fail(f"floor {floor}, load {load}: {r[10]} jobs ran out of memory")
+            if load == "0.5":
+                if spread > 1.05 * one:
+                    fail(f"floor {floor}, load 0.5: mean JCT {spread} h > 1.05 x one job per GPU ({one} h)")
+                if spread >= best_fit:
+                    fail(f"floor {floor}, load 0.5: spreading ({spread} h) is not faster than best fit ({best_fit} h)")
+    print(f"check_bench_smoke: {len(rows)} sweep rows hold")
+
+
 def main(argv):
-    if len(argv) < 3 or argv[1] not in ("ops", "schedule") or "--" not in argv:
-        fail("usage: check_bench_smoke.py ops|schedule -- COMMAND...")
+    checks = {"ops": check_ops, "schedule": check_schedule, "sweep": check_sweep}
+    if len(argv) < 3 or argv[1] not in checks or "--" not in argv:
+        fail("usage: check_bench_smoke.py ops|schedule|sweep -- COMMAND...")
     cmd = argv[argv.index("--") + 1:]
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sys.stdout.write(r.stdout)
     sys.stderr.write(r.stderr)
     if r.returncode != 0:
         fail(f"{cmd[0]} exited {r.returncode}")
-    (check_ops if argv[1] == "ops" else check_schedule)(r.stdout)
+    checks[argv[1]](r.stdout)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/bin/bash
 # scripts/demo.sh end to end in a temporary folder: every job succeeds, estimates are
-# within 3% of the measured peaks, memfit's LoRA run keeps less than the stock one, the
+# within 3% of the measured peaks, the jobs spread over both devices, memfit's LoRA run keeps less than the stock one, the
 # outputs exist, and memfitd is stopped at the end.
 set -euo pipefail
 repo=$1
@@ -25,6 +25,8 @@ for name in gpt2-pretrain-moby-dick vit-fashion-mnist gpt2-lora-exact gpt2-lora-
   err=$(awk '{for (i = 1; i <= NF; i++) if ($i ~ /%$/ && $i ~ /^[+-]/) {print $i; exit}}' <<<"$row")
   awk -v e="${err%\%}" 'BEGIN {exit !(e >= -3 && e <= 3)}' || fail "$name: estimate off by $err"
 done
+# Four jobs on two CPU devices: never two on one device while the other idles.
+grep -q "^placement: spread" <<<"$out" || fail "placement: $(grep '^placement:' <<<"$out" || echo 'no placement line')"
 grep -q "^vit-fashion-mnist .*accuracy [0-9.]*%" <<<"$table" || fail "no ViT accuracy"
 for name in gpt2-pretrain-moby-dick gpt2-lora-exact gpt2-lora-memfit; do  # language models: a loss, not an accuracy
   grep -q "^$name .*val loss [0-9.]*$" <<<"$table" || fail "$name: no validation loss"

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 
 #include "core.h"
 
@@ -71,6 +72,16 @@ class FakeLauncher : public WorkerLauncher {
     s->lines = gone_lines;
     return std::make_unique<FakeWorker>(s, 0);
   }
+  std::map<std::string, std::string> withdraw(const std::set<std::string>& ids) override {
+    withdraw_asked = ids;
+    std::map<std::string, std::string> out;
+    for (const auto& id : ids) {
+      if (strays.count(id)) out[id] = strays[id];
+    }
+    return out;
+  }
+  std::map<std::string, std::string> strays;  // job id -> what withdraw() "cancels"
+  std::set<std::string> withdraw_asked;
   std::vector<WorkerLaunch> launches;
   std::map<std::string, std::shared_ptr<Script>> by_job;
   std::map<int64_t, std::shared_ptr<Script>> alive;
@@ -80,7 +91,8 @@ class FakeLauncher : public WorkerLauncher {
 
 class FakeDevices : public DeviceMonitor {
  public:
-  explicit FakeDevices(int64_t bytes) { d_.push_back({"cpu:0", "cpu", "configured", bytes, 0}); }
+  explicit FakeDevices(int64_t bytes, const std::string& name = "cpu:0") { d_.push_back({name, "cpu", "configured", bytes, 0}); }
+  void add(const std::string& name, int64_t bytes) { d_.push_back({name, "cpu", "configured", bytes, 0}); }
   const std::vector<DeviceInfo>& devices() const override { return d_; }
   int64_t used_bytes(const std::string&) override { return -1; }
 
@@ -196,6 +208,146 @@ TEST_F(CoreTest, SubmitPlaceFinish) {
   EXPECT_EQ(done.state(), v1::SUCCEEDED);
   EXPECT_EQ(done.result().measured_peak_bytes(), 1000);
   EXPECT_EQ(Reserved(), 0);
+}
+
+std::string StepAt(int step, double tokens_per_second) {
+  return R"({"event":"step","step":)" + std::to_string(step) + R"(,"total_steps":100,"loss":3.0,"tokens_per_second":)" +
+         std::to_string(tokens_per_second) + "}";
+}
+
+// Compute-aware placement in the daemon: two jobs submitted together go to two idle
+// devices, and the throughput workers report alone and shared teaches memfitd how much of
+// a device the kind uses, shown by ListDevices and /metrics and used for placement.
+TEST_F(CoreTest, SpreadsOverIdleDevicesAndLearnsComputeSharing) {
+  devices_.add("cpu:1", 256 * MiB);
+  Open();
+  const v1::Job a = Submit(), b = Submit();
+  core_->tick();
+  const std::string da = Get(a.id()).device(), db = Get(b.id()).device();
+  ASSERT_FALSE(da.empty());
+  ASSERT_FALSE(db.empty());
+  EXPECT_NE(da, db) << "two jobs on one device while the other idled";
+  const std::string kind = Get(a.id()).plan().compute_kind();
+  EXPECT_EQ(kind, "gpt2|attention|cpu|d32xL1|lora|fp32|2x16");
+  EXPECT_EQ(Get(b.id()).plan().compute_kind(), kind);
+  // a alone: 1000 tokens/s (its first step, the warm-up, does not count).
+  W(a.id()).lines = {StepAt(1, 10), StepAt(2, 1000), StepAt(3, 1000), StepAt(4, 1000)};
+  core_->tick();
+  // A third job of the same kind shares a device: 800 tokens/s beside one other job.
+  const v1::Job c = Submit();
+  core_->tick();
+  const std::string dc = Get(c.id()).device();
+  ASSERT_FALSE(dc.empty());
+  W(c.id()).lines = {StepAt(1, 10), StepAt(2, 800), StepAt(3, 800), StepAt(4, 800)};
+  core_->tick();
+  const v1::ListDevicesResponse devs = core_->devices();
+  ASSERT_EQ(devs.kinds_size(), 1);
+  const v1::ComputeKind& k = devs.kinds(0);
+  EXPECT_EQ(k.kind(), kind);
+  EXPECT_EQ(k.solo_steps(), 3);
+  EXPECT_EQ(k.shared_steps(), 3);
+  EXPECT_DOUBLE_EQ(k.solo_rate(), 1000);
+  EXPECT_DOUBLE_EQ(k.shared_rate(), 800);
+  EXPECT_DOUBLE_EQ(k.slowdown(), 1.25);
+  EXPECT_DOUBLE_EQ(k.compute(), 0.625);  // 1.25 slower with two jobs on the device
+  // c's device now counts c at 0.625 (its neighbour at 1 until its own next step).
+  for (const auto& d : devs.devices()) {
+    if (d.name() == dc) {
+      EXPECT_DOUBLE_EQ(d.committed_compute(), 1.625);
+    }
+  }
+  const Snapshot snap = core_->snapshot();
+  ASSERT_EQ(snap.kinds.size(), 1u);
+  EXPECT_DOUBLE_EQ(snap.kinds[0].slowdown, 1.25);
+  // Once every job is gone, no compute stays committed.
+  for (const auto* j : {&a, &b, &c}) End(j->id(), kFinished);
+  const v1::ListDevicesResponse idle = core_->devices();
+  for (const auto& d : idle.devices()) EXPECT_EQ(d.committed_compute(), 0.0) << d.name();
+  // The next job of this kind is queued with its learned share.
+  const v1::Job e = Submit();
+  core_->tick();
+  const std::string de = Get(e.id()).device();
+  const v1::ListDevicesResponse one = core_->devices();
+  int seen = 0;
+  for (const auto& d : one.devices()) {
+    if (d.name() == de) {
+      EXPECT_DOUBLE_EQ(d.committed_compute(), 0.625);
+      ++seen;
+    }
+  }
+  EXPECT_EQ(seen, 1);
+}
+
+// With the Slurm executor a failed submission (a controller restarting) is not the job's
+// end: it waits out a back-off and is queued again, on its crash budget; cancel reaches it.
+TEST_F(CoreTest, SlurmSubmissionFailuresBackOffThenRetry) {
+  cfg_.executor = "slurm";
+  cfg_.slurm.partition = "p";
+  cfg_.slurm.shard_memory = 16 * MiB;
+  cfg_.slurm.shards_per_gpu = 16;
+  cfg_.slurm.gpus = 1;
+  cfg_.crash_retries = 1;
+  Open();
+  const v1::Job j = Submit();
+  launcher_.fail_next = true;
+  core_->tick();
+  v1::Job got = Get(j.id());
+  EXPECT_EQ(got.state(), v1::QUEUED);
+  EXPECT_EQ(got.crash_retries(), 1);
+  EXPECT_EQ(Kinds(j.id()).back(), "requeued");
+  EXPECT_EQ(Reserved(), 0);
+  core_->tick();
+  EXPECT_TRUE(launcher_.launches.empty());  // still backing off
+  now_ += 30'000;
+  core_->tick();  // back in the queue
+  core_->tick();
+  ASSERT_EQ(launcher_.launches.size(), 1u);
+  EXPECT_EQ(Get(j.id()).state(), v1::RUNNING);
+  End(j.id(), kFinished);
+  // The budget spent: the next failure fails the job, naming the cause.
+  const v1::Job k = Submit();
+  launcher_.fail_next = true;
+  core_->tick();
+  now_ += 30'000;
+  core_->tick();
+  core_->tick();
+  ASSERT_EQ(Get(k.id()).state(), v1::RUNNING);  // retried once
+  const v1::Job m = Submit();
+  // m's first failure: held; cancelled while held, it never starts.
+  launcher_.fail_next = true;
+  core_->tick();
+  EXPECT_EQ(Get(m.id()).state(), v1::QUEUED);
+  core_->cancel(Caller{}, m.id());
+  now_ += 60'000;
+  core_->tick();
+  core_->tick();
+  EXPECT_EQ(Get(m.id()).state(), v1::CANCELLED);
+  EXPECT_EQ(launcher_.launches.size(), 2u);
+  End(k.id(), kFinished);
+  const v1::Job n = Submit();
+  launcher_.fail_next = true;
+  core_->tick();
+  now_ += 30'000;
+  launcher_.fail_next = true;  // queued again and started in one tick: fails again
+  core_->tick();
+  const v1::Job failed = Get(n.id());
+  EXPECT_EQ(failed.state(), v1::FAILED);
+  EXPECT_NE(failed.failure().message().find("no such binary"), std::string::npos) << failed.failure().message();
+}
+
+// A restart asks the executor, once for all queued jobs, to withdraw submissions memfitd
+// never recorded, and says so in the job's events.
+TEST_F(CoreTest, RestartWithdrawsUnrecordedSubmissionsOfQueuedJobs) {
+  cfg_.paused = true;  // the jobs stay queued
+  Open();
+  const v1::Job a = Submit(), b = Submit();
+  launcher_.strays[a.id()] = "Slurm job 7 of an unrecorded submission cancelled";
+  Open();
+  EXPECT_EQ(launcher_.withdraw_asked, (std::set<std::string>{a.id(), b.id()}));
+  const auto ka = Kinds(a.id());
+  EXPECT_EQ(ka.back(), "recovered");
+  EXPECT_NE(Kinds(b.id()).back(), "recovered");
+  EXPECT_EQ(Get(a.id()).state(), v1::QUEUED);
 }
 
 TEST_F(CoreTest, OutOfMemoryAndCrashBudgetsAreSeparate) {
@@ -338,6 +490,27 @@ TEST_F(CoreTest, GracefulStopRequeuesWithoutABudgetAndRecoveryResumes) {
   core_->tick();
   EXPECT_EQ(Get(a.id()).state(), v1::RUNNING);
   EXPECT_EQ(Get(a.id()).plan().reserved_bytes(), grown);
+}
+
+TEST_F(CoreTest, RecoveryOnAnotherExecutorFailsTheJobAndLeavesItsWorkerAlone) {
+  const v1::Job a = Submit();
+  core_->tick();
+  ASSERT_EQ(Get(a.id()).state(), v1::RUNNING);
+  // memfitd dies; its worker (pid 1001) lives on. It comes back with executor: slurm (one
+  // device, slurm:gpu), where 1001 would be read as a Slurm job id.
+  launcher_.alive[1001] = launcher_.by_job.at(a.id());
+  FakeDevices slurm_devices(256 * MiB, "slurm:gpu");
+  core_.reset();
+  store_.reset();
+  store_ = store::Store::open(cfg_.state_dir);
+  core_ = std::make_unique<Core>(cfg_, *store_, slurm_devices, [this] { return now_; }, &launcher_);
+  EXPECT_NO_THROW(core_->start(false));
+  const v1::Job k = Get(a.id());
+  EXPECT_EQ(k.state(), v1::FAILED);
+  EXPECT_NE(k.failure().message().find("cpu:0"), std::string::npos) << k.failure().message();
+  EXPECT_EQ(launcher_.by_job.at(a.id())->killed, 0);
+  EXPECT_EQ(launcher_.by_job.at(a.id())->terminated, 0);
+  core_.reset();
 }
 
 TEST_F(CoreTest, RecoveryAdoptsLiveWorkersAndFinishesGoneOnes) {

@@ -39,7 +39,7 @@ for want in 'listen: "127.0.0.1:7540"' 'state_dir: "/var/lib/memfit"' 'tokens_fi
             'cpu_device_memory: 17179869184' 'margin: 0.08' 'cancel_grace_seconds: 60' \
             'read_roots: ["/models", "/data/{user}"]' 'write_roots: ["/data/{user}/runs"]' \
             'workers: {user: "nobody", memory_allowance: 2147483648' 'max_user_priority: 10' 'crash_retries: 2' \
-            'metrics: {finished_retention_seconds: 600, finished_max_jobs: 1000}'; do
+            'metrics: {finished_retention_seconds: 600, finished_max_jobs: 1000}' 'placement: spread}'; do
   grep -qF "$want" <<<"$out" || { echo "memfitd --check-config: missing '$want'"; exit 1; }
 done
 # A bad metrics setting stops memfitd (exit 2) with a message naming it.
@@ -57,6 +57,37 @@ for bad in 'metrics: {finished_retention_seconds: -5}' 'metrics: {finished_reten
   fi
   echo "rejected as expected: $err"
 done
+# placement is spread or best_fit; anything else stops memfitd naming the setting.
+for bad in 'scheduling: {placement: fastest}' 'scheduling: {placement: ""}'; do
+  echo "$bad" > "$cfg"
+  set +e
+  err=$("$memfitd" --config "$cfg" --check-config 2>&1 >/dev/null)
+  rc=$?
+  set -e
+  if [ "$rc" -ne 2 ] || ! grep -qF "scheduling.placement" <<<"$err"; then
+    echo "memfitd --check-config with '$bad': exit $rc, '$err' (want exit 2 naming scheduling.placement)"
+    exit 1
+  fi
+done
+# Careless Slurm settings and sections of the wrong shape stop memfitd naming the field.
+slurm='executor: slurm
+slurm: {partition: p, shard_memory: 10GiB, shards_per_gpu: 8, gpus: 32'
+for case in "$slurm, gpus: 1.5}|slurm.gpus" "$slurm, sbatch_args: [--uid=0]}|slurm.sbatch_args" \
+            "$slurm, sbatch_args: ['']}|slurm.sbatch_args" 'scheduling: best_fit|scheduling' 'limits: 5|limits'; do
+  printf '%s\n' "${case%|*}" | sed 's/gpus: 32, gpus: 1.5/gpus: 1.5/' > "$cfg"
+  set +e
+  err=$("$memfitd" --config "$cfg" --check-config 2>&1 >/dev/null)
+  rc=$?
+  set -e
+  if [ "$rc" -ne 2 ] || ! grep -qF "${case##*|}" <<<"$err"; then
+    echo "memfitd --check-config with '${case%|*}': exit $rc, '$err' (want exit 2 naming ${case##*|})"
+    exit 1
+  fi
+done
+printf '%s\n' "$slurm, sbatch_args: [--account=ml]}" > "$cfg"
+"$memfitd" --config "$cfg" --check-config | grep -qF 'sbatch_args: ["--account=ml"]' || { echo "a good Slurm section was refused"; exit 1; }
+out=$("$memfitd" --placement best_fit --check-config)
+grep -qF 'placement: best_fit}' <<<"$out" || { echo "--placement best_fit not applied: $out"; exit 1; }
 # The stop timeout must outlast the workers' grace period.
 grace=$(sed -n 's/^ *cancel_grace_seconds: *\([0-9]*\).*/\1/p' "$repo/deploy/memfitd.yaml")
 stop=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)/\1/p' "$repo/deploy/systemd/memfitd.service")

@@ -3,8 +3,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
+#include <map>
+#include <random>
+#include <set>
 #include <stdexcept>
 
+#include "compute_model.h"
 #include "scheduler.h"
 
 namespace {
@@ -24,8 +29,14 @@ std::vector<std::string> ids(const std::vector<Placement>& p) {
   return out;
 }
 
+Options best_fit() {
+  Options o;
+  o.placement = memfit::sched::PlacementPolicy::kBestFit;
+  return o;
+}
+
 TEST(Scheduler, PacksJobsWhileTheyFitAndPicksTheTightestDevice) {
-  Scheduler s({{"cuda:0", 80 * GiB}, {"cuda:1", 40 * GiB}}, {});
+  Scheduler s({{"cuda:0", 80 * GiB}, {"cuda:1", 40 * GiB}}, best_fit());
   s.enqueue({"a", "u", 0, 0, 30 * GiB});
   s.enqueue({"b", "u", 0, 1, 30 * GiB});
   s.enqueue({"c", "u", 0, 2, 30 * GiB});
@@ -56,7 +67,7 @@ TEST(Scheduler, PriorityFirstThenFifo) {
 }
 
 TEST(Scheduler, BackfillsSmallJobsUntilTheBigOneStarvesThenDrainsADevice) {
-  Options o;
+  Options o = best_fit();
   o.starvation_ms = 1000;
   Scheduler s({{"cuda:0", 80 * GiB}, {"cuda:1", 80 * GiB}}, o);
   s.enqueue({"x0", "u", 0, 0, 50 * GiB});
@@ -112,6 +123,178 @@ TEST(Scheduler, LongQueuesCostNothingWhenNothingFits) {
   EXPECT_EQ(s.schedule(1).size(), 1u);
   EXPECT_TRUE(s.schedule(2).empty());
   EXPECT_EQ(s.queue_length(), 10000u);
+}
+
+// Compute-aware placement (the default): an idle device first, so that two jobs do not
+// share one GPU's compute while another GPU idles.
+TEST(Spread, AnIdleDeviceFirstThenTheLeastCommittedCompute) {
+  Scheduler s({{"cuda:0", 80 * GiB}, {"cuda:1", 80 * GiB}}, {});
+  s.enqueue({"a", "u", 0, 0, 10 * GiB});
+  EXPECT_EQ(ids(s.schedule(1)), (std::vector<std::string>{"a@cuda:0"}));
+  s.enqueue({"b", "u", 0, 2, 10 * GiB});
+  // Best fit would put b beside a (70 GiB left there against 80); cuda:1 is idle.
+  EXPECT_EQ(ids(s.schedule(3)), (std::vector<std::string>{"b@cuda:1"}));
+  EXPECT_DOUBLE_EQ(s.committed_compute("cuda:0"), 1.0);
+  // Both busy with one whole-device job each: c shares one; the tie goes to best fit.
+  s.enqueue({"c", "u", 0, 4, 30 * GiB});
+  const auto p = s.schedule(5);
+  ASSERT_EQ(p.size(), 1u);
+  EXPECT_DOUBLE_EQ(s.committed_compute(p[0].device), 2.0);
+  // Four jobs submitted together, as the demo does, on two idle devices: two on each.
+  Scheduler t({{"cpu:0", 8 * GiB}, {"cpu:1", 8 * GiB}}, {});
+  for (int i = 0; i < 4; ++i) t.enqueue({"d" + std::to_string(i), "u", 0, i, GiB});
+  t.schedule(10);
+  EXPECT_EQ(t.jobs_on("cpu:0").size(), 2u);
+  EXPECT_EQ(t.jobs_on("cpu:1").size(), 2u);
+}
+
+TEST(Spread, LearnedComputeLetsSmallJobsShareWithoutSlowingAnyone) {
+  Scheduler s({{"cuda:0", 80 * GiB}, {"cuda:1", 80 * GiB}}, {});
+  s.enqueue({"light", "u", 0, 0, 10 * GiB, 0.3});
+  s.enqueue({"heavy", "u", 0, 1, 10 * GiB, 1.0});
+  s.schedule(2);  // one on each device
+  const std::string light_dev = *s.device_of("light");
+  EXPECT_NE(light_dev, *s.device_of("heavy"));
+  // A job using half a device: beside the light one the device stays within its compute
+  // (0.8), beside the heavy one it would slow both down.
+  s.enqueue({"half", "u", 0, 3, 10 * GiB, 0.5});
+  EXPECT_EQ(ids(s.schedule(4)), (std::vector<std::string>{"half@" + light_dev}));
+  EXPECT_NEAR(s.committed_compute(light_dev), 0.8, 1e-12);
+  // What the daemon learns while a job runs moves its device's committed compute.
+  EXPECT_TRUE(s.set_compute("heavy", 0.25));
+  EXPECT_NEAR(s.committed_compute(*s.device_of("heavy")), 0.25, 1e-12);
+  EXPECT_FALSE(s.set_compute("heavy", 0.0));
+  EXPECT_FALSE(s.set_compute("nobody", 0.5));
+  s.release("light");
+  s.release("half");
+  EXPECT_EQ(s.committed_compute(light_dev), 0.0);
+  // Compute outside (0, 1] is refused, naming the job.
+  try {
+    s.enqueue({"bad", "u", 0, 5, GiB, 1.5});
+    FAIL() << "compute 1.5 accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("bad"), std::string::npos);
+  }
+  EXPECT_THROW(s.enqueue({"zero", "u", 0, 5, GiB, 0.0}), std::invalid_argument);
+  EXPECT_THROW(s.enqueue({"nan", "u", 0, 5, GiB, std::nan("")}), std::invalid_argument);
+}
+
+TEST(Spread, PacksWhenSpreadingWouldTakeTheRoomAWaitingJobNeeds) {
+  Scheduler s({{"cuda:0", 80 * GiB}, {"cuda:1", 80 * GiB}}, {});
+  s.adopt("x", "cuda:0", 50 * GiB);
+  s.enqueue({"small", "u", 0, 0, 20 * GiB});
+  s.enqueue({"big", "u", 0, 1, 70 * GiB});
+  // Spreading small onto the idle cuda:1 would leave 60 GiB there and 30 here: big (70)
+  // could not start. Packing small beside x keeps cuda:1 whole for big.
+  EXPECT_EQ(ids(s.schedule(2)), (std::vector<std::string>{"small@cuda:0", "big@cuda:1"}));
+  // A waiting job that fits nowhere yet: small jobs keep off the emptiest device.
+  Scheduler t({{"cuda:0", 80 * GiB}, {"cuda:1", 80 * GiB}}, {});
+  t.adopt("y0", "cuda:0", 40 * GiB);
+  t.adopt("y1", "cuda:1", 20 * GiB);
+  t.enqueue({"huge", "u", 0, 0, 75 * GiB});
+  t.enqueue({"tiny", "u", 0, 1, 5 * GiB});
+  EXPECT_EQ(ids(t.schedule(2)), (std::vector<std::string>{"tiny@cuda:0"}));
+}
+
+// Seeded random sweep: random devices, running jobs and one queued job. Invariants: no
+// device ever holds more than its memory; a lone queued job that fits an idle device
+// starts on an idle device; best fit picks the tightest device that fits.
+TEST(Spread, RandomSweepKeepsMemoryAndPrefersIdleDevices) {
+  std::mt19937_64 rng(20261204);
+  std::uniform_int_distribution<int> ndev(1, 6), gib(1, 80), njobs(0, 8);
+  int idle_choices = 0;
+  for (int round = 0; round < 3000; ++round) {
+    std::vector<Device> devs;
+    const int n = ndev(rng);
+    for (int d = 0; d < n; ++d) devs.push_back({"cuda:" + std::to_string(d), gib(rng) * GiB});
+    Options o;
+    if (round % 2) o = best_fit();
+    Scheduler s(devs, o);
+    const int running = njobs(rng);
+    for (int k = 0; k < running; ++k) {
+      const int64_t r = gib(rng) * GiB / 4;
+      const double c = std::uniform_real_distribution<double>(0.05, 1.0)(rng);
+      if (s.fits_alone(r)) s.enqueue({"r" + std::to_string(k), "u", 0, k, r, c});
+    }
+    s.schedule(100);
+    // Whatever did not start leaves the queue (a lone job is the case under test).
+    for (int k = 0; k < running; ++k) s.remove_queued("r" + std::to_string(k));
+    const int64_t want = gib(rng) * GiB / 2;
+    if (!s.fits_alone(want)) continue;
+    s.enqueue({"q", "u", 0, 1000, want});
+    std::map<std::string, int64_t> free_before;
+    std::set<std::string> idle_fitting;
+    for (const auto& d : devs) {
+      free_before[d.name] = d.total_bytes - s.reserved_bytes(d.name);
+      if (s.jobs_on(d.name).empty() && d.total_bytes >= want) idle_fitting.insert(d.name);
+    }
+    const auto p = s.schedule(200);
+    for (const auto& d : devs) ASSERT_LE(s.reserved_bytes(d.name), d.total_bytes) << "round " << round;
+    if (p.empty()) {
+      for (const auto& [name, f] : free_before) ASSERT_LT(f, want) << "round " << round << ": " << name << " had room";
+      continue;
+    }
+    ASSERT_EQ(p.size(), 1u);
+    const std::string& got = p[0].device;
+    ASSERT_GE(free_before[got], want);
+    if (o.placement == memfit::sched::PlacementPolicy::kBestFit) {
+      for (const auto& [name, f] : free_before) {
+        if (f >= want) {
+          ASSERT_GE(f, free_before[got]) << "round " << round << ": best fit skipped " << name;
+        }
+      }
+    } else if (!idle_fitting.empty()) {
+      ASSERT_TRUE(idle_fitting.count(got)) << "round " << round << ": " << got << " is busy, an idle device fitted";
+      ++idle_choices;
+    }
+  }
+  EXPECT_GT(idle_choices, 300);  // the sweep exercised the case it checks
+}
+
+TEST(ComputeModel, SlowdownAndComputeShareFromThroughput) {
+  memfit::sched::ComputeModel m;
+  EXPECT_EQ(m.compute("k"), 1.0);  // unknown: a whole device
+  for (int i = 0; i < 3; ++i) m.observe("k", 1000.0, 1);
+  EXPECT_EQ(m.compute("k"), 1.0);  // never seen shared
+  m.observe("k", 600.0, 3);
+  m.observe("k", 600.0, 3);
+  EXPECT_EQ(m.stats("k")->slowdown(), 0.0);  // fewer than kMinSteps shared steps
+  m.observe("k", 600.0, 3);
+  // 1000 / 600 slower beside two others: u = (5/3) / 3.
+  EXPECT_NEAR(m.stats("k")->slowdown(), 1000.0 / 600.0, 1e-12);
+  EXPECT_NEAR(m.compute("k"), 5.0 / 9.0, 1e-12);
+  // No slowdown at all beside three others: at most a quarter each.
+  for (int i = 0; i < 3; ++i) m.observe("light", 50.0, 1);
+  for (int i = 0; i < 3; ++i) m.observe("light", 51.0, 4);
+  EXPECT_NEAR(m.compute("light"), 0.25, 1e-12);
+  // Tiny shares are floored; nonsense is ignored.
+  for (int i = 0; i < 3; ++i) m.observe("tiny", 10.0, 1);
+  for (int i = 0; i < 3; ++i) m.observe("tiny", 10.0, 64);
+  EXPECT_EQ(m.compute("tiny"), memfit::sched::ComputeModel::kMinCompute);
+  const auto before = *m.stats("k");
+  m.observe("k", -1.0, 1);
+  m.observe("k", std::nan(""), 1);
+  m.observe("k", std::numeric_limits<double>::infinity(), 2);
+  m.observe("k", 10.0, 0);
+  m.observe("", 10.0, 1);
+  EXPECT_EQ(m.stats("k")->solo_steps, before.solo_steps);
+  EXPECT_EQ(m.stats("k")->shared_steps, before.shared_steps);
+  EXPECT_EQ(m.kinds().count(""), 0u);
+  // The running mean follows a change (a new GPU, a new driver) within tens of steps.
+  for (int i = 0; i < 100; ++i) m.observe("k", 2000.0, 1);
+  EXPECT_GT(m.stats("k")->solo_rate, 1990.0);
+}
+
+TEST(ComputeModel, BoundedKindsDropTheLeastRecentlySeen) {
+  memfit::sched::ComputeModel m;
+  const size_t cap = memfit::sched::ComputeModel::kMaxKinds;
+  for (size_t i = 0; i < cap; ++i) m.observe("kind" + std::to_string(i), 1.0, 1);
+  m.observe("kind0", 1.0, 1);  // now the most recent
+  m.observe("new", 1.0, 1);
+  EXPECT_EQ(m.kinds().size(), cap);
+  EXPECT_TRUE(m.stats("kind0"));
+  EXPECT_FALSE(m.stats("kind1"));
+  EXPECT_TRUE(m.stats("new"));
 }
 
 TEST(ReservationPolicy, MarginAndBoundedRetries) {

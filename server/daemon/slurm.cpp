@@ -1,0 +1,525 @@
+#include "slurm.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+
+extern char** environ;
+
+namespace memfit::daemon {
+
+using json = nlohmann::json;
+
+int ShardsFor(int64_t reservation_bytes, const SlurmConfig& s) {
+  if (s.shard_memory <= 0) throw std::invalid_argument("slurm.shard_memory must be positive");
+  const int64_t n = reservation_bytes <= 0 ? 1 : (reservation_bytes + s.shard_memory - 1) / s.shard_memory;
+  return n > 1000000 ? 1000000 : static_cast<int>(n);
+}
+
+std::string ShellQuote(const std::string& word) {
+  std::string o = "'";
+  for (char c : word) {
+    if (c == '\'') o += "'\\''";
+    else o += c;
+  }
+  return o + "'";
+}
+
+std::string SlurmBatchScript(const WorkerLaunch& l) {
+  std::string s = "#!/bin/sh\n# memfit job " + l.job_id + ": written by memfitd, one worker attempt\n";
+  for (const auto& kv : l.env) {
+    const size_t eq = kv.find('=');
+    if (eq == std::string::npos || eq == 0) continue;
+    const std::string name = kv.substr(0, eq);
+    bool ok = true;
+    for (char c : name) ok = ok && (std::isalnum(static_cast<unsigned char>(c)) || c == '_');
+    if (!ok) continue;  // not a shell variable name: never reaches the script
+    s += "export " + name + "=" + ShellQuote(kv.substr(eq + 1)) + "\n";
+  }
+  s += "exec " + ShellQuote(l.binary);
+  for (const auto& a : l.args) s += " " + ShellQuote(a);
+  return s + "\n";
+}
+
+std::vector<std::string> SbatchArgs(const WorkerLaunch& l, const SlurmConfig& s, const std::string& script_path) {
+  std::vector<std::string> a = {"--parsable",
+                                "--job-name=memfit-" + l.job_id,
+                                "--partition=" + s.partition,
+                                "--gres=shard:" + std::to_string(ShardsFor(l.reservation_bytes, s)),
+                                "--ntasks=1",
+                                "--output=" + l.dir + "/worker.out",
+                                "--error=" + l.dir + "/worker.err",
+                                "--open-mode=append",
+                                "--chdir=" + l.dir,
+                                "--no-requeue",
+                                "--export=NONE"};
+  if (l.confine.memory_limit_bytes > 0) {
+    a.push_back("--mem=" + std::to_string((l.confine.memory_limit_bytes + (int64_t{1} << 20) - 1) >> 20) + "M");
+  }
+  if (l.confine.uid >= 0) a.push_back("--uid=" + std::to_string(l.confine.uid));
+  if (l.confine.gid >= 0) a.push_back("--gid=" + std::to_string(l.confine.gid));
+  a.insert(a.end(), s.sbatch_args.begin(), s.sbatch_args.end());
+  a.push_back(script_path);
+  return a;
+}
+
+namespace {
+
+int64_t int_of(const json& v) {
+  if (v.is_number_integer()) return v.get<int64_t>();
+  if (v.is_number_unsigned()) return static_cast<int64_t>(v.get<uint64_t>());
+  if (v.is_object() && v.contains("number")) return int_of(v["number"]);  // 23.x: {set, infinite, number}
+  return -1;
+}
+
+}  // namespace
+
+std::map<int64_t, SlurmJob> ParseSqueueJson(const std::string& text) {
+  json doc;
+  try {
+    doc = json::parse(text);
+  } catch (const json::exception& e) {
+    throw std::runtime_error(std::string("squeue --json: not JSON (") + e.what() + ")");
+  }
+  if (!doc.is_object() || !doc.contains("jobs") || !doc["jobs"].is_array()) {
+    throw std::runtime_error("squeue --json: no \"jobs\" list");
+  }
+  std::map<int64_t, SlurmJob> out;
+  for (const json& j : doc["jobs"]) {
+    if (!j.is_object() || !j.contains("job_id")) continue;
+    SlurmJob s;
+    s.id = int_of(j["job_id"]);
+    if (s.id <= 0) continue;
+    if (j.contains("name") && j["name"].is_string()) s.name = j["name"];
+    if (j.contains("job_state")) {
+      const json& st = j["job_state"];
+      if (st.is_string()) s.state = st;
+      else if (st.is_array() && !st.empty() && st[0].is_string()) s.state = st[0];
+    }
+    if (j.contains("state_reason") && j["state_reason"].is_string()) s.reason = j["state_reason"];
+    if (j.contains("nodes") && j["nodes"].is_string()) s.nodes = j["nodes"];
+    if (SlurmStateFinal(s.state) && j.contains("exit_code")) {
+      const json& e = j["exit_code"];
+      if (e.is_object()) {  // 23.x and later: {status, return_code, signal: {id}}
+        if (e.contains("return_code")) s.exit_code = static_cast<int>(int_of(e["return_code"]));
+        if (e.contains("signal") && e["signal"].is_object() && e["signal"].contains("id")) {
+          const int64_t sig = int_of(e["signal"]["id"]);
+          s.signal = sig > 0 ? static_cast<int>(sig) : 0;
+        }
+      } else {  // 22.05: the raw wait status (768 for exit 3)
+        const int64_t w = int_of(e);
+        if (w >= 0) {
+          const int status = static_cast<int>(w);
+          if (WIFSIGNALED(status)) s.signal = WTERMSIG(status);
+          else s.exit_code = WEXITSTATUS(status);
+        }
+      }
+    }
+    out[s.id] = s;
+  }
+  return out;
+}
+
+std::map<int64_t, SlurmJob> ParseSacctLines(const std::string& text) {
+  std::map<int64_t, SlurmJob> out;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t nl = text.find('\n', start);
+    if (nl == std::string::npos) nl = text.size();
+    const std::string line = text.substr(start, nl - start);
+    start = nl + 1;
+    const size_t a = line.find('|'), b = a == std::string::npos ? a : line.find('|', a + 1);
+    if (b == std::string::npos) continue;
+    SlurmJob s;
+    try {
+      size_t used = 0;
+      s.id = std::stoll(line.substr(0, a), &used);
+      if (used != a) continue;  // "12.batch", "12.0": steps, not the job
+    } catch (const std::exception&) {
+      continue;
+    }
+    s.state = line.substr(a + 1, b - a - 1);
+    const size_t sp = s.state.find(' ');  // "CANCELLED by 0"
+    if (sp != std::string::npos) s.state.resize(sp);
+    const std::string code = line.substr(b + 1);
+    const size_t colon = code.find(':');
+    try {
+      s.exit_code = std::stoi(code.substr(0, colon));
+      if (colon != std::string::npos) s.signal = std::stoi(code.substr(colon + 1));
+    } catch (const std::exception&) {
+    }
+    out[s.id] = s;
+  }
+  return out;
+}
+
+bool SlurmStateFinal(const std::string& st) {
+  return st == "COMPLETED" || st == "FAILED" || st == "CANCELLED" || st == "TIMEOUT" || st == "NODE_FAIL" ||
+         st == "OUT_OF_MEMORY" || st == "BOOT_FAIL" || st == "DEADLINE" || st == "PREEMPTED" || st == "SPECIAL_EXIT" ||
+         st == "REVOKED";
+}
+
+CommandResult RunCommand(const std::vector<std::string>& argv, int timeout_ms) {
+  CommandResult r;
+  if (argv.empty()) return r;
+  int out[2], err[2];
+  if (::pipe2(out, O_CLOEXEC) != 0) {
+    r.err = std::string("pipe: ") + std::strerror(errno);
+    return r;
+  }
+  if (::pipe2(err, O_CLOEXEC) != 0) {
+    r.err = std::string("pipe: ") + std::strerror(errno);
+    ::close(out[0]);
+    ::close(out[1]);
+    return r;
+  }
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    r.err = std::string("fork: ") + std::strerror(errno);
+    for (int fd : {out[0], out[1], err[0], err[1]}) ::close(fd);
+    return r;
+  }
+  if (pid == 0) {
+    ::setpgid(0, 0);
+    const int in = ::open("/dev/null", O_RDONLY);
+    if (in < 0 || ::dup2(in, 0) < 0 || ::dup2(out[1], 1) < 0 || ::dup2(err[1], 2) < 0) ::_exit(127);
+#ifdef SYS_close_range
+    ::syscall(SYS_close_range, 3, ~0U, 0);
+#endif
+    ::execve(args[0], args.data(), environ);
+    if (std::strchr(args[0], '/') == nullptr) ::execvp(args[0], args.data());
+    const char* m = "cannot run the command\n";
+    (void)!::write(2, m, std::strlen(m));
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  ::close(err[1]);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  pollfd fds[2] = {{out[0], POLLIN, 0}, {err[0], POLLIN, 0}};
+  std::string* bufs[2] = {&r.out, &r.err};
+  int open_fds = 2;
+  bool timed_out = false;
+  // squeue --json lists every job of the cluster (22.05 ignores its filters): a few KiB
+  // each, so a busy cluster's answer passes 16 MiB. A cut answer is not JSON, and a
+  // squeue that never parses ends no job: memfitd would wait forever.
+  constexpr size_t kMaxOutput = size_t{512} << 20;
+  bool truncated[2] = {false, false};
+  while (open_fds > 0) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) {
+      timed_out = true;
+      break;
+    }
+    const int n = ::poll(fds, 2, static_cast<int>(left.count()));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) continue;
+    for (int i = 0; i < 2; ++i) {
+      if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+      char buf[65536];
+      const ssize_t k = ::read(fds[i].fd, buf, sizeof buf);
+      if (k > 0) {
+        if (bufs[i]->size() < kMaxOutput) bufs[i]->append(buf, static_cast<size_t>(k));
+        else truncated[i] = true;
+      } else if (k == 0 || (errno != EINTR && errno != EAGAIN)) {
+        ::close(fds[i].fd);
+        fds[i].fd = -1;
+        --open_fds;
+      }
+    }
+  }
+  for (auto& f : fds) {
+    if (f.fd >= 0) ::close(f.fd);
+  }
+  if (timed_out) ::kill(-pid, SIGKILL);
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (timed_out) {
+    r.status = -1;
+    r.err += "\n(killed after " + std::to_string(timeout_ms) + " ms)";
+  } else {
+    r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  if (truncated[0]) {
+    r.status = -1;
+    r.err += "\n(output over " + std::to_string(kMaxOutput >> 20) + " MiB, cut)";
+  }
+  return r;
+}
+
+// The launcher's state, shared with its workers (they outlive no launcher: the core owns
+// both, and every call comes from the core under its lock).
+struct SlurmLauncher::Shared {
+  SlurmConfig cfg;
+  CommandRunner run;
+  std::function<int64_t()> clock;
+  std::map<int64_t, SlurmJob> jobs;  // the last squeue
+  int64_t fetched_ms = -1;
+  int64_t tried_ms = -1;  // the last squeue run, answered or not
+  std::string last_error;
+
+  std::string bin(const char* name) const { return cfg.bin_dir.empty() ? name : cfg.bin_dir + "/" + name; }
+
+  // squeue, at most every poll_seconds unless the cache is older than `not_before_ms`.
+  void refresh(int64_t not_before_ms) {
+    const int64_t now = clock();
+    // Also after a failed squeue: a controller that is down is asked again only after
+    // poll_seconds, not once per worker per tick (each try may take the command's time
+    // limit, with memfitd's lock held).
+    if (tried_ms >= 0 && tried_ms >= not_before_ms && now - tried_ms < static_cast<int64_t>(cfg.poll_seconds * 1000)) {
+      return;
+    }
+    tried_ms = now;
+    // 22.05 ignores -j and -u with --json (docs/SLURM.md): every job comes back; filtered here.
+    const CommandResult r = run({bin("squeue"), "--json", "--states=all"});
+    if (r.status != 0) {
+      last_error = "squeue: " + (r.err.empty() ? "exit " + std::to_string(r.status) : r.err);
+      return;  // keep the last answer; a job is never declared gone because squeue failed
+    }
+    try {
+      jobs = ParseSqueueJson(r.out);
+      fetched_ms = now;
+      last_error.clear();
+    } catch (const std::exception& e) {
+      last_error = e.what();
+    }
+  }
+
+  // A job that squeue no longer lists: the jobcomp file (sacct -c) may know how it ended.
+  std::optional<SlurmJob> from_sacct(int64_t id) {
+    const CommandResult r =
+        run({bin("sacct"), "-c", "-P", "-n", "-j", std::to_string(id), "-o", "JobID,State,ExitCode"});
+    if (r.status != 0) return std::nullopt;
+    const auto m = ParseSacctLines(r.out);
+    const auto it = m.find(id);
+    if (it == m.end()) return std::nullopt;
+    return it->second;
+  }
+
+  // scancel of every unfinished job named memfit-<id> for those ids, from one fresh squeue;
+  // per id, what was cancelled. `checked`: whether squeue answered.
+  std::map<std::string, std::string> withdraw(const std::set<std::string>& ids, bool* checked) {
+    *checked = false;
+    std::map<std::string, std::string> out;
+    const CommandResult q = run({bin("squeue"), "--json", "--states=all"});
+    if (q.status != 0) return out;
+    try {
+      for (const auto& [sid, sj] : ParseSqueueJson(q.out)) {
+        if (sj.name.rfind("memfit-", 0) != 0 || SlurmStateFinal(sj.state)) continue;
+        const std::string id = sj.name.substr(7);
+        if (!ids.count(id)) continue;
+        scancel(sid, false);
+        std::string& m = out[id];
+        m += (m.empty() ? "" : ", ") + std::string("Slurm job ") + std::to_string(sid);
+      }
+      *checked = true;
+    } catch (const std::exception&) {
+      return {};
+    }
+    for (auto& [id, m] : out) m += " of an unrecorded submission cancelled";
+    return out;
+  }
+
+  void scancel(int64_t id, bool term) {
+    std::vector<std::string> a = {bin("scancel")};
+    if (term) a.insert(a.end(), {"--batch", "--signal=TERM"});
+    a.push_back(std::to_string(id));
+    run(a);
+  }
+};
+
+namespace {
+
+class SlurmWorker : public Worker {
+ public:
+  SlurmWorker(std::shared_ptr<SlurmLauncher::Shared> s, int64_t id, std::string out, int64_t offset, int64_t since_ms,
+              bool gone)
+      : s_(std::move(s)), id_(id), tail_(std::move(out), offset), since_ms_(since_ms), gone_(gone) {}
+  int64_t pid() const override { return id_; }
+  const std::string& out_path() const override { return tail_.path(); }
+  int64_t offset() const override { return tail_.offset(); }
+  std::vector<std::string> read_lines() override { return tail_.read(); }
+  bool exited() override {
+    if (gone_) return true;
+    s_->refresh(since_ms_);
+    const auto it = s_->jobs.find(id_);
+    if (it != s_->jobs.end()) {
+      if (!SlurmStateFinal(it->second.state)) return false;
+      end(it->second);
+      return true;
+    }
+    if (s_->fetched_ms < since_ms_) return false;  // no answer from squeue since it was submitted
+    // Not listed (MinJobAge passed, or the controller lost it): how it ended, if known.
+    if (auto j = s_->from_sacct(id_)) {
+      if (!SlurmStateFinal(j->state)) return false;
+      end(*j);
+    } else {
+      gone_ = true;
+    }
+    return true;
+  }
+  int exit_code() const override { return exit_code_; }
+  int exit_signal() const override { return signal_; }
+  void terminate() override {
+    if (gone_) return;
+    const auto it = s_->jobs.find(id_);
+    // A pending job has no process to checkpoint: it is simply withdrawn.
+    const bool pending = it != s_->jobs.end() && it->second.state == "PENDING";
+    s_->scancel(id_, !pending);
+  }
+  void kill() override {
+    if (!gone_) s_->scancel(id_, false);
+  }
+  std::string status_change() override {
+    if (gone_) return "";
+    const auto it = s_->jobs.find(id_);
+    if (it == s_->jobs.end()) return "";
+    const SlurmJob& j = it->second;
+    std::string now;
+    if (j.state == "PENDING") {
+      now = "Slurm job " + std::to_string(id_) + " is waiting" + (j.reason.empty() || j.reason == "None" ? "" : " (" + j.reason + ")");
+    } else if (j.state == "RUNNING") {
+      now = "Slurm job " + std::to_string(id_) + " is running" + (j.nodes.empty() ? "" : " on " + j.nodes);
+    } else {
+      return "";
+    }
+    if (now == last_note_) return "";
+    last_note_ = now;
+    return now;
+  }
+
+ private:
+  std::string last_note_;
+  void end(const SlurmJob& j) {
+    gone_ = true;
+    exit_code_ = j.exit_code;
+    signal_ = j.signal;
+    // Cancelled by scancel without a code of its own: report the signal Slurm sent.
+    if (j.state == "CANCELLED" && exit_code_ <= 0 && signal_ == 0) signal_ = SIGTERM;
+  }
+  std::shared_ptr<SlurmLauncher::Shared> s_;
+  int64_t id_;
+  LineTail tail_;
+  int64_t since_ms_;
+  bool gone_;
+  int exit_code_ = -1;
+  int signal_ = 0;
+};
+
+}  // namespace
+
+SlurmLauncher::SlurmLauncher(SlurmConfig cfg, CommandRunner run, std::function<int64_t()> clock_ms)
+    : shared_(std::make_shared<Shared>()) {
+  shared_->cfg = std::move(cfg);
+  shared_->run = std::move(run);
+  shared_->clock = std::move(clock_ms);
+}
+
+SlurmLauncher::~SlurmLauncher() = default;
+
+std::unique_ptr<Worker> SlurmLauncher::start(const WorkerLaunch& l) {
+  const SlurmConfig& c = shared_->cfg;
+  const int shards = ShardsFor(l.reservation_bytes, c);
+  if (shards > c.shards_per_gpu) {
+    throw std::runtime_error("the reservation needs " + std::to_string(shards) + " shards; one GPU of partition " +
+                             c.partition + " has " + std::to_string(c.shards_per_gpu));
+  }
+  // The script and the two output files, in the job's folder (shared with the nodes). The
+  // output files belong to the user the job runs as: slurmd opens them as that user.
+  const std::string script = l.dir + "/slurm.sh";
+  const std::string text = SlurmBatchScript(l);
+  {
+    const int fd = ::open(script.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0) throw std::runtime_error("writing " + script + ": " + std::strerror(errno));
+    const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+    ::fchmod(fd, 0755);
+    ::close(fd);
+    if (!ok) throw std::runtime_error("writing " + script + ": short write");
+  }
+  int64_t out_size = 0;
+  for (const char* name : {"/worker.out", "/worker.err"}) {
+    const std::string p = l.dir + name;
+    const int fd = ::open(p.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0640);
+    if (fd < 0) throw std::runtime_error("creating " + p + ": " + std::strerror(errno));
+    if (l.confine.uid >= 0 && ::fchown(fd, static_cast<uid_t>(l.confine.uid), static_cast<gid_t>(l.confine.gid)) != 0) {
+      const int e = errno;
+      ::close(fd);
+      throw std::runtime_error("giving " + p + " to uid " + std::to_string(l.confine.uid) + ": " + std::strerror(e));
+    }
+    struct stat st {};
+    if (std::strcmp(name, "/worker.out") == 0 && ::fstat(fd, &st) == 0) out_size = st.st_size;
+    ::close(fd);
+  }
+  const int64_t submitted = shared_->clock();
+  std::vector<std::string> argv = {shared_->bin("sbatch")};
+  for (auto& a : SbatchArgs(l, c, script)) argv.push_back(std::move(a));
+  const CommandResult r = shared_->run(argv);
+  std::string id_text = r.out;
+  while (!id_text.empty() && (id_text.back() == '\n' || id_text.back() == ' ')) id_text.pop_back();
+  const size_t semi = id_text.find(';');  // "ID;cluster" on federated clusters
+  if (semi != std::string::npos) id_text.resize(semi);
+  int64_t id = 0;
+  try {
+    size_t used = 0;
+    id = std::stoll(id_text, &used);
+    if (used != id_text.size()) id = 0;
+  } catch (const std::exception&) {
+    id = 0;
+  }
+  if (r.status != 0 || id <= 0) {
+    std::string why = r.err.empty() ? r.out : r.err;
+    while (!why.empty() && why.back() == '\n') why.pop_back();
+    // sbatch killed at its time limit, or an answer that is not an id: the controller may
+    // have queued the job all the same. Left alone it would run untracked beside the
+    // job's next attempt (or after the job failed), on shards memfitd counts as free.
+    // Withdraw whatever unfinished job carries this job's name (earlier attempts have
+    // all ended before a new one is submitted).
+    bool checked = false;
+    const auto stopped = shared_->withdraw({l.job_id}, &checked);
+    if (!stopped.empty()) why += " (" + stopped.begin()->second + ")";
+    if (!checked) why += " (squeue could not tell whether Slurm queued it anyway: look for memfit-" + l.job_id + ")";
+    throw std::runtime_error("sbatch (partition " + c.partition + ", shard:" + std::to_string(shards) + ") failed: " +
+                             (why.empty() ? "exit " + std::to_string(r.status) : why));
+  }
+  return std::make_unique<SlurmWorker>(shared_, id, l.dir + "/worker.out", out_size, submitted, false);
+}
+
+std::unique_ptr<Worker> SlurmLauncher::adopt(int64_t pid, const std::string& out_path, int64_t offset) {
+  if (pid <= 0) return nullptr;
+  shared_->refresh(shared_->clock());
+  const auto it = shared_->jobs.find(pid);
+  if (it == shared_->jobs.end() || SlurmStateFinal(it->second.state)) return nullptr;
+  // Slurm ids are not reused while a job is listed, but the job must still be this one:
+  // memfit-<job id>, the id being the name of the job's folder (out_path's parent). A
+  // stored id that is not this job's Slurm job (a pid from the local executor, another
+  // memfitd's job, an id Slurm gave out again) is never adopted, cancelled or waited on.
+  const std::string folder = out_path.substr(0, out_path.find_last_of('/') == std::string::npos ? 0 : out_path.find_last_of('/'));
+  const std::string job_id = folder.substr(folder.find_last_of('/') == std::string::npos ? 0 : folder.find_last_of('/') + 1);
+  if (job_id.empty() || it->second.name != "memfit-" + job_id) return nullptr;
+  return std::make_unique<SlurmWorker>(shared_, pid, out_path, offset, shared_->fetched_ms, false);
+}
+
+std::map<std::string, std::string> SlurmLauncher::withdraw(const std::set<std::string>& job_ids) {
+  bool checked = false;
+  if (job_ids.empty()) return {};
+  return shared_->withdraw(job_ids, &checked);
+}
+
+std::unique_ptr<Worker> SlurmLauncher::gone(const std::string& out_path, int64_t offset) {
+  return std::make_unique<SlurmWorker>(shared_, 0, out_path, offset, 0, true);
+}
+
+}  // namespace memfit::daemon

@@ -1,0 +1,57 @@
+// How much of a device's compute each kind of job uses, learned from the throughput the
+// workers report every step (tokens or samples per second) alone and beside other jobs.
+// Pure and free of clocks: memfitd feeds it from worker events (core.cpp), the scheduler
+// reads compute() for QueuedJob::compute, ListDevices and /metrics show what it learned.
+//
+//   ComputeModel m;
+//   m.observe(kind, 1200.0, /*jobs_on_device=*/1);   // alone: 1200 tokens/s
+//   m.observe(kind, 800.0, /*jobs_on_device=*/2);    // beside one other job: 800
+//   m.stats(kind)->slowdown();                       // 1.5
+//   m.compute(kind);                                  // 0.75 of a device
+//
+// The model: jobs on one device share its compute (processor sharing), so a job that uses
+// a fraction u of the device alone and shares it with n - 1 similar jobs runs at
+// min(1, 1 / (n u)) of its solo speed. The slowdown s = solo rate / shared rate then gives
+// u = s / n when s > 1, and u <= 1 / n when it does not slow down at all. A kind never seen
+// both alone and shared is taken to use a whole device (1), so that placement spreads it.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+
+namespace memfit::sched {
+
+class ComputeModel {
+ public:
+  struct Stats {
+    int64_t solo_steps = 0, shared_steps = 0;
+    double solo_rate = 0, shared_rate = 0;  // running means (the last ~20 steps weigh most)
+    double shared_jobs = 0;                 // mean jobs on the device, itself included, when shared
+    int64_t last_use = 0;                   // the model's clock of observations (eviction)
+    // solo rate / shared rate; 0 while either is unknown.
+    double slowdown() const;
+    // The fraction of a device the kind uses alone, in [kMinCompute, 1]; 1 while unknown.
+    double compute() const;
+  };
+  static constexpr double kMinCompute = 0.05;
+  static constexpr size_t kMaxKinds = 1024;  // the least recently seen kind goes first
+  static constexpr int64_t kMinSteps = 3;    // each side, before a slowdown is believed
+
+  // One step's throughput of a job of `kind`: `rate` units per second (tokens for language
+  // models, samples for classifiers) while `jobs_on_device` jobs, itself included, ran on
+  // its device. Ignored: an empty kind, a rate that is not positive and finite, fewer than
+  // one job.
+  void observe(const std::string& kind, double rate, int jobs_on_device);
+  // QueuedJob::compute for a job of `kind`: 1 (a whole device) until learned.
+  double compute(const std::string& kind) const;
+  std::optional<Stats> stats(const std::string& kind) const;
+  const std::map<std::string, Stats>& kinds() const { return kinds_; }
+
+ private:
+  std::map<std::string, Stats> kinds_;
+  int64_t clock_ = 0;
+};
+
+}  // namespace memfit::sched

@@ -1,0 +1,379 @@
+// The Slurm executor's pure parts and its launcher against a scripted Slurm (the commands
+// it runs are recorded, their answers given): the shard request, the batch script's
+// quoting, sbatch's arguments, squeue's JSON of 22.05 and later, sacct's jobcomp lines,
+// submit / adopt / end / cancel. tests/slurm/ runs memfitd against a real Slurm.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "slurm.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace memfit::daemon;
+constexpr int64_t MiB = int64_t{1} << 20;
+
+SlurmConfig Cfg() {
+  SlurmConfig s;
+  s.partition = "gpu-shared";
+  s.shard_memory = 64 * MiB;
+  s.shards_per_gpu = 4;
+  s.gpus = 2;
+  s.poll_seconds = 1;
+  return s;
+}
+
+TEST(Slurm, ShardsCoverTheReservation) {
+  const SlurmConfig s = Cfg();
+  EXPECT_EQ(ShardsFor(1, s), 1);
+  EXPECT_EQ(ShardsFor(64 * MiB, s), 1);
+  EXPECT_EQ(ShardsFor(64 * MiB + 1, s), 2);
+  EXPECT_EQ(ShardsFor(256 * MiB, s), 4);
+  EXPECT_EQ(ShardsFor(0, s), 1);
+}
+
+TEST(Slurm, ScriptQuotesEveryWord) {
+  EXPECT_EQ(ShellQuote("a b"), "'a b'");
+  EXPECT_EQ(ShellQuote("it's"), "'it'\\''s'");
+  EXPECT_EQ(ShellQuote("$(rm -rf /)`x`"), "'$(rm -rf /)`x`'");
+  WorkerLaunch l;
+  l.binary = "/opt/memfit/memfit-worker";
+  l.args = {"run", "--spec", "/state/jobs/j1/spec.json", "--input-root", "/data/o'brien; rm -rf ~"};
+  l.env = {"CUDA_DEVICE_ORDER=PCI_BUS_ID", "BAD NAME=x", "=nothing", "X=$HOME"};
+  l.job_id = "j1";
+  const std::string s = SlurmBatchScript(l);
+  EXPECT_EQ(s.rfind("#!/bin/sh\n", 0), 0u);
+  EXPECT_NE(s.find("export CUDA_DEVICE_ORDER='PCI_BUS_ID'\n"), std::string::npos);
+  EXPECT_NE(s.find("export X='$HOME'\n"), std::string::npos);
+  EXPECT_EQ(s.find("BAD NAME"), std::string::npos);
+  EXPECT_NE(s.find("exec '/opt/memfit/memfit-worker' 'run' '--spec' '/state/jobs/j1/spec.json' '--input-root' "
+                   "'/data/o'\\''brien; rm -rf ~'\n"),
+            std::string::npos);
+  // The script as sh runs it: every argument arrives as one word, nothing is expanded.
+  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  WorkerLaunch echo = l;
+  echo.binary = "/usr/bin/printf";
+  echo.args = {"[%s]", "a b", "o'brien; rm -rf ~", "$(id)", "`id`"};
+  std::ofstream(dir + "/s.sh") << SlurmBatchScript(echo);
+  const std::string cmd = "sh " + dir + "/s.sh > " + dir + "/out";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  std::stringstream got;
+  got << std::ifstream(dir + "/out").rdbuf();
+  EXPECT_EQ(got.str(), "[a b][o'brien; rm -rf ~][$(id)][`id`]");
+  fs::remove_all(dir);
+}
+
+TEST(Slurm, SbatchArguments) {
+  SlurmConfig s = Cfg();
+  s.sbatch_args = {"--account=ml", "--qos=normal"};
+  WorkerLaunch l;
+  l.job_id = "j1";
+  l.dir = "/state/jobs/j1";
+  l.reservation_bytes = 100 * MiB;
+  l.confine.memory_limit_bytes = 2 * 1024 * MiB + 1;
+  l.confine.uid = 1001;
+  l.confine.gid = 1002;
+  const std::vector<std::string> want = {
+      "--parsable", "--job-name=memfit-j1", "--partition=gpu-shared", "--gres=shard:2", "--ntasks=1",
+      "--output=/state/jobs/j1/worker.out", "--error=/state/jobs/j1/worker.err", "--open-mode=append",
+      "--chdir=/state/jobs/j1", "--no-requeue", "--export=NONE", "--mem=2049M", "--uid=1001", "--gid=1002",
+      "--account=ml", "--qos=normal", "/state/jobs/j1/slurm.sh"};
+  EXPECT_EQ(SbatchArgs(l, s, "/state/jobs/j1/slurm.sh"), want);
+  l.confine = {};
+  const auto a = SbatchArgs(l, s, "x.sh");
+  for (const auto& x : a) {
+    EXPECT_EQ(x.rfind("--uid", 0), std::string::npos);
+    EXPECT_EQ(x.rfind("--mem", 0), std::string::npos);
+  }
+}
+
+// squeue --json of Slurm 22.05 (trimmed from a real answer): job_state a string,
+// exit_code the raw wait status.
+const char* kSqueue2205 = R"({"meta": {"plugin": {"type": "openapi/v0.0.38"}, "Slurm": {"version": {"major": 22}}},
+ "errors": [],
+ "jobs": [
+  {"account": "", "job_id": 1, "name": "memfit-j1", "job_state": "FAILED", "state_reason": "NonZeroExitCode",
+   "nodes": "node0", "exit_code": 768, "gres_detail": []},
+  {"job_id": 2, "name": "memfit-j2", "job_state": "RUNNING", "state_reason": "None", "nodes": "node0", "exit_code": 0},
+  {"job_id": 3, "name": "memfit-j3", "job_state": "PENDING", "state_reason": "Resources", "nodes": "", "exit_code": 0},
+  {"job_id": 4, "name": "memfit-j4", "job_state": "CANCELLED", "state_reason": "None", "nodes": "node1", "exit_code": 15},
+  {"job_id": 5, "name": "other", "job_state": "COMPLETED", "state_reason": "None", "nodes": "node1", "exit_code": 0}
+ ]})";
+
+TEST(Slurm, ParsesSqueueJsonOf2205AndLater) {
+  const auto m = ParseSqueueJson(kSqueue2205);
+  ASSERT_EQ(m.size(), 5u);
+  EXPECT_EQ(m.at(1).state, "FAILED");
+  EXPECT_EQ(m.at(1).exit_code, 3);
+  EXPECT_EQ(m.at(1).signal, 0);
+  EXPECT_EQ(m.at(2).state, "RUNNING");
+  EXPECT_EQ(m.at(2).exit_code, -1);  // not final: no exit code yet
+  EXPECT_EQ(m.at(3).reason, "Resources");
+  EXPECT_EQ(m.at(4).signal, SIGTERM);
+  EXPECT_EQ(m.at(5).exit_code, 0);
+  EXPECT_EQ(m.at(1).name, "memfit-j1");
+  // 23.x and later: job_state a list, exit_code an object.
+  const auto n = ParseSqueueJson(R"({"jobs": [{"job_id": {"set": true, "number": 7}, "name": "memfit-x",
+      "job_state": ["FAILED"], "exit_code": {"status": ["EXITED"], "return_code": {"set": true, "number": 2},
+      "signal": {"id": {"set": false, "number": 0}}}}]})");
+  ASSERT_EQ(n.count(7), 1u);
+  EXPECT_EQ(n.at(7).state, "FAILED");
+  EXPECT_EQ(n.at(7).exit_code, 2);
+  EXPECT_EQ(n.at(7).signal, 0);
+  EXPECT_THROW(ParseSqueueJson("squeue: error: slurm_load_jobs error"), std::runtime_error);
+  EXPECT_THROW(ParseSqueueJson(R"({"errors": []})"), std::runtime_error);
+  EXPECT_TRUE(ParseSqueueJson(R"({"jobs": [1, "x", {"name": "no id"}]})").empty());
+}
+
+TEST(Slurm, ParsesSacctJobcompLines) {
+  const auto m = ParseSacctLines("12|FAILED|3:0\n12.batch|FAILED|3:0\n13|CANCELLED by 0|0:15\nnonsense\n14|COMPLETED|0:0");
+  ASSERT_EQ(m.size(), 3u);
+  EXPECT_EQ(m.at(12).state, "FAILED");
+  EXPECT_EQ(m.at(12).exit_code, 3);
+  EXPECT_EQ(m.at(13).state, "CANCELLED");
+  EXPECT_EQ(m.at(13).signal, 15);
+  EXPECT_EQ(m.at(14).exit_code, 0);
+}
+
+// A scripted Slurm: sbatch hands out ids, squeue answers from `jobs`, every command is kept.
+struct FakeSlurm {
+  std::vector<std::vector<std::string>> calls;
+  std::map<int64_t, std::string> states;  // id -> job_state
+  std::map<int64_t, std::string> names;   // id -> --job-name
+  int64_t next_id = 40;
+  bool sbatch_fails = false;
+  bool sbatch_times_out = false;  // queued, but sbatch killed before it answered
+  CommandResult operator()(const std::vector<std::string>& argv) {
+    calls.push_back(argv);
+    const std::string cmd = fs::path(argv[0]).filename();
+    if (cmd == "sbatch") {
+      if (sbatch_fails) return {1, "", "sbatch: error: Batch job submission failed: Invalid partition name specified\n"};
+      for (const auto& a : argv) {
+        if (a.rfind("--job-name=", 0) == 0) names[next_id] = a.substr(11);
+      }
+      states[next_id] = "PENDING";
+      if (sbatch_times_out) {
+        ++next_id;
+        return {-1, "", "\n(killed after 30000 ms)"};
+      }
+      return {0, std::to_string(next_id++) + "\n", ""};
+    }
+    if (cmd == "squeue") {
+      std::string j = R"({"jobs": [)";
+      bool first = true;
+      for (const auto& [id, st] : states) {
+        j += (first ? "" : ",") + std::string(R"({"job_id": )") + std::to_string(id) + R"(, "name": ")" + (names.count(id) ? names[id] : "memfit-j") + R"(", "job_state": ")" +
+             st + R"(", "exit_code": )" + (st == "FAILED" ? "768" : "0") + "}";
+        first = false;
+      }
+      return {0, j + "]}", ""};
+    }
+    if (cmd == "sacct") return {0, "", ""};
+    if (cmd == "scancel") return {0, "", ""};
+    return {127, "", "unknown command"};
+  }
+};
+
+TEST(Slurm, LauncherSubmitsFollowsAndCancels) {
+  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  FakeSlurm slurm;
+  int64_t now = 1000;
+  SlurmConfig cfg = Cfg();
+  cfg.bin_dir = "/usr/local/slurm/bin";
+  SlurmLauncher L(cfg, [&](const std::vector<std::string>& a) { return slurm(a); }, [&] { return now; });
+  WorkerLaunch l;
+  l.binary = "/bin/memfit-worker";
+  l.args = {"run"};
+  l.dir = dir;
+  l.job_id = "j1";
+  l.reservation_bytes = 130 * MiB;  // 3 shards of 64 MiB
+  auto w = L.start(l);
+  EXPECT_EQ(w->pid(), 40);
+  ASSERT_EQ(slurm.calls.size(), 1u);
+  EXPECT_EQ(slurm.calls[0][0], "/usr/local/slurm/bin/sbatch");
+  EXPECT_NE(std::find(slurm.calls[0].begin(), slurm.calls[0].end(), "--gres=shard:3"), slurm.calls[0].end());
+  EXPECT_TRUE(fs::exists(dir + "/slurm.sh"));
+  EXPECT_TRUE(fs::exists(dir + "/worker.out"));
+  // Pending, then running: not exited; squeue at most once per poll interval.
+  EXPECT_FALSE(w->exited());
+  EXPECT_EQ(w->status_change(), "Slurm job 40 is waiting");
+  EXPECT_EQ(w->status_change(), "");  // once per change
+  const size_t squeues = slurm.calls.size();
+  EXPECT_FALSE(w->exited());
+  EXPECT_EQ(slurm.calls.size(), squeues);
+  slurm.states[40] = "RUNNING";
+  now += 1000;
+  EXPECT_FALSE(w->exited());
+  EXPECT_EQ(w->status_change(), "Slurm job 40 is running");
+  // The worker's lines arrive through worker.out.
+  std::ofstream(dir + "/worker.out", std::ios::app) << R"({"event":"step","step":1})" << "\n" << "partial";
+  EXPECT_EQ(w->read_lines(), std::vector<std::string>{R"({"event":"step","step":1})"});
+  // terminate: SIGTERM to the batch step of a running job.
+  w->terminate();
+  EXPECT_EQ(slurm.calls.back(), (std::vector<std::string>{"/usr/local/slurm/bin/scancel", "--batch", "--signal=TERM", "40"}));
+  slurm.states[40] = "FAILED";
+  now += 1000;
+  EXPECT_TRUE(w->exited());
+  EXPECT_EQ(w->exit_code(), 3);
+  // A pending job is withdrawn outright.
+  auto w2 = L.start(l);
+  now += 1000;
+  EXPECT_FALSE(w2->exited());
+  w2->terminate();
+  EXPECT_EQ(slurm.calls.back(), (std::vector<std::string>{"/usr/local/slurm/bin/scancel", "41"}));
+  // Adoption after a restart: only a listed, unfinished memfit job.
+  EXPECT_NE(L.adopt(41, "/state/jobs/j1/worker.out", 0), nullptr);
+  EXPECT_EQ(L.adopt(41, "/state/jobs/j2/worker.out", 0), nullptr);  // another memfit job's
+  EXPECT_EQ(L.adopt(40, "/state/jobs/j1/worker.out", 0), nullptr);  // failed
+  EXPECT_EQ(L.adopt(99, "/state/jobs/j1/worker.out", 0), nullptr);  // unknown
+  // A job squeue no longer lists (MinJobAge) and sacct does not know: gone, status unknown.
+  slurm.states.erase(41);
+  now += 1000;
+  EXPECT_TRUE(w2->exited());
+  EXPECT_EQ(w2->exit_code(), -1);
+  // More shards than one GPU has never start on Slurm 22.05: refused before sbatch.
+  l.reservation_bytes = 5 * 64 * MiB;
+  const size_t before = slurm.calls.size();
+  EXPECT_THROW(L.start(l), std::runtime_error);
+  EXPECT_EQ(slurm.calls.size(), before);
+  // sbatch's own message reaches the error.
+  l.reservation_bytes = MiB;
+  slurm.sbatch_fails = true;
+  try {
+    L.start(l);
+    FAIL() << "a failed sbatch was not reported";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("Invalid partition name"), std::string::npos) << e.what();
+  }
+  fs::remove_all(dir);
+}
+
+// After a restart: a queued job's submission that memfitd never recorded is withdrawn,
+// one squeue for all queued jobs, finished and foreign jobs left alone.
+TEST(Slurm, WithdrawCancelsUnrecordedSubmissionsOfQueuedJobs) {
+  FakeSlurm slurm;
+  slurm.states = {{1, "RUNNING"}, {2, "PENDING"}, {3, "COMPLETED"}, {4, "RUNNING"}, {5, "RUNNING"}};
+  slurm.names = {{1, "memfit-a"}, {2, "memfit-b"}, {3, "memfit-a"}, {4, "memfit-zz"}, {5, "other-a"}};
+  int64_t now = 0;
+  SlurmLauncher L(Cfg(), [&](const std::vector<std::string>& a) { return slurm(a); }, [&] { return now; });
+  const auto got = L.withdraw({"a", "b", "c"});
+  EXPECT_EQ(got.size(), 2u);
+  EXPECT_EQ(got.at("a"), "Slurm job 1 of an unrecorded submission cancelled");
+  EXPECT_EQ(got.at("b"), "Slurm job 2 of an unrecorded submission cancelled");
+  int squeues = 0;
+  std::vector<std::string> cancelled;
+  for (const auto& c : slurm.calls) {
+    if (c[0] == "squeue") ++squeues;
+    if (c[0] == "scancel") cancelled.push_back(c.back());
+  }
+  EXPECT_EQ(squeues, 1);
+  EXPECT_EQ(cancelled, (std::vector<std::string>{"1", "2"}));
+  EXPECT_TRUE(L.withdraw({}).empty());
+  EXPECT_EQ(slurm.calls.size(), 3u);  // nothing queued: no squeue at all
+}
+
+// A launch of job "j" reserving 1 MiB (one shard) in `dir`.
+WorkerLaunch TinyLaunch(const std::string& dir) {
+  WorkerLaunch l;
+  l.binary = "/bin/true";
+  l.dir = dir;
+  l.job_id = "j";
+  l.reservation_bytes = MiB;
+  return l;
+}
+
+TEST(Slurm, SqueueFailingNeverEndsAJob) {
+  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  FakeSlurm slurm;
+  bool down = false;
+  int64_t now = 1000;
+  SlurmLauncher L(Cfg(),
+                  [&](const std::vector<std::string>& a) {
+                    if (down && fs::path(a[0]).filename() == "squeue") return CommandResult{1, "", "slurm_load_jobs error: Unable to contact slurm controller"};
+                    return slurm(a);
+                  },
+                  [&] { return now; });
+  const WorkerLaunch l = TinyLaunch(dir);
+  auto w = L.start(l);
+  slurm.states[40] = "RUNNING";
+  now += 1000;
+  EXPECT_FALSE(w->exited());
+  down = true;
+  slurm.states.clear();  // whatever Slurm knows, memfitd cannot ask
+  for (int i = 0; i < 5; ++i) {
+    now += 1000;
+    EXPECT_FALSE(w->exited());
+  }
+  fs::remove_all(dir);
+}
+
+TEST(Slurm, SqueueDownIsAskedOncePerPollInterval) {
+  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  FakeSlurm slurm;
+  bool down = false;
+  int squeues = 0;
+  int64_t now = 1000;
+  SlurmLauncher L(Cfg(),
+                  [&](const std::vector<std::string>& a) {
+                    if (fs::path(a[0]).filename() == "squeue") {
+                      ++squeues;
+                      if (down) return CommandResult{1, "", "Unable to contact slurm controller"};
+                    }
+                    return slurm(a);
+                  },
+                  [&] { return now; });
+  const WorkerLaunch l = TinyLaunch(dir);
+  std::vector<std::unique_ptr<Worker>> ws;
+  down = true;
+  for (int i = 0; i < 5; ++i) ws.push_back(L.start(l));
+  now += 10;
+  // One tick over five workers, then another: one squeue each poll interval, not one per
+  // worker per tick (each may take 30 s with memfitd's lock held).
+  for (auto& w : ws) EXPECT_FALSE(w->exited());
+  for (auto& w : ws) EXPECT_FALSE(w->exited());
+  EXPECT_EQ(squeues, 1);
+  now += 1000;
+  down = false;
+  for (auto& w : ws) EXPECT_FALSE(w->exited());
+  EXPECT_EQ(squeues, 2);
+  fs::remove_all(dir);
+}
+
+TEST(Slurm, SbatchKilledAfterQueueingLeavesNoJobBehind) {
+  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  FakeSlurm slurm;
+  int64_t now = 1000;
+  SlurmLauncher L(Cfg(), [&](const std::vector<std::string>& a) { return slurm(a); }, [&] { return now; });
+  WorkerLaunch l = TinyLaunch(dir);
+  l.job_id = "j7";
+  slurm.sbatch_times_out = true;
+  EXPECT_THROW(L.start(l), std::runtime_error);
+  // The controller queued it as 40: withdrawn, since memfitd fails (or retries) the attempt.
+  EXPECT_EQ(slurm.calls.back(), (std::vector<std::string>{"scancel", "40"}));
+  fs::remove_all(dir);
+}
+
+TEST(Slurm, RunCommandCapturesAndTimesOut) {
+  const CommandResult r = RunCommand({"/bin/sh", "-c", "echo out; echo err >&2; exit 4"}, 5000);
+  EXPECT_EQ(r.status, 4);
+  EXPECT_EQ(r.out, "out\n");
+  EXPECT_EQ(r.err, "err\n");
+  const CommandResult t = RunCommand({"/bin/sh", "-c", "sleep 30"}, 200);
+  EXPECT_EQ(t.status, -1);
+  EXPECT_NE(t.err.find("killed after 200 ms"), std::string::npos);
+  const CommandResult m = RunCommand({"/nonexistent/sbatch"}, 1000);
+  EXPECT_EQ(m.status, 127);
+}
+
+}  // namespace
