@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "calibration.h"
+#include "compute_model.h"
 #include "estimator.h"
 #include "reference_configs.h"
 #include "scheduler.h"
@@ -169,9 +170,10 @@ std::vector<TraceJob> make_trace(int n, int devices, uint64_t seed, double floor
 }
 
 // Reservation and placement. The rows that spread use compute-aware placement
-// (sched::PlacementPolicy::kSpread); "learned" gives the scheduler each job's compute
-// share once a job of the same kind has finished (what memfitd's ComputeModel learns from
-// the workers' throughput), 1 (a whole GPU) before that; "true" gives it the model's u.
+// (sched::PlacementPolicy::kSpread); "learned" gives the scheduler what memfitd's
+// ComputeModel knows: a kind's compute share once a job of that kind (model, method,
+// micro-batch x length) has finished, before that the bound from finished kinds of its
+// family (model, method), else 1 (a whole GPU); "true" gives it the model's u.
 enum class Policy {
   kExclusive,
   kDeclared,
@@ -210,13 +212,18 @@ Result simulate(const std::vector<TraceJob>& trace, int ndev, Policy policy) {
   opts.placement = spreads(policy) ? sched::PlacementPolicy::kSpread : sched::PlacementPolicy::kBestFit;
   sched::Scheduler s(devs, opts);
   sched::ReservationPolicy rp;
-  std::map<std::string, double> learned;  // compute_key -> u, from finished jobs
+  // What memfitd's ComputeModel learns from a finished job's throughput: its solo rate, and
+  // its rate beside 19 jobs like it (20 u times slower under processor sharing, when 20 u > 1).
+  sched::ComputeModel learned;
+  auto learn = [&](const TraceJob& j) {
+    for (int k = 0; k < sched::ComputeModel::kMinSteps; ++k) learned.observe(j.compute_key, 1.0, 1);
+    for (int k = 0; k < sched::ComputeModel::kMinSteps; ++k) {
+      learned.observe(j.compute_key, 1.0 / std::max(1.0, 20.0 * j.u), 20);
+    }
+  };
   auto compute_of = [&](const TraceJob& j) {
     if (policy == Policy::kOracleSpread) return j.u;
-    if (policy == Policy::kMemfitLearned) {
-      const auto it = learned.find(j.compute_key);
-      return it == learned.end() ? 1.0 : it->second;
-    }
+    if (policy == Policy::kMemfitLearned) return learned.compute(j.compute_key);
     return 1.0;
   };
   est::Calibration cal;
@@ -304,7 +311,7 @@ Result simulate(const std::vector<TraceJob>& trace, int ndev, Policy policy) {
           ++r.done;
           jct_sum += t - trace[i].arrival_s;
           cal.add({trace[i].key, trace[i].estimate, trace[i].true_peak});
-          learned[trace[i].compute_key] = trace[i].u;
+          learn(trace[i]);
           L.finish = t;
         } else {
           ++r.oom;

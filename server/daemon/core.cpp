@@ -71,7 +71,8 @@ Core::~Core() { stop(false); }
 std::unique_ptr<WorkerLauncher> Core::make_launcher(const Config& cfg, Clock clock) {
   if (cfg.executor == "slurm") {
     return std::make_unique<SlurmLauncher>(
-        cfg.slurm, [](const std::vector<std::string>& argv) { return RunCommand(argv, 30000); }, std::move(clock));
+        cfg.slurm, [](const std::vector<std::string>& argv) { return RunCommand(argv, 30000); }, std::move(clock),
+        /*background=*/true);
   }
   return std::make_unique<ProcessLauncher>();
 }

@@ -12,7 +12,11 @@
 #include <chrono>
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <stdexcept>
+
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 
 extern char** environ;
 
@@ -260,46 +264,167 @@ CommandResult RunCommand(const std::vector<std::string>& argv, int timeout_ms) {
   return r;
 }
 
-// The launcher's state, shared with its workers (they outlive no launcher: the core owns
-// both, and every call comes from the core under its lock).
+// The launcher's state, shared with its workers. Two modes:
+// - background (memfitd): a thread of the launcher's own runs squeue, sacct and scancel,
+//   so a slow or unreachable controller never holds memfitd's lock: a worker's exited()
+//   reads the last answer, and a call that needs a newer one asks the thread for it;
+// - inline (unit tests, `background` false): the same steps run in the calling thread,
+//   at the same moments, so a test can script Slurm call by call.
+// Only sbatch (start), and the squeue of adopt() and withdraw() at memfitd's start, run in
+// the caller's thread in both modes.
 struct SlurmLauncher::Shared {
   SlurmConfig cfg;
   CommandRunner run;
   std::function<int64_t()> clock;
-  std::map<int64_t, SlurmJob> jobs;  // the last squeue
-  int64_t fetched_ms = -1;
-  int64_t tried_ms = -1;  // the last squeue run, answered or not
-  std::string last_error;
+  bool background = false;
+
+  absl::Mutex mu;
+  std::map<int64_t, SlurmJob> jobs ABSL_GUARDED_BY(mu);  // the last squeue
+  int64_t fetched_ms ABSL_GUARDED_BY(mu) = -1;
+  int64_t tried_ms ABSL_GUARDED_BY(mu) = -1;    // the last squeue run, answered or not
+  int64_t wanted_ms ABSL_GUARDED_BY(mu) = -1;   // a caller needs an answer newer than this
+  std::string last_error ABSL_GUARDED_BY(mu);
+  // Jobs squeue no longer lists that a worker asked about: what sacct said (nullopt: it
+  // did not know them), and those still to ask.
+  std::map<int64_t, std::optional<SlurmJob>> ended ABSL_GUARDED_BY(mu);
+  std::set<int64_t> ask_sacct ABSL_GUARDED_BY(mu);
+  std::vector<std::vector<std::string>> cancels ABSL_GUARDED_BY(mu);  // scancel commands to run
+  bool stop ABSL_GUARDED_BY(mu) = false;
 
   std::string bin(const char* name) const { return cfg.bin_dir.empty() ? name : cfg.bin_dir + "/" + name; }
 
-  // squeue, at most every poll_seconds unless the cache is older than `not_before_ms`.
-  void refresh(int64_t not_before_ms) {
-    const int64_t now = clock();
+  bool squeue_due(int64_t now) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     // Also after a failed squeue: a controller that is down is asked again only after
-    // poll_seconds, not once per worker per tick (each try may take the command's time
-    // limit, with memfitd's lock held).
-    if (tried_ms >= 0 && tried_ms >= not_before_ms && now - tried_ms < static_cast<int64_t>(cfg.poll_seconds * 1000)) {
-      return;
+    // poll_seconds, not once per worker per tick.
+    return tried_ms < 0 || tried_ms < wanted_ms || now - tried_ms >= static_cast<int64_t>(cfg.poll_seconds * 1000);
+  }
+
+  // squeue now, outside `mu`; the answer replaces the last one (a failure keeps it: a job is
+  // never declared gone because squeue failed).
+  void squeue() ABSL_LOCKS_EXCLUDED(mu) {
+    const int64_t now = clock();
+    {
+      absl::MutexLock l(&mu);
+      tried_ms = now;
     }
-    tried_ms = now;
     // 22.05 ignores -j and -u with --json (docs/SLURM.md): every job comes back; filtered here.
     const CommandResult r = run({bin("squeue"), "--json", "--states=all"});
+    std::map<int64_t, SlurmJob> got;
+    std::string error;
     if (r.status != 0) {
-      last_error = "squeue: " + (r.err.empty() ? "exit " + std::to_string(r.status) : r.err);
-      return;  // keep the last answer; a job is never declared gone because squeue failed
+      error = "squeue: " + (r.err.empty() ? "exit " + std::to_string(r.status) : r.err);
+    } else {
+      try {
+        got = ParseSqueueJson(r.out);
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
     }
-    try {
-      jobs = ParseSqueueJson(r.out);
+    absl::MutexLock l(&mu);
+    last_error = error;
+    if (error.empty()) {
+      jobs = std::move(got);
       fetched_ms = now;
-      last_error.clear();
-    } catch (const std::exception& e) {
-      last_error = e.what();
     }
   }
 
-  // A job that squeue no longer lists: the jobcomp file (sacct -c) may know how it ended.
-  std::optional<SlurmJob> from_sacct(int64_t id) {
+  // One round of what callers asked for: the scancels, a squeue when due, sacct for the
+  // jobs squeue stopped listing. Commands run outside `mu`.
+  void pump() ABSL_LOCKS_EXCLUDED(mu) {
+    std::vector<std::vector<std::string>> todo;
+    bool due = false;
+    {
+      absl::MutexLock l(&mu);
+      todo.swap(cancels);
+      due = squeue_due(clock());
+    }
+    for (const auto& a : todo) run(a);
+    if (due) squeue();
+    std::set<int64_t> ask;
+    {
+      absl::MutexLock l(&mu);
+      ask.swap(ask_sacct);
+    }
+    for (int64_t id : ask) {
+      std::optional<SlurmJob> j = sacct(id);
+      if (j && !SlurmStateFinal(j->state)) continue;  // not over by sacct's account: asked again
+      absl::MutexLock l(&mu);
+      ended[id] = std::move(j);
+    }
+  }
+
+  // Callers (under memfitd's lock): in background mode, wake the thread and return.
+  void request() ABSL_LOCKS_EXCLUDED(mu) {
+    if (!background) pump();  // else the thread sees the work when the caller releases `mu`
+  }
+
+  // What a worker of Slurm job `id`, submitted or adopted at `since_ms`, knows now: its
+  // state (nullopt: not known yet), after asking for a newer squeue when the last is older
+  // than `since_ms` or poll_seconds, and for sacct when squeue stopped listing it. `gone`:
+  // neither squeue nor sacct knows it any more.
+  std::optional<SlurmJob> state_of(int64_t id, int64_t since_ms, bool* gone) ABSL_LOCKS_EXCLUDED(mu) {
+    *gone = false;
+    {
+      absl::MutexLock l(&mu);
+      wanted_ms = std::max(wanted_ms, since_ms);
+    }
+    request();
+    {
+      absl::MutexLock l(&mu);
+      const auto it = jobs.find(id);
+      if (it != jobs.end()) return it->second;
+      if (fetched_ms < since_ms) return std::nullopt;  // no answer from squeue since it was submitted
+      const auto e = ended.find(id);
+      if (e != ended.end()) {
+        if (!e->second) *gone = true;
+        return e->second;
+      }
+      ask_sacct.insert(id);
+    }
+    request();
+    absl::MutexLock l(&mu);
+    const auto e = ended.find(id);
+    if (e == ended.end()) return std::nullopt;  // the thread has not asked sacct yet
+    if (!e->second) *gone = true;
+    return e->second;
+  }
+
+  std::optional<SlurmJob> cached(int64_t id) ABSL_LOCKS_EXCLUDED(mu) {
+    absl::MutexLock l(&mu);
+    const auto it = jobs.find(id);
+    if (it == jobs.end()) return std::nullopt;
+    return it->second;
+  }
+
+  bool has_work() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    return stop || !cancels.empty() || !ask_sacct.empty() || squeue_due(clock());
+  }
+
+  // The thread: a round whenever there is work, else every poll_seconds.
+  void loop() ABSL_LOCKS_EXCLUDED(mu) {
+    for (;;) {
+      {
+        absl::MutexLock l(&mu);
+        // Woken when a caller's change makes has_work() true (absl re-checks it whenever
+        // `mu` is released), or after a second to see poll_seconds pass on the clock.
+        mu.AwaitWithTimeout(absl::Condition(this, &Shared::has_work), absl::Seconds(1));
+        if (stop) break;
+        if (!has_work()) continue;
+      }
+      pump();
+    }
+    // memfitd is stopping: the cancels asked for are still sent.
+    std::vector<std::vector<std::string>> todo;
+    {
+      absl::MutexLock l(&mu);
+      todo.swap(cancels);
+    }
+    for (const auto& a : todo) run(a);
+  }
+
+  // A job that squeue no longer lists (MinJobAge passed, or the controller lost it): the
+  // jobcomp file (sacct -c) may know how it ended.
+  std::optional<SlurmJob> sacct(int64_t id) {
     const CommandResult r =
         run({bin("sacct"), "-c", "-P", "-n", "-j", std::to_string(id), "-o", "JobID,State,ExitCode"});
     if (r.status != 0) return std::nullopt;
@@ -309,8 +434,9 @@ struct SlurmLauncher::Shared {
     return it->second;
   }
 
-  // scancel of every unfinished job named memfit-<id> for those ids, from one fresh squeue;
-  // per id, what was cancelled. `checked`: whether squeue answered.
+  // scancel of every unfinished job named memfit-<id> for those ids, from one fresh squeue
+  // (run in the caller's thread); per id, what was cancelled. `checked`: whether squeue
+  // answered.
   std::map<std::string, std::string> withdraw(const std::set<std::string>& ids, bool* checked) {
     *checked = false;
     std::map<std::string, std::string> out;
@@ -321,7 +447,7 @@ struct SlurmLauncher::Shared {
         if (sj.name.rfind("memfit-", 0) != 0 || SlurmStateFinal(sj.state)) continue;
         const std::string id = sj.name.substr(7);
         if (!ids.count(id)) continue;
-        scancel(sid, false);
+        run(scancel_argv(sid, false));
         std::string& m = out[id];
         m += (m.empty() ? "" : ", ") + std::string("Slurm job ") + std::to_string(sid);
       }
@@ -333,11 +459,18 @@ struct SlurmLauncher::Shared {
     return out;
   }
 
-  void scancel(int64_t id, bool term) {
+  std::vector<std::string> scancel_argv(int64_t id, bool term) const {
     std::vector<std::string> a = {bin("scancel")};
     if (term) a.insert(a.end(), {"--batch", "--signal=TERM"});
     a.push_back(std::to_string(id));
-    run(a);
+    return a;
+  }
+  void scancel(int64_t id, bool term) ABSL_LOCKS_EXCLUDED(mu) {
+    {
+      absl::MutexLock l(&mu);
+      cancels.push_back(scancel_argv(id, term));
+    }
+    request();
   }
 };
 
@@ -354,40 +487,32 @@ class SlurmWorker : public Worker {
   std::vector<std::string> read_lines() override { return tail_.read(); }
   bool exited() override {
     if (gone_) return true;
-    s_->refresh(since_ms_);
-    const auto it = s_->jobs.find(id_);
-    if (it != s_->jobs.end()) {
-      if (!SlurmStateFinal(it->second.state)) return false;
-      end(it->second);
+    bool gone = false;
+    const std::optional<SlurmJob> j = s_->state_of(id_, since_ms_, &gone);
+    if (gone) {
+      gone_ = true;  // neither squeue nor sacct knows it: ended, how unknown
       return true;
     }
-    if (s_->fetched_ms < since_ms_) return false;  // no answer from squeue since it was submitted
-    // Not listed (MinJobAge passed, or the controller lost it): how it ended, if known.
-    if (auto j = s_->from_sacct(id_)) {
-      if (!SlurmStateFinal(j->state)) return false;
-      end(*j);
-    } else {
-      gone_ = true;
-    }
+    if (!j || !SlurmStateFinal(j->state)) return false;
+    end(*j);
     return true;
   }
   int exit_code() const override { return exit_code_; }
   int exit_signal() const override { return signal_; }
   void terminate() override {
     if (gone_) return;
-    const auto it = s_->jobs.find(id_);
     // A pending job has no process to checkpoint: it is simply withdrawn.
-    const bool pending = it != s_->jobs.end() && it->second.state == "PENDING";
-    s_->scancel(id_, !pending);
+    const auto j = s_->cached(id_);
+    s_->scancel(id_, !(j && j->state == "PENDING"));
   }
   void kill() override {
     if (!gone_) s_->scancel(id_, false);
   }
   std::string status_change() override {
     if (gone_) return "";
-    const auto it = s_->jobs.find(id_);
-    if (it == s_->jobs.end()) return "";
-    const SlurmJob& j = it->second;
+    const auto cached = s_->cached(id_);
+    if (!cached) return "";
+    const SlurmJob& j = *cached;
     std::string now;
     if (j.state == "PENDING") {
       now = "Slurm job " + std::to_string(id_) + " is waiting" + (j.reason.empty() || j.reason == "None" ? "" : " (" + j.reason + ")");
@@ -421,14 +546,23 @@ class SlurmWorker : public Worker {
 
 }  // namespace
 
-SlurmLauncher::SlurmLauncher(SlurmConfig cfg, CommandRunner run, std::function<int64_t()> clock_ms)
+SlurmLauncher::SlurmLauncher(SlurmConfig cfg, CommandRunner run, std::function<int64_t()> clock_ms, bool background)
     : shared_(std::make_shared<Shared>()) {
   shared_->cfg = std::move(cfg);
   shared_->run = std::move(run);
   shared_->clock = std::move(clock_ms);
+  shared_->background = background;
+  if (background) thread_ = std::thread([s = shared_] { s->loop(); });
 }
 
-SlurmLauncher::~SlurmLauncher() = default;
+SlurmLauncher::~SlurmLauncher() {
+  if (!thread_.joinable()) return;
+  {
+    absl::MutexLock l(&shared_->mu);
+    shared_->stop = true;
+  }
+  thread_.join();  // after the command it may be running (each has a time limit)
+}
 
 std::unique_ptr<Worker> SlurmLauncher::start(const WorkerLaunch& l) {
   const SlurmConfig& c = shared_->cfg;
@@ -499,17 +633,17 @@ std::unique_ptr<Worker> SlurmLauncher::start(const WorkerLaunch& l) {
 
 std::unique_ptr<Worker> SlurmLauncher::adopt(int64_t pid, const std::string& out_path, int64_t offset) {
   if (pid <= 0) return nullptr;
-  shared_->refresh(shared_->clock());
-  const auto it = shared_->jobs.find(pid);
-  if (it == shared_->jobs.end() || SlurmStateFinal(it->second.state)) return nullptr;
+  shared_->squeue();  // at memfitd's start, in its thread: adoption needs today's answer
+  const auto job = shared_->cached(pid);
+  if (!job || SlurmStateFinal(job->state)) return nullptr;
   // Slurm ids are not reused while a job is listed, but the job must still be this one:
   // memfit-<job id>, the id being the name of the job's folder (out_path's parent). A
   // stored id that is not this job's Slurm job (a pid from the local executor, another
   // memfitd's job, an id Slurm gave out again) is never adopted, cancelled or waited on.
   const std::string folder = out_path.substr(0, out_path.find_last_of('/') == std::string::npos ? 0 : out_path.find_last_of('/'));
   const std::string job_id = folder.substr(folder.find_last_of('/') == std::string::npos ? 0 : folder.find_last_of('/') + 1);
-  if (job_id.empty() || it->second.name != "memfit-" + job_id) return nullptr;
-  return std::make_unique<SlurmWorker>(shared_, pid, out_path, offset, shared_->fetched_ms, false);
+  if (job_id.empty() || job->name != "memfit-" + job_id) return nullptr;
+  return std::make_unique<SlurmWorker>(shared_, pid, out_path, offset, shared_->clock(), false);
 }
 
 std::map<std::string, std::string> SlurmLauncher::withdraw(const std::set<std::string>& job_ids) {

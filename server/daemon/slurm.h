@@ -25,6 +25,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "config.h"
@@ -82,7 +83,10 @@ CommandResult RunCommand(const std::vector<std::string>& argv, int timeout_ms);
 class SlurmLauncher : public WorkerLauncher {
  public:
   // `run` executes Slurm's commands (RunCommand in memfitd); `clock_ms` paces squeue.
-  SlurmLauncher(SlurmConfig cfg, CommandRunner run, std::function<int64_t()> clock_ms);
+  // `background` (memfitd): squeue, sacct and scancel run in a thread of the launcher's,
+  // never in the caller's (which holds memfitd's lock): a worker's exited() answers from
+  // the last squeue at once. Without it (unit tests) they run in the caller's thread.
+  SlurmLauncher(SlurmConfig cfg, CommandRunner run, std::function<int64_t()> clock_ms, bool background = false);
   ~SlurmLauncher() override;
   // Writes slurm.sh in the launch folder and submits it; throws naming sbatch's message.
   std::unique_ptr<Worker> start(const WorkerLaunch& l) override;
@@ -97,6 +101,7 @@ class SlurmLauncher : public WorkerLauncher {
 
  private:
   std::shared_ptr<Shared> shared_;
+  std::thread thread_;
 };
 
 }  // namespace memfit::daemon

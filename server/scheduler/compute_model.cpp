@@ -50,9 +50,38 @@ void ComputeModel::observe(const std::string& kind, double rate, int jobs_on_dev
   }
 }
 
+std::optional<std::pair<std::string, double>> SplitComputeKind(const std::string& kind) {
+  const size_t bar = kind.rfind('|');
+  if (bar == std::string::npos) return std::nullopt;
+  const std::string shape = kind.substr(bar + 1);
+  const size_t x = shape.find('x');
+  if (x == 0 || x == std::string::npos || x + 1 == shape.size()) return std::nullopt;
+  double dims[2] = {0, 0};
+  const std::string parts[2] = {shape.substr(0, x), shape.substr(x + 1)};
+  for (int i = 0; i < 2; ++i) {
+    if (parts[i].size() > 9 || parts[i].find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
+    dims[i] = std::stod(parts[i]);
+    if (dims[i] <= 0) return std::nullopt;
+  }
+  return std::make_pair(kind.substr(0, bar), dims[0] * dims[1]);
+}
+
 double ComputeModel::compute(const std::string& kind) const {
   const auto it = kinds_.find(kind);
-  return it == kinds_.end() ? 1.0 : it->second.compute();
+  if (it != kinds_.end() && it->second.slowdown() > 0) return it->second.compute();
+  const auto self = SplitComputeKind(kind);
+  if (!self) return 1.0;
+  double bound = 1.0;
+  // Family members sort together: from "<family>|" up to the first name past it.
+  const std::string prefix = self->first + "|";
+  for (auto k = kinds_.lower_bound(prefix); k != kinds_.end() && k->first.compare(0, prefix.size(), prefix) == 0; ++k) {
+    if (k->second.slowdown() <= 0) continue;
+    const auto other = SplitComputeKind(k->first);
+    if (!other || other->first != self->first) continue;  // a longer family name with this prefix
+    const double u = k->second.compute();
+    bound = std::min(bound, self->second <= other->second ? u : u * self->second / other->second);
+  }
+  return std::clamp(bound, kMinCompute, 1.0);
 }
 
 std::optional<ComputeModel::Stats> ComputeModel::stats(const std::string& kind) const {

@@ -12,14 +12,22 @@
 // The model: jobs on one device share its compute (processor sharing), so a job that uses
 // a fraction u of the device alone and shares it with n - 1 similar jobs runs at
 // min(1, 1 / (n u)) of its solo speed. The slowdown s = solo rate / shared rate then gives
-// u = s / n when s > 1, and u <= 1 / n when it does not slow down at all. A kind never seen
-// both alone and shared is taken to use a whole device (1), so that placement spreads it.
+// u = s / n when s > 1, and u <= 1 / n when it does not slow down at all.
+//
+// A kind not learned yet borrows from its family: kinds are named "<family>|<B>x<L>"
+// (micro-batch B of length L; memfitd's ComputeKindOf), and within a family the share is
+// taken to grow with the work per step W = B x L, but no faster than W (a step has a fixed
+// part: launches, the optimizer). A learned member with share u at work W then bounds the
+// new kind's share from above: u when W' <= W, u x W' / W when W' > W (at most 1). The
+// smallest bound over the family is used; a kind with no learned family member uses a
+// whole device (1), so that placement spreads it. Both fallbacks err towards less packing.
 #pragma once
 
 #include <cstdint>
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
 
 namespace memfit::sched {
 
@@ -44,7 +52,8 @@ class ComputeModel {
   // its device. Ignored: an empty kind, a rate that is not positive and finite, fewer than
   // one job.
   void observe(const std::string& kind, double rate, int jobs_on_device);
-  // QueuedJob::compute for a job of `kind`: 1 (a whole device) until learned.
+  // QueuedJob::compute for a job of `kind`: what was learned of it, else the bound from its
+  // family, else 1 (a whole device).
   double compute(const std::string& kind) const;
   std::optional<Stats> stats(const std::string& kind) const;
   const std::map<std::string, Stats>& kinds() const { return kinds_; }
@@ -53,5 +62,8 @@ class ComputeModel {
   std::map<std::string, Stats> kinds_;
   int64_t clock_ = 0;
 };
+
+// "<family>|<B>x<L>" -> {family, B x L}; nullopt for a kind not named so.
+std::optional<std::pair<std::string, double>> SplitComputeKind(const std::string& kind);
 
 }  // namespace memfit::sched

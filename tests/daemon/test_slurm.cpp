@@ -7,9 +7,18 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <future>
+#include <mutex>
 #include <sstream>
+#include <thread>
+
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
 
 #include "slurm.h"
 
@@ -361,6 +370,71 @@ TEST(Slurm, SbatchKilledAfterQueueingLeavesNoJobBehind) {
   EXPECT_THROW(L.start(l), std::runtime_error);
   // The controller queued it as 40: withdrawn, since memfitd fails (or retries) the attempt.
   EXPECT_EQ(slurm.calls.back(), (std::vector<std::string>{"scancel", "40"}));
+  fs::remove_all(dir);
+}
+
+// memfitd's mode: squeue, sacct and scancel run in the launcher's thread. A controller
+// that does not answer never holds up the caller (memfitd's loop, with its lock held):
+// exited(), status_change() and terminate() return while squeue hangs, and the answers
+// arrive once it comes back.
+TEST(Slurm, BackgroundModeNeverWaitsForAHungController) {
+  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  FakeSlurm slurm;
+  std::mutex m;  // the fake is called from two threads
+  absl::Notification in_squeue, release;
+  std::atomic<bool> hang{false};
+  std::atomic<int64_t> now{1000};
+  auto L = std::make_unique<SlurmLauncher>(
+      Cfg(),
+      [&](const std::vector<std::string>& a) {
+        if (hang && fs::path(a[0]).filename() == "squeue") {
+          if (!in_squeue.HasBeenNotified()) in_squeue.Notify();
+          release.WaitForNotification();
+        }
+        std::lock_guard<std::mutex> g(m);
+        return slurm(a);
+      },
+      [&] { return now.load(); }, /*background=*/true);
+  auto w = L->start(TinyLaunch(dir));  // sbatch in the caller's thread: id 40
+  EXPECT_EQ(w->pid(), 40);
+  hang = true;
+  // Each call runs on its own thread, so that a call that blocked fails the test (and is
+  // then let go) instead of hanging it.
+  auto returns = [&](std::function<void()> f) {
+    auto done = std::async(std::launch::async, std::move(f));
+    const bool ok = done.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+    if (!ok && !release.HasBeenNotified()) release.Notify();
+    return ok;
+  };
+  bool exited = true;
+  EXPECT_TRUE(returns([&] { exited = w->exited(); }));  // asks the thread for squeue
+  EXPECT_FALSE(exited);
+  ASSERT_TRUE(in_squeue.WaitForNotificationWithTimeout(absl::Seconds(20)));
+  // The thread is inside squeue now.
+  EXPECT_TRUE(returns([&] { exited = w->exited(); }));
+  EXPECT_FALSE(exited);
+  EXPECT_TRUE(returns([&] { EXPECT_EQ(w->status_change(), ""); }));  // nothing known yet
+  EXPECT_TRUE(returns([&] { w->terminate(); }));                       // queued for the thread
+  {
+    std::lock_guard<std::mutex> g(m);
+    slurm.states[40] = "CANCELLED";
+  }
+  release.Notify();
+  // The controller answers: the cancel reaches it and the job's end arrives.
+  bool ended = false;
+  for (int i = 0; i < 2000 && !ended; ++i) {
+    now += 1000;  // past poll_seconds each time
+    ended = w->exited();
+    if (!ended) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(ended);
+  EXPECT_EQ(w->exit_signal(), SIGTERM);
+  L.reset();  // stops and joins the thread
+  std::lock_guard<std::mutex> g(m);
+  int cancels = 0;
+  for (const auto& c : slurm.calls) cancels += c[0] == "scancel" && c.back() == "40";
+  EXPECT_EQ(cancels, 1);
   fs::remove_all(dir);
 }
 

@@ -285,6 +285,41 @@ TEST(ComputeModel, SlowdownAndComputeShareFromThroughput) {
   EXPECT_GT(m.stats("k")->solo_rate, 1990.0);
 }
 
+// A kind not learned yet borrows an upper bound from learned kinds of its family (the
+// same name up to the trailing |BxL): their share when it does no more work per step, their
+// share scaled by the work when it does more, the smallest bound over the family.
+TEST(ComputeModel, UnlearnedKindsAreBoundedByTheirFamily) {
+  memfit::sched::ComputeModel m;
+  auto learn = [&m](const std::string& kind, double u) {  // throughput of a job using u alone
+    for (int i = 0; i < 3; ++i) m.observe(kind, 100.0, 1);
+    for (int i = 0; i < 3; ++i) m.observe(kind, 100.0 / (20.0 * u), 20);  // 20 jobs: 20u x slower
+  };
+  learn("gpt2|lora|bf16|8x512", 0.4);
+  learn("gpt2|lora|bf16|2x1024", 0.3);
+  EXPECT_NEAR(m.compute("gpt2|lora|bf16|8x512"), 0.4, 1e-12);
+  // 4x256 = 1024 tokens: no more than either member's work, so the smaller share bounds it.
+  EXPECT_NEAR(m.compute("gpt2|lora|bf16|4x256"), 0.3, 1e-12);
+  // 8x1024 = 8192 tokens: 0.4 x 2 and 0.3 x 4, the smaller.
+  EXPECT_NEAR(m.compute("gpt2|lora|bf16|8x1024"), 0.8, 1e-12);
+  // 64x1024: beyond a whole device, capped at 1.
+  EXPECT_EQ(m.compute("gpt2|lora|bf16|64x1024"), 1.0);
+  // Other families, a prefix of a family name, and names without a shape learn nothing.
+  EXPECT_EQ(m.compute("gpt2|full|bf16|8x512"), 1.0);
+  EXPECT_EQ(m.compute("gpt2|lora|bf1|8x512"), 1.0);
+  EXPECT_EQ(m.compute("gpt2|lora|bf16|8x512|x"), 1.0);
+  EXPECT_EQ(m.compute("gpt2|lora|bf16"), 1.0);
+  learn("gpt2|lora|bf16|extra|64x1024", 0.1);  // another family whose name has this one's as prefix
+  learn("gpt2|lora|bf16x|64x1024", 0.1);        // a sibling name
+  EXPECT_NEAR(m.compute("gpt2|lora|bf16|4x256"), 0.3, 1e-12);
+  // A member seen but not yet learned (never shared) bounds nothing.
+  for (int i = 0; i < 3; ++i) m.observe("gpt2|lora|bf16|1x128", 100.0, 1);
+  EXPECT_NEAR(m.compute("gpt2|lora|bf16|1x128"), 0.3, 1e-12);
+  EXPECT_EQ(memfit::sched::SplitComputeKind("a|b|3x7"), std::make_optional(std::make_pair(std::string("a|b"), 21.0)));
+  for (const char* bad : {"a|3x", "a|x7", "a|3y7", "3x7", "a|-3x7", "a|0x7", "a|3x7x1", "a|1234567890x1"}) {
+    EXPECT_FALSE(memfit::sched::SplitComputeKind(bad)) << bad;
+  }
+}
+
 TEST(ComputeModel, BoundedKindsDropTheLeastRecentlySeen) {
   memfit::sched::ComputeModel m;
   const size_t cap = memfit::sched::ComputeModel::kMaxKinds;
