@@ -275,70 +275,91 @@ CommandResult RunCommand(const std::vector<std::string>& argv, int timeout_ms) {
 struct SlurmLauncher::Shared {
   SlurmConfig cfg;
   CommandRunner run;
-  std::function<int64_t()> clock;
+  std::function<int64_t()> clock;  // also called in callers' threads, with `mu` held
   bool background = false;
 
   absl::Mutex mu;
-  std::map<int64_t, SlurmJob> jobs ABSL_GUARDED_BY(mu);  // the last squeue
-  int64_t fetched_ms ABSL_GUARDED_BY(mu) = -1;
-  int64_t tried_ms ABSL_GUARDED_BY(mu) = -1;    // the last squeue run, answered or not
-  int64_t wanted_ms ABSL_GUARDED_BY(mu) = -1;   // a caller needs an answer newer than this
-  std::string last_error ABSL_GUARDED_BY(mu);
+  // squeue runs are numbered: `started` counts those begun, `answered` is the number of the
+  // run whose answer `jobs` holds (0: none). A worker made after run N began trusts only
+  // answers of runs after N: an earlier run may have asked before its job existed.
+  std::map<int64_t, SlurmJob> jobs ABSL_GUARDED_BY(mu);
+  int64_t started ABSL_GUARDED_BY(mu) = 0;
+  int64_t answered ABSL_GUARDED_BY(mu) = 0;
+  int64_t wanted ABSL_GUARDED_BY(mu) = 0;    // a caller needs the answer of run `wanted` or later
+  bool asked ABSL_GUARDED_BY(mu) = false;    // a worker asked since the last run began
+  int64_t tried_ms ABSL_GUARDED_BY(mu) = -1;  // when the last run began (paces runs)
   // Jobs squeue no longer lists that a worker asked about: what sacct said (nullopt: it
-  // did not know them), and those still to ask.
+  // did not know them), each taken by its worker once; and those still to ask.
   std::map<int64_t, std::optional<SlurmJob>> ended ABSL_GUARDED_BY(mu);
   std::set<int64_t> ask_sacct ABSL_GUARDED_BY(mu);
-  std::vector<std::vector<std::string>> cancels ABSL_GUARDED_BY(mu);  // scancel commands to run
+  std::map<int64_t, bool> cancels ABSL_GUARDED_BY(mu);  // Slurm id -> TERM to the batch step (else kill)
   bool stop ABSL_GUARDED_BY(mu) = false;
 
   std::string bin(const char* name) const { return cfg.bin_dir.empty() ? name : cfg.bin_dir + "/" + name; }
 
+  // A run is due when a caller needs a newer answer than any run begun, or, while workers
+  // keep asking, every poll_seconds (also while squeue fails: a controller that is down is
+  // asked once per interval, not once per worker per tick). A clock that stepped back
+  // makes one run due at once rather than none until it catches up. No worker asking: no
+  // runs at all.
   bool squeue_due(int64_t now) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    // Also after a failed squeue: a controller that is down is asked again only after
-    // poll_seconds, not once per worker per tick.
-    return tried_ms < 0 || tried_ms < wanted_ms || now - tried_ms >= static_cast<int64_t>(cfg.poll_seconds * 1000);
+    if (started < wanted) return true;
+    return asked && (tried_ms < 0 || now < tried_ms || now - tried_ms >= static_cast<int64_t>(cfg.poll_seconds * 1000));
   }
 
-  // squeue now, outside `mu`; the answer replaces the last one (a failure keeps it: a job is
-  // never declared gone because squeue failed).
-  void squeue() ABSL_LOCKS_EXCLUDED(mu) {
-    const int64_t now = clock();
+  // One squeue run, outside `mu`; its answer replaces an older one (a failure keeps the
+  // last: a job is never declared gone because squeue failed). Returns its number.
+  int64_t squeue() ABSL_LOCKS_EXCLUDED(mu) {
+    int64_t seq = 0;
     {
       absl::MutexLock l(&mu);
-      tried_ms = now;
+      seq = ++started;
+      tried_ms = clock();
+      asked = false;
     }
     // 22.05 ignores -j and -u with --json (docs/SLURM.md): every job comes back; filtered here.
     const CommandResult r = run({bin("squeue"), "--json", "--states=all"});
+    if (r.status != 0) return seq;
     std::map<int64_t, SlurmJob> got;
-    std::string error;
-    if (r.status != 0) {
-      error = "squeue: " + (r.err.empty() ? "exit " + std::to_string(r.status) : r.err);
-    } else {
-      try {
-        got = ParseSqueueJson(r.out);
-      } catch (const std::exception& e) {
-        error = e.what();
-      }
+    try {
+      got = ParseSqueueJson(r.out);
+    } catch (const std::exception&) {
+      return seq;
     }
     absl::MutexLock l(&mu);
-    last_error = error;
-    if (error.empty()) {
+    if (seq > answered) {  // adopt() may run one beside the thread's
       jobs = std::move(got);
-      fetched_ms = now;
+      answered = seq;
     }
+    return seq;
+  }
+
+  // Adoption happens at memfitd's start, in its thread: the first squeue that answers
+  // serves every job adopted then (one run, not one per job). Returns its number.
+  int64_t answer_for_adoption() ABSL_LOCKS_EXCLUDED(mu) {
+    {
+      absl::MutexLock l(&mu);
+      if (answered > 0) return answered;
+    }
+    return squeue();
+  }
+
+  int64_t runs_started() ABSL_LOCKS_EXCLUDED(mu) {
+    absl::MutexLock l(&mu);
+    return started;
   }
 
   // One round of what callers asked for: the scancels, a squeue when due, sacct for the
   // jobs squeue stopped listing. Commands run outside `mu`.
   void pump() ABSL_LOCKS_EXCLUDED(mu) {
-    std::vector<std::vector<std::string>> todo;
+    std::map<int64_t, bool> todo;
     bool due = false;
     {
       absl::MutexLock l(&mu);
       todo.swap(cancels);
       due = squeue_due(clock());
     }
-    for (const auto& a : todo) run(a);
+    for (const auto& [id, term] : todo) run(scancel_argv(id, term));
     if (due) squeue();
     std::set<int64_t> ask;
     {
@@ -353,40 +374,49 @@ struct SlurmLauncher::Shared {
     }
   }
 
-  // Callers (under memfitd's lock): in background mode, wake the thread and return.
+  // Callers (under memfitd's lock): inline, the round runs now; in background mode the
+  // thread sees the work when the caller releases `mu`.
   void request() ABSL_LOCKS_EXCLUDED(mu) {
-    if (!background) pump();  // else the thread sees the work when the caller releases `mu`
+    if (!background) pump();
   }
 
-  // What a worker of Slurm job `id`, submitted or adopted at `since_ms`, knows now: its
-  // state (nullopt: not known yet), after asking for a newer squeue when the last is older
-  // than `since_ms` or poll_seconds, and for sacct when squeue stopped listing it. `gone`:
-  // neither squeue nor sacct knows it any more.
-  std::optional<SlurmJob> state_of(int64_t id, int64_t since_ms, bool* gone) ABSL_LOCKS_EXCLUDED(mu) {
+  // sacct's answer for `id` if there is one, taken (a worker asks until it has it, then
+  // never again; a Slurm id given out again later starts clean).
+  std::optional<std::optional<SlurmJob>> take_ended(int64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    const auto e = ended.find(id);
+    if (e == ended.end()) return std::nullopt;
+    std::optional<SlurmJob> j = std::move(e->second);
+    ended.erase(e);
+    return j;
+  }
+
+  // What the worker of Slurm job `id`, made after squeue run `since` began, knows now: its
+  // state (nullopt: not known yet), after asking for a newer squeue when needed, and for
+  // sacct when squeue stopped listing it. `gone`: neither squeue nor sacct knows it.
+  std::optional<SlurmJob> state_of(int64_t id, int64_t since, bool* gone) ABSL_LOCKS_EXCLUDED(mu) {
     *gone = false;
     {
       absl::MutexLock l(&mu);
-      wanted_ms = std::max(wanted_ms, since_ms);
+      wanted = std::max(wanted, since + 1);
+      asked = true;
     }
     request();
-    {
-      absl::MutexLock l(&mu);
-      const auto it = jobs.find(id);
-      if (it != jobs.end()) return it->second;
-      if (fetched_ms < since_ms) return std::nullopt;  // no answer from squeue since it was submitted
-      const auto e = ended.find(id);
-      if (e != ended.end()) {
-        if (!e->second) *gone = true;
-        return e->second;
+    for (int round = 0; round < 2; ++round) {
+      {
+        absl::MutexLock l(&mu);
+        const auto it = jobs.find(id);
+        if (it != jobs.end()) return it->second;
+        if (answered <= since) return std::nullopt;  // no answer from a run begun after the job was
+        if (auto e = take_ended(id)) {
+          if (!*e) *gone = true;
+          return *e;
+        }
+        if (round == 1) return std::nullopt;  // the thread has not asked sacct yet
+        ask_sacct.insert(id);
       }
-      ask_sacct.insert(id);
+      request();
     }
-    request();
-    absl::MutexLock l(&mu);
-    const auto e = ended.find(id);
-    if (e == ended.end()) return std::nullopt;  // the thread has not asked sacct yet
-    if (!e->second) *gone = true;
-    return e->second;
+    return std::nullopt;
   }
 
   std::optional<SlurmJob> cached(int64_t id) ABSL_LOCKS_EXCLUDED(mu) {
@@ -400,7 +430,7 @@ struct SlurmLauncher::Shared {
     return stop || !cancels.empty() || !ask_sacct.empty() || squeue_due(clock());
   }
 
-  // The thread: a round whenever there is work, else every poll_seconds.
+  // The thread: a round whenever there is work.
   void loop() ABSL_LOCKS_EXCLUDED(mu) {
     for (;;) {
       {
@@ -413,13 +443,13 @@ struct SlurmLauncher::Shared {
       }
       pump();
     }
-    // memfitd is stopping: the cancels asked for are still sent.
-    std::vector<std::vector<std::string>> todo;
+    // memfitd is stopping: the cancels asked for are still sent, once each.
+    std::map<int64_t, bool> todo;
     {
       absl::MutexLock l(&mu);
       todo.swap(cancels);
     }
-    for (const auto& a : todo) run(a);
+    for (const auto& [id, term] : todo) run(scancel_argv(id, term));
   }
 
   // A job that squeue no longer lists (MinJobAge passed, or the controller lost it): the
@@ -465,12 +495,16 @@ struct SlurmLauncher::Shared {
     a.push_back(std::to_string(id));
     return a;
   }
+  // Inline: now. Background: queued for the thread, one per job, a kill winning over TERM
+  // (memfitd repeats kill() every tick while it waits for a job to end).
   void scancel(int64_t id, bool term) ABSL_LOCKS_EXCLUDED(mu) {
-    {
-      absl::MutexLock l(&mu);
-      cancels.push_back(scancel_argv(id, term));
+    if (!background) {
+      run(scancel_argv(id, term));
+      return;
     }
-    request();
+    absl::MutexLock l(&mu);
+    const auto [it, fresh] = cancels.emplace(id, term);
+    if (!fresh) it->second = it->second && term;
   }
 };
 
@@ -478,9 +512,11 @@ namespace {
 
 class SlurmWorker : public Worker {
  public:
-  SlurmWorker(std::shared_ptr<SlurmLauncher::Shared> s, int64_t id, std::string out, int64_t offset, int64_t since_ms,
+  // `since`: the number of the last squeue run begun before the job existed (submitted) or
+  // of the run that listed it (adopted); only later runs tell whether it is still there.
+  SlurmWorker(std::shared_ptr<SlurmLauncher::Shared> s, int64_t id, std::string out, int64_t offset, int64_t since,
               bool gone)
-      : s_(std::move(s)), id_(id), tail_(std::move(out), offset), since_ms_(since_ms), gone_(gone) {}
+      : s_(std::move(s)), id_(id), tail_(std::move(out), offset), since_(since), gone_(gone) {}
   int64_t pid() const override { return id_; }
   const std::string& out_path() const override { return tail_.path(); }
   int64_t offset() const override { return tail_.offset(); }
@@ -488,7 +524,7 @@ class SlurmWorker : public Worker {
   bool exited() override {
     if (gone_) return true;
     bool gone = false;
-    const std::optional<SlurmJob> j = s_->state_of(id_, since_ms_, &gone);
+    const std::optional<SlurmJob> j = s_->state_of(id_, since_, &gone);
     if (gone) {
       gone_ = true;  // neither squeue nor sacct knows it: ended, how unknown
       return true;
@@ -538,7 +574,7 @@ class SlurmWorker : public Worker {
   std::shared_ptr<SlurmLauncher::Shared> s_;
   int64_t id_;
   LineTail tail_;
-  int64_t since_ms_;
+  int64_t since_;
   bool gone_;
   int exit_code_ = -1;
   int signal_ = 0;
@@ -597,7 +633,6 @@ std::unique_ptr<Worker> SlurmLauncher::start(const WorkerLaunch& l) {
     if (std::strcmp(name, "/worker.out") == 0 && ::fstat(fd, &st) == 0) out_size = st.st_size;
     ::close(fd);
   }
-  const int64_t submitted = shared_->clock();
   std::vector<std::string> argv = {shared_->bin("sbatch")};
   for (auto& a : SbatchArgs(l, c, script)) argv.push_back(std::move(a));
   const CommandResult r = shared_->run(argv);
@@ -628,12 +663,13 @@ std::unique_ptr<Worker> SlurmLauncher::start(const WorkerLaunch& l) {
     throw std::runtime_error("sbatch (partition " + c.partition + ", shard:" + std::to_string(shards) + ") failed: " +
                              (why.empty() ? "exit " + std::to_string(r.status) : why));
   }
-  return std::make_unique<SlurmWorker>(shared_, id, l.dir + "/worker.out", out_size, submitted, false);
+  // Taken after sbatch answered: a squeue run begun earlier may not list the job yet.
+  return std::make_unique<SlurmWorker>(shared_, id, l.dir + "/worker.out", out_size, shared_->runs_started(), false);
 }
 
 std::unique_ptr<Worker> SlurmLauncher::adopt(int64_t pid, const std::string& out_path, int64_t offset) {
   if (pid <= 0) return nullptr;
-  shared_->squeue();  // at memfitd's start, in its thread: adoption needs today's answer
+  const int64_t run = shared_->answer_for_adoption();
   const auto job = shared_->cached(pid);
   if (!job || SlurmStateFinal(job->state)) return nullptr;
   // Slurm ids are not reused while a job is listed, but the job must still be this one:
@@ -643,7 +679,7 @@ std::unique_ptr<Worker> SlurmLauncher::adopt(int64_t pid, const std::string& out
   const std::string folder = out_path.substr(0, out_path.find_last_of('/') == std::string::npos ? 0 : out_path.find_last_of('/'));
   const std::string job_id = folder.substr(folder.find_last_of('/') == std::string::npos ? 0 : folder.find_last_of('/') + 1);
   if (job_id.empty() || job->name != "memfit-" + job_id) return nullptr;
-  return std::make_unique<SlurmWorker>(shared_, pid, out_path, offset, shared_->clock(), false);
+  return std::make_unique<SlurmWorker>(shared_, pid, out_path, offset, run, false);
 }
 
 std::map<std::string, std::string> SlurmLauncher::withdraw(const std::set<std::string>& job_ids) {

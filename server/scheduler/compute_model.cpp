@@ -50,7 +50,7 @@ void ComputeModel::observe(const std::string& kind, double rate, int jobs_on_dev
   }
 }
 
-std::optional<std::pair<std::string, double>> SplitComputeKind(const std::string& kind) {
+std::optional<KindShape> SplitComputeKind(const std::string& kind) {
   const size_t bar = kind.rfind('|');
   if (bar == std::string::npos) return std::nullopt;
   const std::string shape = kind.substr(bar + 1);
@@ -63,7 +63,7 @@ std::optional<std::pair<std::string, double>> SplitComputeKind(const std::string
     dims[i] = std::stod(parts[i]);
     if (dims[i] <= 0) return std::nullopt;
   }
-  return std::make_pair(kind.substr(0, bar), dims[0] * dims[1]);
+  return KindShape{kind.substr(0, bar), dims[0], dims[1]};
 }
 
 double ComputeModel::compute(const std::string& kind) const {
@@ -71,15 +71,23 @@ double ComputeModel::compute(const std::string& kind) const {
   if (it != kinds_.end() && it->second.slowdown() > 0) return it->second.compute();
   const auto self = SplitComputeKind(kind);
   if (!self) return 1.0;
-  double bound = 1.0;
-  // Family members sort together: from "<family>|" up to the first name past it.
-  const std::string prefix = self->first + "|";
+  double best_distance = 0, bound = 1.0;
+  bool found = false;
+  // Family members sort together, from "<family>|" on.
+  const std::string prefix = self->family + "|";
   for (auto k = kinds_.lower_bound(prefix); k != kinds_.end() && k->first.compare(0, prefix.size(), prefix) == 0; ++k) {
     if (k->second.slowdown() <= 0) continue;
     const auto other = SplitComputeKind(k->first);
-    if (!other || other->first != self->first) continue;  // a longer family name with this prefix
-    const double u = k->second.compute();
-    bound = std::min(bound, self->second <= other->second ? u : u * self->second / other->second);
+    if (!other || other->family != self->family) continue;  // a longer family name with this prefix
+    const double b = self->batch / other->batch, l = self->length / other->length;
+    const double r = b * l * std::max(1.0, l);  // at most this many times the work
+    const double u = k->second.compute() * std::max(1.0, r);
+    const double distance = std::abs(std::log(b)) + std::abs(std::log(l));
+    if (!found || distance < best_distance - 1e-12 || (distance <= best_distance + 1e-12 && u > bound)) {
+      best_distance = distance;
+      bound = u;
+      found = true;
+    }
   }
   return std::clamp(bound, kMinCompute, 1.0);
 }

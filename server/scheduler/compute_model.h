@@ -15,19 +15,21 @@
 // u = s / n when s > 1, and u <= 1 / n when it does not slow down at all.
 //
 // A kind not learned yet borrows from its family: kinds are named "<family>|<B>x<L>"
-// (micro-batch B of length L; memfitd's ComputeKindOf), and within a family the share is
-// taken to grow with the work per step W = B x L, but no faster than W (a step has a fixed
-// part: launches, the optimizer). A learned member with share u at work W then bounds the
-// new kind's share from above: u when W' <= W, u x W' / W when W' > W (at most 1). The
-// smallest bound over the family is used; a kind with no learned family member uses a
-// whole device (1), so that placement spreads it. Both fallbacks err towards less packing.
+// (micro-batch B of length L; memfitd's ComputeKindOf). A step's work has a part linear
+// in B x L (the projections, the MLP) and one in B x L^2 (attention), plus a fixed part
+// (launches, the optimizer), so a kind with B' x L' does at most r = (B' L' / B L) x
+// max(1, L' / L) times the work of one with B x L, and its share is taken to grow no faster
+// than its work: a learned member with share u bounds the new kind's by u x max(1, r) (at
+// most 1). The bound comes from the member nearest in shape (|log B'/B| + |log L'/L|; ties:
+// the larger bound), not the smallest over the family, since each learned share is a
+// noisy mean. A kind with no learned family member uses a whole device (1), so that
+// placement spreads it. Both fallbacks err towards less packing.
 #pragma once
 
 #include <cstdint>
 #include <map>
 #include <optional>
 #include <string>
-#include <utility>
 
 namespace memfit::sched {
 
@@ -63,7 +65,11 @@ class ComputeModel {
   int64_t clock_ = 0;
 };
 
-// "<family>|<B>x<L>" -> {family, B x L}; nullopt for a kind not named so.
-std::optional<std::pair<std::string, double>> SplitComputeKind(const std::string& kind);
+struct KindShape {
+  std::string family;
+  double batch = 0, length = 0;
+};
+// "<family>|<B>x<L>" -> {family, B, L}; nullopt for a kind not named so.
+std::optional<KindShape> SplitComputeKind(const std::string& kind);
 
 }  // namespace memfit::sched

@@ -410,7 +410,10 @@ TEST(Slurm, BackgroundModeNeverWaitsForAHungController) {
   bool exited = true;
   EXPECT_TRUE(returns([&] { exited = w->exited(); }));  // asks the thread for squeue
   EXPECT_FALSE(exited);
-  ASSERT_TRUE(in_squeue.WaitForNotificationWithTimeout(absl::Seconds(20)));
+  if (!in_squeue.WaitForNotificationWithTimeout(absl::Seconds(20))) {
+    release.Notify();  // so that the launcher's thread can be joined
+    FAIL() << "the launcher's thread never ran squeue";
+  }
   // The thread is inside squeue now.
   EXPECT_TRUE(returns([&] { exited = w->exited(); }));
   EXPECT_FALSE(exited);
@@ -435,6 +438,100 @@ TEST(Slurm, BackgroundModeNeverWaitsForAHungController) {
   int cancels = 0;
   for (const auto& c : slurm.calls) cancels += c[0] == "scancel" && c.back() == "40";
   EXPECT_EQ(cancels, 1);
+  fs::remove_all(dir);
+}
+
+// A squeue begun while sbatch was still submitting does not list the new job: the job must
+// not be taken for one that ended (sacct, which knows finished jobs only, would not know it
+// either, and the attempt would count as lost while it runs on Slurm).
+TEST(Slurm, BackgroundSqueueBegunBeforeTheSubmissionNeverEndsIt) {
+  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  FakeSlurm slurm;
+  std::mutex m;
+  std::atomic<int> squeues{0};
+  std::atomic<int64_t> now{1000};
+  std::function<void()> during_sbatch;
+  auto L = std::make_unique<SlurmLauncher>(
+      Cfg(),
+      [&](const std::vector<std::string>& a) {
+        const std::string cmd = fs::path(a[0]).filename();
+        if (cmd == "sbatch" && during_sbatch) during_sbatch();
+        std::lock_guard<std::mutex> g(m);
+        if (cmd == "squeue") ++squeues;
+        return slurm(a);
+      },
+      [&] { return now.load(); }, /*background=*/true);
+  auto w0 = L->start(TinyLaunch(dir));  // Slurm job 40
+  auto wait_for = [](const std::function<bool()>& f) {  // f true within 20 s (f asked once per try)
+    for (int i = 0; i < 2000; ++i) {
+      if (f()) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  };
+  ASSERT_TRUE(wait_for([&] { return !w0->exited() && squeues > 0; }));
+  // While job 41's sbatch runs, the thread answers w0's next question with a squeue that
+  // cannot list 41 yet.
+  during_sbatch = [&] {
+    const int before = squeues;
+    now += 1000;
+    w0->exited();
+    wait_for([&] { return squeues > before; });
+  };
+  auto w1 = L->start(TinyLaunch(dir));
+  during_sbatch = nullptr;
+  EXPECT_EQ(w1->pid(), 41);
+  for (int i = 0; i < 5; ++i) EXPECT_FALSE(w1->exited());
+  // The next squeue lists it, and its end is seen.
+  ASSERT_TRUE(wait_for([&] { return w1->status_change() == "Slurm job 41 is waiting"; }));
+  {
+    std::lock_guard<std::mutex> g(m);
+    slurm.states[41] = "FAILED";
+  }
+  ASSERT_TRUE(wait_for([&] {
+    now += 1000;
+    return w1->exited();
+  }));
+  EXPECT_EQ(w1->exit_code(), 3);
+  L.reset();
+  std::lock_guard<std::mutex> g(m);
+  for (const auto& c : slurm.calls) EXPECT_NE(c[0], "sacct");  // never looked for as ended
+  fs::remove_all(dir);
+}
+
+// memfitd repeats kill() every tick while it waits for a job to end: with a slow
+// controller the queued cancels stay one per job, not one per call.
+TEST(Slurm, BackgroundCancelsAreOnePerJob) {
+  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  FakeSlurm slurm;
+  std::mutex m;
+  absl::Notification release;
+  std::atomic<bool> hold{false};
+  auto L = std::make_unique<SlurmLauncher>(
+      Cfg(),
+      [&](const std::vector<std::string>& a) {
+        if (hold && fs::path(a[0]).filename() == "scancel") release.WaitForNotification();
+        std::lock_guard<std::mutex> g(m);
+        return slurm(a);
+      },
+      [] { return int64_t{1000}; }, /*background=*/true);
+  auto w = L->start(TinyLaunch(dir));
+  hold = true;
+  w->terminate();
+  for (int i = 0; i < 1000; ++i) w->kill();
+  release.Notify();
+  L.reset();  // sends what is queued, then stops
+  std::lock_guard<std::mutex> g(m);
+  std::vector<std::vector<std::string>> cancels;
+  for (const auto& c : slurm.calls) {
+    if (c[0] == "scancel") cancels.push_back(c);
+  }
+  // The TERM may have gone out before the kills were queued; then one kill follows it.
+  ASSERT_GE(cancels.size(), 1u);
+  ASSERT_LE(cancels.size(), 2u);
+  EXPECT_EQ(cancels.back(), (std::vector<std::string>{"scancel", "40"}));
   fs::remove_all(dir);
 }
 

@@ -285,10 +285,10 @@ TEST(ComputeModel, SlowdownAndComputeShareFromThroughput) {
   EXPECT_GT(m.stats("k")->solo_rate, 1990.0);
 }
 
-// A kind not learned yet borrows an upper bound from learned kinds of its family (the
-// same name up to the trailing |BxL): their share when it does no more work per step, their
-// share scaled by the work when it does more, the smallest bound over the family.
-TEST(ComputeModel, UnlearnedKindsAreBoundedByTheirFamily) {
+// A kind not learned yet borrows an upper bound from the learned kind of its family (same
+// name up to the trailing |BxL) nearest in shape: that kind's share scaled by how many
+// times its work per step the new shape can do at most (B L linear, B L^2 attention).
+TEST(ComputeModel, UnlearnedKindsAreBoundedByTheirNearestRelative) {
   memfit::sched::ComputeModel m;
   auto learn = [&m](const std::string& kind, double u) {  // throughput of a job using u alone
     for (int i = 0; i < 3; ++i) m.observe(kind, 100.0, 1);
@@ -297,25 +297,40 @@ TEST(ComputeModel, UnlearnedKindsAreBoundedByTheirFamily) {
   learn("gpt2|lora|bf16|8x512", 0.4);
   learn("gpt2|lora|bf16|2x1024", 0.3);
   EXPECT_NEAR(m.compute("gpt2|lora|bf16|8x512"), 0.4, 1e-12);
-  // 4x256 = 1024 tokens: no more than either member's work, so the smaller share bounds it.
-  EXPECT_NEAR(m.compute("gpt2|lora|bf16|4x256"), 0.3, 1e-12);
-  // 8x1024 = 8192 tokens: 0.4 x 2 and 0.3 x 4, the smaller.
-  EXPECT_NEAR(m.compute("gpt2|lora|bf16|8x1024"), 0.8, 1e-12);
-  // 64x1024: beyond a whole device, capped at 1.
-  EXPECT_EQ(m.compute("gpt2|lora|bf16|64x1024"), 1.0);
-  // Other families, a prefix of a family name, and names without a shape learn nothing.
+  // Less work than its nearest relative (8x512): that relative's share.
+  EXPECT_NEAR(m.compute("gpt2|lora|bf16|4x256"), 0.4, 1e-12);
+  // Nearest is 2x1024: 1.5 x its work.
+  EXPECT_NEAR(m.compute("gpt2|lora|bf16|3x1024"), 0.45, 1e-12);
+  // Twice the batch of 8x512: twice its share.
+  EXPECT_NEAR(m.compute("gpt2|lora|bf16|16x512"), 0.8, 1e-12);
+  // Twice the length: up to four times the attention work, so 1.6, capped at one device
+  // (a bound linear in tokens alone would have said 0.8).
+  EXPECT_EQ(m.compute("gpt2|lora|bf16|8x1024"), 1.0);
+  // As many tokens as 8x512 in one long sequence: up to eight times the attention work.
+  EXPECT_EQ(m.compute("gpt2|lora|bf16|1x4096"), 1.0);
+  // Other families, a name that only starts like this family's, and names without a shape
+  // borrow nothing.
   EXPECT_EQ(m.compute("gpt2|full|bf16|8x512"), 1.0);
   EXPECT_EQ(m.compute("gpt2|lora|bf1|8x512"), 1.0);
   EXPECT_EQ(m.compute("gpt2|lora|bf16|8x512|x"), 1.0);
   EXPECT_EQ(m.compute("gpt2|lora|bf16"), 1.0);
-  learn("gpt2|lora|bf16|extra|64x1024", 0.1);  // another family whose name has this one's as prefix
-  learn("gpt2|lora|bf16x|64x1024", 0.1);        // a sibling name
-  EXPECT_NEAR(m.compute("gpt2|lora|bf16|4x256"), 0.3, 1e-12);
-  // A member seen but not yet learned (never shared) bounds nothing.
+  learn("gpt2|lora|bf16|extra|4x256", 0.05);  // another family whose name has this one's as prefix
+  learn("gpt2|lora|bf16x|4x256", 0.05);        // a sibling name
+  EXPECT_NEAR(m.compute("gpt2|lora|bf16|4x256"), 0.4, 1e-12);
+  // A member seen but not yet learned (never shared) bounds nothing: 1x128's nearest
+  // learned relative is 2x1024.
   for (int i = 0; i < 3; ++i) m.observe("gpt2|lora|bf16|1x128", 100.0, 1);
   EXPECT_NEAR(m.compute("gpt2|lora|bf16|1x128"), 0.3, 1e-12);
-  EXPECT_EQ(memfit::sched::SplitComputeKind("a|b|3x7"), std::make_optional(std::make_pair(std::string("a|b"), 21.0)));
-  for (const char* bad : {"a|3x", "a|x7", "a|3y7", "3x7", "a|-3x7", "a|0x7", "a|3x7x1", "a|1234567890x1"}) {
+  // Equally near relatives: the larger bound (0.2 x 2 against 0.5).
+  learn("vit|full|fp32|1x197", 0.2);
+  learn("vit|full|fp32|4x197", 0.5);
+  EXPECT_NEAR(m.compute("vit|full|fp32|2x197"), 0.5, 1e-12);
+  const auto shape = memfit::sched::SplitComputeKind("a|b|3x7");
+  ASSERT_TRUE(shape);
+  EXPECT_EQ(shape->family, "a|b");
+  EXPECT_EQ(shape->batch, 3.0);
+  EXPECT_EQ(shape->length, 7.0);
+  for (const char* bad : {"a|3x", "a|x7", "a|3y7", "3x7", "a|-3x7", "a|0x7", "a|3x7x1", "a|1234567890x1", "a|3x7 "}) {
     EXPECT_FALSE(memfit::sched::SplitComputeKind(bad)) << bad;
   }
 }
