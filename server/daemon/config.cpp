@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <set>
 
 #include "estimator.h"
 
@@ -38,9 +39,28 @@ double number(const std::string& text, const std::string& what, double lo, doubl
   return v;
 }
 
+// "line L" of a node, for messages about nodes that have no name of their own.
+std::string line_of(const YAML::Node& n) {
+  const YAML::Mark m = n.Mark();
+  return m.line >= 0 ? "line " + std::to_string(m.line + 1) : "a line";
+}
+
 std::string scalar(const YAML::Node& n, const std::string& key) {
-  if (!n.IsScalar()) throw ConfigError(key + ": expected a value");
+  if (!n.IsScalar()) {
+    throw ConfigError(key + ": expected a value, got " +
+                      (n.IsMap() ? "a mapping" : n.IsSequence() ? "a list" : "nothing") + " (" + line_of(n) + ")");
+  }
   return n.as<std::string>();
+}
+
+// A setting's name: a plain word, never a list or a mapping (YAML allows both as keys).
+std::string key_of(const YAML::Node& k, const std::string& where) {
+  if (!k.IsScalar()) throw ConfigError(where + ": a setting's name must be a word, not a list or mapping (" + line_of(k) + ")");
+  return k.as<std::string>();
+}
+
+void need_map(const YAML::Node& v, const std::string& key, const std::string& expected) {
+  if (!v.IsMap()) throw ConfigError(key + ": expected a mapping (" + expected + ")");
 }
 
 // A count: a whole decimal number in [lo, hi].
@@ -61,6 +81,24 @@ std::string placement_of(const std::string& v, const std::string& key) {
   throw ConfigError(key + ": expected spread or best_fit, got '" + v + "'");
 }
 
+// YAML lets a mapping name a key twice and keeps one silently: refused, naming it.
+void no_repeats(const YAML::Node& n, const std::string& where) {
+  if (n.IsSequence()) {
+    for (size_t i = 0; i < n.size(); ++i) no_repeats(n[i], where + "[" + std::to_string(i) + "]");
+  } else if (n.IsMap()) {
+    std::set<std::string> seen;
+    const std::string dot = where.empty() || where.back() == ' ' ? "" : ".";
+    for (const auto& kv : n) {
+      if (!kv.first.IsScalar()) continue;  // refused by key_of where it is read
+      const std::string k = kv.first.as<std::string>();
+      if (!seen.insert(k).second) throw ConfigError(where + dot + k + ": given twice (" + line_of(kv.first) + ")");
+      no_repeats(kv.second, where + dot + k);
+    }
+  }
+}
+
+void apply_settings(Config& c, const YAML::Node& root, const std::string& p);
+
 void apply_yaml(Config& c, const std::string& path) {
   YAML::Node root;
   try {
@@ -70,8 +108,19 @@ void apply_yaml(Config& c, const std::string& path) {
   }
   if (!root.IsMap()) throw ConfigError(path + ": expected a mapping of settings");
   const std::string p = path + ": ";
+  // Everything below names the setting it rejects; a yaml-cpp error that still gets
+  // through is reported with the file's name rather than escaping as another exception.
+  try {
+    apply_settings(c, root, p);
+  } catch (const YAML::Exception& e) {
+    throw ConfigError(path + ": " + e.what());
+  }
+}
+
+void apply_settings(Config& c, const YAML::Node& root, const std::string& p) {
+  no_repeats(root, p);
   for (const auto& kv : root) {
-    const std::string k = kv.first.as<std::string>();
+    const std::string k = key_of(kv.first, p + "(top level)");
     const YAML::Node& v = kv.second;
     if (k == "listen") c.listen = scalar(v, p + k);
     else if (k == "metrics_listen") c.metrics_listen = v.IsNull() ? "" : scalar(v, p + k);
@@ -86,6 +135,11 @@ void apply_yaml(Config& c, const std::string& path) {
       if (!v.IsSequence()) throw ConfigError(p + "devices: expected a list");
       for (size_t i = 0; i < v.size(); ++i) {
         const std::string f = p + "devices[" + std::to_string(i) + "]";
+        need_map(v[i], f, "name, memory");
+        for (const auto& dk : v[i]) {
+          const std::string n = key_of(dk.first, f);
+          if (n != "name" && n != "memory") throw ConfigError(f + "." + n + ": unknown setting");
+        }
         if (!v[i]["name"] || !v[i]["memory"]) throw ConfigError(f + ": needs name and memory");
         DeviceConfig d{scalar(v[i]["name"], f + ".name"), size_of(scalar(v[i]["memory"], f + ".memory"), f + ".memory")};
         if (d.name.rfind("cpu:", 0) != 0 && d.name.rfind("cuda:", 0) != 0) {
@@ -94,8 +148,13 @@ void apply_yaml(Config& c, const std::string& path) {
         c.devices.push_back(d);
       }
     } else if (k == "tls") {
-      if (v["cert"]) c.tls_cert = scalar(v["cert"], p + "tls.cert");
-      if (v["key"]) c.tls_key = scalar(v["key"], p + "tls.key");
+      need_map(v, p + "tls", "cert, key");
+      for (const auto& t : v) {
+        const std::string tk = key_of(t.first, p + "tls");
+        if (tk == "cert") c.tls_cert = scalar(t.second, p + "tls.cert");
+        else if (tk == "key") c.tls_key = scalar(t.second, p + "tls.key");
+        else throw ConfigError(p + "tls." + tk + ": unknown setting");
+      }
     } else if (k == "allowed_roots") {
       if (!v.IsSequence()) throw ConfigError(p + "allowed_roots: expected a list of folders");
       for (const auto& r : v) {
@@ -105,7 +164,7 @@ void apply_yaml(Config& c, const std::string& path) {
     } else if (k == "paths") {
       if (!v.IsMap()) throw ConfigError(p + "paths: expected read_roots and write_roots");
       for (const auto& l : v) {
-        const std::string lk = l.first.as<std::string>(), f = p + "paths." + lk;
+        const std::string lk = key_of(l.first, p + "paths"), f = p + "paths." + lk;
         if (lk != "read_roots" && lk != "write_roots") throw ConfigError(f + ": unknown setting");
         if (!l.second.IsSequence()) throw ConfigError(f + ": expected a list of folders");
         for (const auto& r : l.second) (lk == "read_roots" ? c.read_roots : c.write_roots).push_back(scalar(r, f));
@@ -113,7 +172,7 @@ void apply_yaml(Config& c, const std::string& path) {
     } else if (k == "limits") {
       if (!v.IsMap()) throw ConfigError(p + "limits: expected a mapping (max_queued_per_user, ...)");
       for (const auto& l : v) {
-        const std::string lk = l.first.as<std::string>(), f = p + "limits." + lk;
+        const std::string lk = key_of(l.first, p + "limits"), f = p + "limits." + lk;
         if (lk == "max_queued_per_user") c.max_queued_per_user = static_cast<int64_t>(number(scalar(l.second, f), f, 1, 1e9));
         else if (lk == "max_message_bytes") c.max_message_bytes = size_of(scalar(l.second, f), f);
         else if (lk == "max_input_bytes") c.max_input_bytes = size_of(scalar(l.second, f), f);
@@ -125,7 +184,7 @@ void apply_yaml(Config& c, const std::string& path) {
     } else if (k == "workers") {
       if (!v.IsMap()) throw ConfigError(p + "workers: expected user, memory_allowance, cgroup");
       for (const auto& l : v) {
-        const std::string lk = l.first.as<std::string>(), f = p + "workers." + lk;
+        const std::string lk = key_of(l.first, p + "workers"), f = p + "workers." + lk;
         if (lk == "user") c.worker_user = scalar(l.second, f);
         else if (lk == "memory_allowance") c.worker_memory_allowance = size_of(scalar(l.second, f), f);
         else if (lk == "cgroup") c.worker_cgroup = scalar(l.second, f);
@@ -134,7 +193,7 @@ void apply_yaml(Config& c, const std::string& path) {
     } else if (k == "scheduling") {
       if (!v.IsMap()) throw ConfigError(p + "scheduling: expected a mapping (margin, placement, ...)");
       for (const auto& s : v) {
-        const std::string sk = s.first.as<std::string>(), f = p + "scheduling." + sk;
+        const std::string sk = key_of(s.first, p + "scheduling"), f = p + "scheduling." + sk;
         const std::string sv = scalar(s.second, f);
         if (sk == "margin") c.margin = number(sv, f, 0, 10);
         else if (sk == "oom_retries") c.oom_retries = static_cast<int>(number(sv, f, 0, 10));
@@ -154,7 +213,7 @@ void apply_yaml(Config& c, const std::string& path) {
     } else if (k == "slurm") {
       if (!v.IsMap()) throw ConfigError(p + "slurm: expected partition, shard_memory, shards_per_gpu, gpus, ...");
       for (const auto& s : v) {
-        const std::string sk = s.first.as<std::string>(), f = p + "slurm." + sk;
+        const std::string sk = key_of(s.first, p + "slurm"), f = p + "slurm." + sk;
         SlurmConfig& sc = c.slurm;
         if (sk == "sbatch_args") {
           if (!s.second.IsSequence()) throw ConfigError(f + ": expected a list of arguments");
@@ -189,7 +248,7 @@ void apply_yaml(Config& c, const std::string& path) {
     } else if (k == "metrics") {
       if (!v.IsMap()) throw ConfigError(p + "metrics: expected finished_retention_seconds, finished_max_jobs");
       for (const auto& m : v) {
-        const std::string mk = m.first.as<std::string>(), f = p + "metrics." + mk;
+        const std::string mk = key_of(m.first, p + "metrics"), f = p + "metrics." + mk;
         const std::string mv = scalar(m.second, f);
         if (mk == "finished_retention_seconds") c.metrics_finished_retention_seconds = number(mv, f, 0, kMaxRetention);
         else if (mk == "finished_max_jobs") c.metrics_finished_max_jobs = static_cast<int64_t>(number(mv, f, 0, 1e6));
