@@ -158,6 +158,16 @@ void Core::start(bool run_loop) {
     } catch (const estimator::EstimateError&) {
     }
   }
+  // What earlier runs learned of each kind of job's compute share.
+  for (const auto& row : store_.compute_kinds()) {
+    sched::ComputeModel::Stats st;
+    st.solo_steps = row.solo_steps;
+    st.shared_steps = row.shared_steps;
+    st.solo_rate = row.solo_rate;
+    st.shared_rate = row.shared_rate;
+    st.shared_jobs = row.shared_jobs;
+    compute_.restore(row.kind, st);
+  }
   // A submission to an executor made just before memfitd died and never recorded (Slurm):
   // that run must not go on beside the next attempt.
   std::set<std::string> queued_ids;
@@ -582,6 +592,13 @@ void Core::requeue(v1::Job& j, int64_t reservation, const std::string& kind, con
 void Core::finish(const std::string& id, Active& a) {
   sched_.release(id);
   store_.remove_worker(id);
+  // What this attempt taught the compute model outlives memfitd (kept per kind, the most
+  // recently written kMaxKinds).
+  if (const auto st = a.compute_kind.empty() ? std::nullopt : compute_.stats(a.compute_kind)) {
+    store_.put_compute_kind({a.compute_kind, st->solo_steps, st->shared_steps, st->solo_rate, st->shared_rate,
+                             st->shared_jobs, now()},
+                            static_cast<int>(sched::ComputeModel::kMaxKinds));
+  }
   v1::Job j = load(id);
   const std::string key = j.plan().calibration_key();
   const int64_t est = j.plan().estimated_peak_bytes();

@@ -26,8 +26,7 @@ double ComputeModel::Stats::compute() const {
   return std::clamp(std::max(s, 1.0) / shared_jobs, kMinCompute, 1.0);
 }
 
-void ComputeModel::observe(const std::string& kind, double rate, int jobs_on_device) {
-  if (kind.empty() || !(rate > 0) || !std::isfinite(rate) || jobs_on_device < 1) return;
+ComputeModel::Stats& ComputeModel::slot(const std::string& kind) {
   auto it = kinds_.find(kind);
   if (it == kinds_.end()) {
     if (kinds_.size() >= kMaxKinds) {
@@ -39,8 +38,25 @@ void ComputeModel::observe(const std::string& kind, double rate, int jobs_on_dev
     }
     it = kinds_.emplace(kind, Stats{}).first;
   }
-  Stats& s = it->second;
-  s.last_use = ++clock_;
+  it->second.last_use = ++clock_;
+  return it->second;
+}
+
+void ComputeModel::restore(const std::string& kind, const Stats& st) {
+  auto ok = [](double x) { return std::isfinite(x) && x >= 0; };
+  if (kind.empty() || st.solo_steps < 0 || st.shared_steps < 0 || !ok(st.solo_rate) || !ok(st.shared_rate) ||
+      !ok(st.shared_jobs) || (st.shared_steps > 0 && st.shared_jobs < 1.0)) {
+    return;
+  }
+  Stats& s = slot(kind);
+  const int64_t use = s.last_use;
+  s = st;
+  s.last_use = use;
+}
+
+void ComputeModel::observe(const std::string& kind, double rate, int jobs_on_device) {
+  if (kind.empty() || !(rate > 0) || !std::isfinite(rate) || jobs_on_device < 1) return;
+  Stats& s = slot(kind);
   if (jobs_on_device == 1) {
     update(s.solo_rate, ++s.solo_steps, rate);
   } else {

@@ -54,6 +54,10 @@ class ComputeModel {
   // its device. Ignored: an empty kind, a rate that is not positive and finite, fewer than
   // one job.
   void observe(const std::string& kind, double rate, int jobs_on_device);
+  // What was learned of `kind` before (memfitd keeps kinds() in its store across restarts),
+  // as the most recently seen kind. Ignored: an empty kind, negative step counts, rates or
+  // a job count that are not finite and non-negative, shared_jobs below 1 with shared steps.
+  void restore(const std::string& kind, const Stats& stats);
   // QueuedJob::compute for a job of `kind`: what was learned of it, else the bound from its
   // family, else 1 (a whole device).
   double compute(const std::string& kind) const;
@@ -61,6 +65,7 @@ class ComputeModel {
   const std::map<std::string, Stats>& kinds() const { return kinds_; }
 
  private:
+  Stats& slot(const std::string& kind);  // the kind's stats, made (evicting the oldest) if new
   std::map<std::string, Stats> kinds_;
   int64_t clock_ = 0;
 };

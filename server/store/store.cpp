@@ -31,6 +31,10 @@ class Stmt {
     check(sqlite3_bind_int64(s_, i, v));
     return *this;
   }
+  Stmt& bind(int i, double v) {
+    check(sqlite3_bind_double(s_, i, v));
+    return *this;
+  }
   Stmt& blob(int i, const std::string& v) {
     check(sqlite3_bind_blob(s_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT));
     return *this;
@@ -43,6 +47,7 @@ class Stmt {
     throw StoreError(std::string("store: ") + sqlite3_errmsg(db_));
   }
   int64_t i64(int c) const { return sqlite3_column_int64(s_, c); }
+  double f64(int c) const { return sqlite3_column_double(s_, c); }
   std::string text(int c) const {
     const auto* p = reinterpret_cast<const char*>(sqlite3_column_text(s_, c));
     return p ? std::string(p, static_cast<size_t>(sqlite3_column_bytes(s_, c))) : std::string();
@@ -153,7 +158,10 @@ std::unique_ptr<Store> Store::open(const std::string& state_dir) {
       "attempt INTEGER NOT NULL);"
       "CREATE TABLE IF NOT EXISTS calibration(id INTEGER PRIMARY KEY, key TEXT NOT NULL, estimated INTEGER NOT NULL, "
       "measured INTEGER NOT NULL, time_ms INTEGER NOT NULL);"
-      "CREATE INDEX IF NOT EXISTS calibration_key ON calibration(key, id);");
+      "CREATE INDEX IF NOT EXISTS calibration_key ON calibration(key, id);"
+      "CREATE TABLE IF NOT EXISTS compute_kinds(kind TEXT PRIMARY KEY, solo_steps INTEGER NOT NULL, "
+      "shared_steps INTEGER NOT NULL, solo_rate REAL NOT NULL, shared_rate REAL NOT NULL, shared_jobs REAL NOT NULL, "
+      "time_ms INTEGER NOT NULL);");
   // A write must be possible now, not at the first submit.
   s->exec("BEGIN IMMEDIATE; CREATE TABLE IF NOT EXISTS write_check(x); DROP TABLE write_check; COMMIT");
   return s;
@@ -356,6 +364,33 @@ std::vector<CalibrationRow> Store::calibration(int per_key_limit) {
   s.bind(1, static_cast<int64_t>(per_key_limit));
   std::vector<CalibrationRow> out;
   while (s.step()) out.push_back({s.text(0), s.i64(1), s.i64(2), s.i64(3)});
+  return out;
+}
+
+void Store::put_compute_kind(const ComputeKindRow& row, int keep) {
+  absl::MutexLock lock(&mu_);
+  Tx tx(db_);
+  Stmt s(db_,
+         "INSERT OR REPLACE INTO compute_kinds(kind, solo_steps, shared_steps, solo_rate, shared_rate, shared_jobs, "
+         "time_ms) VALUES(?,?,?,?,?,?,?)");
+  s.bind(1, row.kind).bind(2, row.solo_steps).bind(3, row.shared_steps).bind(4, row.solo_rate);
+  s.bind(5, row.shared_rate).bind(6, row.shared_jobs).bind(7, row.time_ms);
+  s.step();
+  Stmt d(db_,
+         "DELETE FROM compute_kinds WHERE kind NOT IN (SELECT kind FROM compute_kinds ORDER BY time_ms DESC, rowid DESC "
+         "LIMIT ?)");
+  d.bind(1, static_cast<int64_t>(keep));
+  d.step();
+  tx.commit();
+}
+
+std::vector<ComputeKindRow> Store::compute_kinds() {
+  absl::MutexLock lock(&mu_);
+  Stmt s(db_,
+         "SELECT kind, solo_steps, shared_steps, solo_rate, shared_rate, shared_jobs, time_ms FROM compute_kinds "
+         "ORDER BY time_ms, rowid");
+  std::vector<ComputeKindRow> out;
+  while (s.step()) out.push_back({s.text(0), s.i64(1), s.i64(2), s.f64(3), s.f64(4), s.f64(5), s.i64(6)});
   return out;
 }
 

@@ -52,6 +52,15 @@ struct CalibrationRow {
   int64_t estimated_bytes = 0, measured_bytes = 0, time_ms = 0;
 };
 
+// What memfitd learned of one kind of job's throughput (sched::ComputeModel::Stats),
+// kept across restarts.
+struct ComputeKindRow {
+  std::string kind;
+  int64_t solo_steps = 0, shared_steps = 0;
+  double solo_rate = 0, shared_rate = 0, shared_jobs = 0;
+  int64_t time_ms = 0;  // when it was written
+};
+
 struct Page {
   std::vector<v1::Job> jobs;
   std::string next_page_token;
@@ -91,6 +100,11 @@ class Store {
 
   void add_calibration(const CalibrationRow& row);
   std::vector<CalibrationRow> calibration(int per_key_limit);
+
+  // Replaces the kind's row, then keeps only the `keep` most recently written kinds.
+  void put_compute_kind(const ComputeKindRow& row, int keep);
+  // Every kind kept, least recently written first.
+  std::vector<ComputeKindRow> compute_kinds();
 
  private:
   explicit Store(sqlite3* db);

@@ -263,6 +263,14 @@ TEST_F(CoreTest, SpreadsOverIdleDevicesAndLearnsComputeSharing) {
   for (const auto* j : {&a, &b, &c}) End(j->id(), kFinished);
   const v1::ListDevicesResponse idle = core_->devices();
   for (const auto& d : idle.devices()) EXPECT_EQ(d.committed_compute(), 0.0) << d.name();
+  // What was learned survives a restart of memfitd.
+  core_->stop(/*graceful=*/false);
+  Open();
+  const v1::ListDevicesResponse again = core_->devices();
+  ASSERT_EQ(again.kinds_size(), 1);
+  EXPECT_EQ(again.kinds(0).kind(), kind);
+  EXPECT_DOUBLE_EQ(again.kinds(0).slowdown(), 1.25);
+  EXPECT_DOUBLE_EQ(again.kinds(0).compute(), 0.625);
   // The next job of this kind is queued with its learned share.
   const v1::Job e = Submit();
   core_->tick();

@@ -335,6 +335,32 @@ TEST(ComputeModel, UnlearnedKindsAreBoundedByTheirNearestRelative) {
   }
 }
 
+// memfitd keeps what was learned across restarts: restored stats give the same share, and
+// count as recently seen; nonsense from a damaged store is ignored.
+TEST(ComputeModel, RestoresWhatWasLearned) {
+  memfit::sched::ComputeModel m;
+  for (int i = 0; i < 3; ++i) m.observe("k|1x1", 1000.0, 1);
+  for (int i = 0; i < 3; ++i) m.observe("k|1x1", 600.0, 3);
+  memfit::sched::ComputeModel r;
+  r.restore("k|1x1", *m.stats("k|1x1"));
+  EXPECT_NEAR(r.compute("k|1x1"), 5.0 / 9.0, 1e-12);
+  EXPECT_EQ(r.compute("k|2x1"), 1.0);  // twice a relative's work: 10/9, capped
+  // Learning goes on from there.
+  r.observe("k|1x1", 1000.0, 1);
+  EXPECT_EQ(r.stats("k|1x1")->solo_steps, 4);
+  memfit::sched::ComputeModel::Stats bad = *m.stats("k|1x1");
+  bad.shared_rate = std::nan("");
+  r.restore("bad1|1x1", bad);
+  bad = *m.stats("k|1x1");
+  bad.solo_steps = -1;
+  r.restore("bad2|1x1", bad);
+  bad = *m.stats("k|1x1");
+  bad.shared_jobs = 0.5;
+  r.restore("bad3|1x1", bad);
+  r.restore("", *m.stats("k|1x1"));
+  EXPECT_EQ(r.kinds().size(), 1u);
+}
+
 TEST(ComputeModel, BoundedKindsDropTheLeastRecentlySeen) {
   memfit::sched::ComputeModel m;
   const size_t cap = memfit::sched::ComputeModel::kMaxKinds;

@@ -130,6 +130,38 @@ TEST(Store, WorkersAndCalibration) {
   EXPECT_EQ(rows.front().measured_bytes, 110);
 }
 
+// What the compute model learned, per kind: replaced by kind, reopened intact, and only the
+// most recently written `keep` kinds kept.
+TEST(Store, ComputeKindsSurviveReopeningNewestKept) {
+  const std::string dir = tmpdir();
+  {
+    auto st = Store::open(dir);
+    st->put_compute_kind({"a|1x1", 3, 4, 1000.5, 800.25, 2.5, 10}, 3);
+    st->put_compute_kind({"b|1x1", 1, 0, 5, 0, 0, 11}, 3);
+    st->put_compute_kind({"a|1x1", 30, 40, 999.0, 700.0, 3.0, 12}, 3);  // replaces a
+    const auto rows = st->compute_kinds();
+    ASSERT_EQ(rows.size(), 2u);
+    EXPECT_EQ(rows[0].kind, "b|1x1");  // least recently written first
+    EXPECT_EQ(rows[1].kind, "a|1x1");
+    EXPECT_EQ(rows[1].shared_steps, 40);
+  }
+  auto st = Store::open(dir);
+  auto rows = st->compute_kinds();
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[1].solo_steps, 30);
+  EXPECT_DOUBLE_EQ(rows[1].solo_rate, 999.0);
+  EXPECT_DOUBLE_EQ(rows[1].shared_rate, 700.0);
+  EXPECT_DOUBLE_EQ(rows[1].shared_jobs, 3.0);
+  EXPECT_EQ(rows[1].time_ms, 12);
+  st->put_compute_kind({"c|1x1", 1, 1, 1, 1, 1, 13}, 3);
+  st->put_compute_kind({"d|1x1", 1, 1, 1, 1, 1, 14}, 3);  // b, the oldest, goes
+  rows = st->compute_kinds();
+  ASSERT_EQ(rows.size(), 3u);
+  EXPECT_EQ(rows[0].kind, "a|1x1");
+  EXPECT_EQ(rows[2].kind, "d|1x1");
+  fs::remove_all(dir);
+}
+
 TEST(Store, AJobSurvivesItsWriterBeingKilled) {
   const std::string dir = tmpdir();
   const pid_t pid = fork();
