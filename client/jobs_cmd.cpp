@@ -563,7 +563,7 @@ int devices(Remote& r, const Common& c) {
                        k.slowdown() > 0 ? num(k.slowdown(), "%.2fx") : "-", num(k.compute(), "%.2f")});
     }
     std::printf("\nco-location, learned from throughput (tokens or samples per second; COMPUTE: the share of a device "
-                "placement assumes, 1 until learned):\n%s",
+                "placement assumes; until learned, a bound from a learned kind like it, else 1):\n%s",
                 table({"KIND", "ALONE", "SHARED", "JOBS WHEN SHARED", "SLOWDOWN", "COMPUTE"}, kinds).c_str());
   }
   return kExitOk;

@@ -320,7 +320,7 @@ v1::ListDevicesResponse Core::devices() {
     k->set_shared_rate(st.shared_rate);
     k->set_shared_jobs(st.shared_jobs);
     k->set_slowdown(st.slowdown());
-    k->set_compute(st.compute());
+    k->set_compute(compute_.compute(kind));  // what placement uses (a relative's bound until learned)
     k->set_solo_steps(st.solo_steps);
     k->set_shared_steps(st.shared_steps);
   }
@@ -359,7 +359,7 @@ Snapshot Core::snapshot() {
       s.devices.push_back({d.name, d.kind, d.total_bytes, sched_.reserved_bytes(d.name), used,
                            device_peaks_.take(d.name, sample), sched_.committed_compute(d.name)});
     }
-    for (const auto& [kind, st] : compute_.kinds()) s.kinds.push_back({kind, st.slowdown(), st.compute()});
+    for (const auto& [kind, st] : compute_.kinds()) s.kinds.push_back({kind, st.slowdown(), compute_.compute(kind)});
     s.queue_length = static_cast<int64_t>(sched_.queue_length());
     s.oom_retries_total = oom_retries_total_;
     s.estimate_ratios.swap(new_ratios_);

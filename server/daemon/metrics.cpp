@@ -88,8 +88,8 @@ std::vector<MetricFamily> MetricFamilies::build(const Snapshot& s) {
                          MetricType::Gauge);
   auto dev_compute = family("memfit_device_committed_compute",
                             "Sum of the compute shares of the jobs running on the device (learned from their "
-                            "throughput alone and shared; 1 per job until known): 0 idle, above 1 they slow each "
-                            "other down.",
+                            "throughput alone and shared; until then a bound from a learned kind like it, else 1 per job): 0 idle, "
+                            "above 1 they slow each other down.",
                             MetricType::Gauge);
   for (const auto& d : s.devices) {
     const std::vector<ClientMetric::Label> l{{"device", LabelValue(d.name)}, {"kind", LabelValue(d.kind)}};
@@ -105,8 +105,8 @@ std::vector<MetricFamily> MetricFamilies::build(const Snapshot& s) {
                      "throughput); absent until both were seen.",
                      MetricType::Gauge);
   auto share = family("memfit_job_kind_compute_share",
-                      "The fraction of a device's compute a kind of job uses alone, as placement assumes it (1 until "
-                      "learned).",
+                      "The fraction of a device's compute a kind of job uses alone, as placement assumes it (until "
+                      "learned: a bound from a learned kind like it, else 1).",
                       MetricType::Gauge);
   for (const auto& k : s.kinds) {
     const std::vector<ClientMetric::Label> l{{"job_kind", LabelValue(k.kind)}};
