@@ -6,12 +6,14 @@
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <set>
 
 #include "estimator.h"
+#include "slurm.h"
 
 namespace memfit::daemon {
 namespace {
@@ -212,26 +214,13 @@ void apply_settings(Config& c, const YAML::Node& root, const std::string& p) {
       }
     } else if (k == "slurm") {
       if (!v.IsMap()) throw ConfigError(p + "slurm: expected partition, shard_memory, shards_per_gpu, gpus, ...");
+      c.slurm.given = true;
       for (const auto& s : v) {
         const std::string sk = key_of(s.first, p + "slurm"), f = p + "slurm." + sk;
         SlurmConfig& sc = c.slurm;
         if (sk == "sbatch_args") {
           if (!s.second.IsSequence()) throw ConfigError(f + ": expected a list of arguments");
-          for (const auto& a : s.second) {
-            const std::string arg = scalar(a, f);
-            // memfitd sets these itself (docs/SLURM.md): an argument may not replace them.
-            static const char* const kOwn[] = {"--partition", "-p", "--gres", "--uid", "--gid", "--output", "-o",
-                                               "--error", "-e", "--chdir", "-D", "--export", "--wrap", "--job-name",
-                                               "-J", "--parsable", "--open-mode", "--requeue", "--no-requeue"};
-            if (arg.empty()) throw ConfigError(f + ": an empty argument");
-            for (const char* own : kOwn) {
-              const std::string o = own;
-              if (arg == o || arg.rfind(o + "=", 0) == 0 || (o.size() == 2 && arg.rfind(o, 0) == 0)) {
-                throw ConfigError(f + ": '" + arg + "' would replace what memfitd sets itself (" + o + ")");
-              }
-            }
-            sc.sbatch_args.push_back(arg);
-          }
+          for (const auto& a : s.second) sc.sbatch_args.push_back(scalar(a, f));  // checked in load_config
           continue;
         }
         const std::string sv = scalar(s.second, f);
@@ -401,9 +390,22 @@ Config load_config(const std::vector<std::string>& args, const std::string& argv
     c.worker = (self.parent_path() / "memfit-worker").string();
   }
   if (c.tls_cert.empty() != c.tls_key.empty()) throw ConfigError("tls: give both a certificate and a key");
+  if (c.slurm.given && c.executor != "slurm") {
+    throw ConfigError("slurm: this section is read only with executor: slurm (memfitd would run every job on this "
+                      "machine); add 'executor: slurm' or remove the section");
+  }
   if (c.executor == "slurm") {
     const SlurmConfig& s = c.slurm;
     if (s.partition.empty()) throw ConfigError("slurm.partition: required with executor: slurm");
+    // Slurm's partition names are words; a comma would name several partitions (the job
+    // could land where shards are not the only jobs), and a space or newline would break
+    // the device name memfitd shows.
+    for (char ch : s.partition) {
+      if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '_' && ch != '-' && ch != '.') {
+        throw ConfigError("slurm.partition: '" + s.partition +
+                          "' is not one partition's name (letters, digits, '_', '-', '.')");
+      }
+    }
     if (s.shard_memory <= 0) throw ConfigError("slurm.shard_memory: required with executor: slurm (the bytes of one shard)");
     if (s.shards_per_gpu <= 0) throw ConfigError("slurm.shards_per_gpu: required with executor: slurm");
     if (s.gpus <= 0) throw ConfigError("slurm.gpus: required with executor: slurm (the partition's GPUs)");
@@ -412,12 +414,31 @@ Config load_config(const std::vector<std::string>& args, const std::string& argv
     if (s.shard_memory > std::numeric_limits<int64_t>::max() / s.shards_per_gpu / s.gpus) {
       throw ConfigError("slurm: gpus x shards_per_gpu x shard_memory is over 8 EiB");
     }
+    // Bounds that catch a missing unit (shard_memory: 10 is ten bytes) or a slip of the
+    // keyboard, not real hardware: a shard of at least 1 MiB, a GPU of at most 16 TiB.
+    if (s.shard_memory < (int64_t{1} << 20)) {
+      throw ConfigError("slurm.shard_memory: " + std::to_string(s.shard_memory) +
+                        " bytes is under 1 MiB; give a unit (e.g. 10GiB for an 80 GiB GPU in 8 shards)");
+    }
+    if (s.shard_memory > (int64_t{16} << 40) / s.shards_per_gpu) {
+      throw ConfigError("slurm: shards_per_gpu x shard_memory is one GPU's memory, and " +
+                        std::to_string(s.shards_per_gpu) + " x " + std::to_string(s.shard_memory) +
+                        " bytes is over 16 TiB; check the unit of shard_memory");
+    }
     if (s.device != "cuda" && s.device != "cpu") throw ConfigError("slurm.device: expected cuda or cpu, got '" + s.device + "'");
     if (s.run_as != "service" && s.run_as != "submitter") {
       throw ConfigError("slurm.run_as: expected service or submitter, got '" + s.run_as + "'");
     }
+    if (s.run_as == "submitter" && c.tokens_file.empty()) {
+      throw ConfigError("slurm.run_as: submitter needs tokens_file (without tokens every caller is 'local', and no "
+                        "job could run as its submitter)");
+    }
     if (s.run_as == "submitter" && ::geteuid() != 0) {
       throw ConfigError("slurm.run_as: submitter needs memfitd to run as root (sbatch --uid)");
+    }
+    for (const auto& a : s.sbatch_args) {
+      const std::string why = SbatchArgProblem(a, s.device);
+      if (!why.empty()) throw ConfigError("slurm.sbatch_args: '" + a + "' " + why);
     }
     if (!s.bin_dir.empty() && s.bin_dir.front() != '/') throw ConfigError("slurm.bin_dir: must be absolute, got '" + s.bin_dir + "'");
   }

@@ -57,6 +57,7 @@ struct SlurmConfig {
   std::string bin_dir;               // folder of sbatch, squeue, scancel, sacct ("" = PATH)
   std::vector<std::string> sbatch_args;  // extra arguments (an account, a QoS), after memfitd's
   double poll_seconds = 2;           // squeue at most this often
+  bool given = false;                // the file has a slurm: section (refused without executor: slurm)
 };
 
 struct Config {

@@ -8,9 +8,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <stdexcept>
@@ -75,6 +77,121 @@ std::vector<std::string> SbatchArgs(const WorkerLaunch& l, const SlurmConfig& s,
   a.insert(a.end(), s.sbatch_args.begin(), s.sbatch_args.end());
   a.push_back(script_path);
   return a;
+}
+
+namespace {
+
+struct SbatchRule {
+  const char* name;  // the long option, without "--"
+  char letter;       // its short form, or 0
+  const char* why;   // completes "'ARG' ..."
+  bool cpu_only;     // refused only for cpu workers
+};
+
+constexpr const char* kOwn = "would replace what memfitd sets itself";
+constexpr const char* kShape =
+    "would change how many nodes or GPUs the job gets (memfitd asks for shards of one GPU on one node)";
+constexpr const char* kStart =
+    "would delay, hold or repeat the job, or make sbatch wait (memfitd submits one job that starts when its shards are "
+    "free)";
+constexpr const char* kPrint = "would make sbatch print and submit nothing";
+
+constexpr SbatchRule kSbatchRules[] = {
+    {"partition", 'p', kOwn, false},      {"gres", 0, kOwn, false},         {"uid", 0, kOwn, false},
+    {"gid", 0, kOwn, false},              {"output", 'o', kOwn, false},     {"error", 'e', kOwn, false},
+    {"chdir", 'D', kOwn, false},          {"export", 0, kOwn, false},       {"export-file", 0, kOwn, false},
+    {"wrap", 0, kOwn, false},             {"job-name", 'J', kOwn, false},   {"parsable", 0, kOwn, false},
+    {"open-mode", 0, kOwn, false},        {"requeue", 0, kOwn, false},      {"no-requeue", 0, kOwn, false},
+    {"ntasks", 'n', kOwn, false},         {"gpus", 'G', kShape, false},     {"gpus-per-node", 0, kShape, false},
+    {"gpus-per-task", 0, kShape, false},  {"gpus-per-socket", 0, kShape, false},
+    {"cpus-per-gpu", 0, kShape, false},   {"mem-per-gpu", 0, kShape, false}, {"ntasks-per-gpu", 0, kShape, false}, {"nodes", 'N', kShape, false},
+    {"nodefile", 'F', kShape, false},     {"exclusive", 0, kShape, false},  {"hold", 'H', kStart, false},
+    {"dependency", 'd', kStart, false},   {"array", 'a', kStart, false},    {"begin", 'b', kStart, false},
+    {"test-only", 0, kStart, false},      {"wait", 'W', kStart, false},     {"clusters", 'M', kStart, false},
+    {"help", 'h', kPrint, false},         {"usage", 0, kPrint, false},      {"version", 'V', kPrint, false},
+    {"mem", 0, "would replace the host memory memfitd sets from the reservation for cpu workers", true},
+    {"mem-per-cpu", 0, "would replace the host memory memfitd sets from the reservation for cpu workers", true},
+};
+// sbatch's short options that take a value: the rest of the item, which must not be empty
+// (sbatch would take the next argument, the batch script, as the value); -k's is optional.
+constexpr const char* kSbatchValued = "aAbBcCdDeFGiJLmMnNopqStwx";
+// sbatch's long options that need no value (22.05, sbatch(1)); every other one is written
+// --name=value, in one item.
+constexpr const char* kSbatchFlags[] = {"contiguous", "exclusive", "get-user-env", "help", "hold", "ignore-pbs",
+                                        "nice", "no-kill", "no-requeue", "overcommit", "oversubscribe", "parsable",
+                                        "propagate", "quiet", "reboot", "requeue", "spread-job", "test-only", "usage",
+                                        "use-min-nodes", "verbose", "version", "wait"};
+
+std::string nodelist_problem(const std::string& value) {
+  if (value.find_first_of(",[/") != std::string::npos) {
+    return "names more than one node (or a file of nodes): memfitd's jobs run on one node; pick nodes with a "
+           "partition or --constraint";
+  }
+  return "";
+}
+
+}  // namespace
+
+std::string SbatchArgProblem(const std::string& arg, const std::string& device) {
+  for (char c : arg) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) return "holds a control character";
+  }
+  if (arg.empty() || arg[0] != '-') {
+    return "is not an option: sbatch would take it as the batch script; give each option with its value in one item "
+           "(--account=ml)";
+  }
+  if (arg == "-" || arg == "--") return "would end sbatch's options";
+  const auto applies = [&](const SbatchRule& r) { return !r.cpu_only || device == "cpu"; };
+  if (arg[1] == '-') {
+    const size_t eq = arg.find('=');
+    const std::string name = arg.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
+    if (name.find_first_of(" \t") != std::string::npos) {
+      return "holds an option and its value apart: one item is one argument, write --option=value";
+    }
+    bool exact = false;  // getopt_long takes an option's exact name over longer ones it begins
+    for (const auto& r : kSbatchRules) {
+      if (name != r.name) continue;
+      if (applies(r)) return std::string(r.why) + " (--" + r.name + ")";
+      exact = true;
+    }
+    for (const auto& r : kSbatchRules) {
+      if (!exact && applies(r) && std::string(r.name).rfind(name, 0) == 0) {
+        return "may be read by sbatch as --" + std::string(r.name) + ", which " + r.why +
+               "; write options in full";
+      }
+    }
+    if (eq != std::string::npos && std::string("nodelist").rfind(name, 0) == 0) {
+      return nodelist_problem(arg.substr(eq + 1));
+    }
+    // A flag may be abbreviated as sbatch allows (a prefix that also begins an option
+    // with a value is ambiguous, and sbatch refuses it itself).
+    if (eq == std::string::npos && std::none_of(std::begin(kSbatchFlags), std::end(kSbatchFlags), [&](const char* f) {
+          return std::string(f).rfind(name, 0) == 0;
+        })) {
+      return "has no '=value': sbatch would take the next argument, the batch script, as its value; write "
+             "--option=value in one item (or a flag's full name)";
+    }
+    return "";
+  }
+  for (size_t i = 1; i < arg.size(); ++i) {
+    const char c = arg[i];
+    if (c == ' ') return "holds an option and its value apart: one item is one argument, write -Xvalue or --option=value";
+    for (const auto& r : kSbatchRules) {
+      if (r.letter == c && applies(r)) return std::string(r.why) + " (-" + c + ", --" + r.name + ")";
+    }
+    if (c == 'k') return "";  // --no-kill[=off]: the rest is its optional value
+    if (std::strchr(kSbatchValued, c) != nullptr && i + 1 < arg.size() && arg[i + 1] == ' ') {
+      return "holds an option and its value apart: one item is one argument, write -Xvalue or --option=value";
+    }
+    if (std::strchr(kSbatchValued, c) != nullptr) {
+      if (i + 1 == arg.size()) {
+        return std::string("needs its value in the same item (-") + c +
+               "value): sbatch would take the next argument, the batch script, as the value";
+      }
+      return c == 'w' ? nodelist_problem(arg.substr(i + 1)) : "";
+    }
+  }
+  return "";
 }
 
 namespace {

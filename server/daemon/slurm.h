@@ -52,6 +52,18 @@ std::string SlurmBatchScript(const WorkerLaunch& l);
 // the launch runs as another user, then slurm.sbatch_args and the script.
 std::vector<std::string> SbatchArgs(const WorkerLaunch& l, const SlurmConfig& s, const std::string& script_path);
 
+// Why one item of slurm.sbatch_args cannot go into memfitd's sbatch command ("" when it
+// can), for a worker running on `device` (cuda | cpu). memfitd puts the items, one
+// argument each, after its own options and before the script, so each item must be one
+// whole option (`--name=value` or `-Xvalue`; a bare word would become the batch script),
+// and none may replace what memfitd sets, change how many nodes or GPUs a job gets, delay
+// or hold its start, make sbatch wait or print instead of submitting, or (cpu workers) set
+// host memory, which memfitd sets from the reservation. Abbreviations sbatch would take
+// for those (getopt_long accepts unique prefixes: --gre, --depend) and short options
+// bundled after others (-vH) are read as sbatch reads them. Tested against glibc's own
+// getopt_long in tests/daemon/test_slurm.cpp.
+std::string SbatchArgProblem(const std::string& arg, const std::string& device);
+
 struct SlurmJob {
   int64_t id = 0;
   std::string name;

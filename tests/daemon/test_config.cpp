@@ -70,6 +70,41 @@ TEST_F(ConfigYaml, ShapesYamlAllowsButMemfitdDoesNotAreNamed) {
   EXPECT_EQ(load("listen: 127.0.0.1:7999\nscheduling: {margin: 0.2, placement: best_fit}\n"), "");
 }
 
+// Slurm settings an operator can get wrong without noticing: each is refused naming the
+// setting, and the good section loads.
+TEST_F(ConfigYaml, CarelessSlurmSettingsAreNamed) {
+  const std::string head = "executor: slurm\nslurm:\n  partition: gpu\n  shards_per_gpu: 8\n  gpus: 4\n";
+  const std::string good = head + "  shard_memory: 10GiB\n";
+  EXPECT_EQ(load(good + "  sbatch_args: [--account=ml, -t120, --mem=64G]\n"), "");
+  const struct {
+    std::string yaml;
+    const char* needle;
+  } cases[] = {
+      {"slurm: {partition: gpu, shard_memory: 10GiB, shards_per_gpu: 8, gpus: 4}\n",
+       "slurm: this section is read only with executor: slurm"},
+      {"executor: local\nslurm: {partition: gpu}\n", "slurm: this section is read only with executor: slurm"},
+      {head + "  shard_memory: 10\n", "slurm.shard_memory: 10 bytes is under 1 MiB; give a unit"},
+      {head + "  shard_memory: 10TiB\n", "over 16 TiB; check the unit of shard_memory"},
+      {"executor: slurm\nslurm: {partition: 'gpu,debug', shard_memory: 1GiB, shards_per_gpu: 8, gpus: 1}\n",
+       "slurm.partition: 'gpu,debug' is not one partition's name"},
+      {"executor: slurm\nslurm: {partition: \"gpu\\nx\", shard_memory: 1GiB, shards_per_gpu: 8, gpus: 1}\n",
+       "slurm.partition: "},
+      {"executor: slurm\nslurm: {partition: gpu shared, shard_memory: 1GiB, shards_per_gpu: 8, gpus: 1}\n",
+       "is not one partition's name"},
+      {good + "  run_as: submitter\n", "slurm.run_as: submitter needs tokens_file"},
+      {good + "  sbatch_args: [\"--account ml\"]\n", "slurm.sbatch_args: '--account ml' holds an option and its value"},
+      {good + "  sbatch_args: [--account, ml]\n", "slurm.sbatch_args: '--account' has no '=value'"},
+      {good + "  sbatch_args: [--gpus=1]\n", "slurm.sbatch_args: '--gpus=1' would change how many nodes or GPUs"},
+      {good + "  sbatch_args: [--depend=afterok:7]\n", "may be read by sbatch as --dependency"},
+      {good + "  sbatch_args: [-vH]\n", "(-H, --hold)"},
+      {good + "  sbatch_args: [--mem=4G]\n  device: cpu\n", "slurm.sbatch_args: '--mem=4G' would replace the host memory"},
+  };
+  for (const auto& c : cases) {
+    const std::string got = load(c.yaml);
+    EXPECT_NE(got.find(c.needle), std::string::npos) << c.yaml << " -> " << got;
+  }
+}
+
 // Random documents: every setting memfitd knows (and some it does not), each given a value
 // of a random shape (a word, a number, a size, a boolean, null, a list, a mapping, nested),
 // sometimes with a list or mapping as a key, sometimes twice. load_config must either load

@@ -73,7 +73,9 @@ done
 slurm='executor: slurm
 slurm: {partition: p, shard_memory: 10GiB, shards_per_gpu: 8, gpus: 32'
 for case in "$slurm, gpus: 1.5}|slurm.gpus" "$slurm, sbatch_args: [--uid=0]}|slurm.sbatch_args" \
-            "$slurm, sbatch_args: ['']}|slurm.sbatch_args" 'scheduling: best_fit|scheduling' 'limits: 5|limits'; do
+            "$slurm, sbatch_args: ['']}|slurm.sbatch_args" "$slurm, sbatch_args: [--gpus=1]}|slurm.sbatch_args" \
+            'slurm: {partition: p}|read only with executor: slurm' 'scheduling: best_fit|scheduling' \
+            'limits: 5|limits'; do
   printf '%s\n' "${case%|*}" | sed 's/gpus: 32, gpus: 1.5/gpus: 1.5/' > "$cfg"
   set +e
   err=$("$memfitd" --config "$cfg" --check-config 2>&1 >/dev/null)
