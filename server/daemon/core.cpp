@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <exception>
 #include <filesystem>
 #include <random>
 #include <thread>
@@ -150,6 +151,7 @@ void Core::start(bool run_loop) {
   for (const auto& w : store_.workers()) workers[w.job_id] = w;
   const auto queued = store_.in_states({v1::QUEUED});
   const auto running = store_.in_states({v1::RUNNING, v1::CANCELLING});
+  const auto cancelled = store_.in_states({v1::CANCELLED});
   absl::MutexLock lock(&mu_);
   // Calibration from finished jobs.
   for (const auto& row : store_.calibration(static_cast<int>(estimator::Calibration::kWindow))) {
@@ -169,9 +171,14 @@ void Core::start(bool run_loop) {
     compute_.restore(row.kind, st);
   }
   // A submission to an executor made just before memfitd died and never recorded (Slurm):
-  // that run must not go on beside the next attempt.
+  // that run must not go on beside the next attempt. A job cancelled while its submission
+  // was under way (the Slurm executor submits without the lock) may have one too, for a
+  // job that must not run at all; one cancelled in the last week is asked about.
   std::set<std::string> queued_ids;
   for (const auto& j : queued) queued_ids.insert(j.id());
+  for (const auto& j : cancelled) {
+    if (now() - ms_of(j.finished_at()) < int64_t{7} * 24 * 3600 * 1000) queued_ids.insert(j.id());
+  }
   for (const auto& [id, what] : launcher_->withdraw(queued_ids)) {
     if (auto j = store_.get(id)) record(*j, "recovered", what);
   }
@@ -339,7 +346,62 @@ void Core::admit_released() {
 
 void Core::tick() {
   admit_released();
+  std::vector<Starting> starting;
+  std::exception_ptr error;
+  {
+    absl::MutexLock lock(&mu_);
+    starting = tick_locked(&error);
+    // fork + exec is quick: local workers start under the lock.
+    if (cfg_.executor != "slurm" || starting.empty()) {
+      std::vector<std::string> errors;
+      auto procs = launch_all(starting, &errors);
+      commit_all(starting, procs, errors);
+      if (error) std::rethrow_exception(error);
+      return;
+    }
+  }
+  // sbatch waits on slurmctld (up to its 30 s limit), so the Slurm executor submits
+  // without the lock: submit, cancel, watch, devices and /metrics go on meanwhile. The
+  // placements stay reserved in the scheduler; a cancel that comes meanwhile is seen by
+  // commit_start, which withdraws the submission; a restart before commit_start withdraws
+  // it too (the job is still queued and its submission unrecorded). Only this thread
+  // places jobs, so nothing else starts these.
+  std::vector<std::string> errors;
+  auto procs = launch_all(starting, &errors);
   absl::MutexLock lock(&mu_);
+  commit_all(starting, procs, errors);
+  if (error) std::rethrow_exception(error);
+}
+
+void Core::commit_all(std::vector<Starting>& starting, std::vector<std::unique_ptr<Worker>>& procs,
+                      const std::vector<std::string>& errors) {
+  // Each on its own: a store error on one must not leave the others' workers untracked.
+  std::exception_ptr first;
+  for (size_t i = 0; i < starting.size(); ++i) {
+    try {
+      commit_start(starting[i], std::move(procs[i]), errors[i]);
+    } catch (...) {
+      if (!first) first = std::current_exception();
+    }
+  }
+  if (first) std::rethrow_exception(first);
+}
+
+std::vector<std::unique_ptr<Worker>> Core::launch_all(const std::vector<Starting>& starting,
+                                                      std::vector<std::string>* errors) {
+  std::vector<std::unique_ptr<Worker>> procs(starting.size());
+  errors->assign(starting.size(), "");
+  for (size_t i = 0; i < starting.size(); ++i) {
+    try {
+      procs[i] = launcher_->start(starting[i].launch);
+    } catch (const std::exception& e) {
+      (*errors)[i] = e.what();
+    }
+  }
+  return procs;
+}
+
+std::vector<Core::Starting> Core::tick_locked(std::exception_ptr* error) {
   std::vector<std::string> ended;
   for (auto& [id, a] : active_) {
     poll(id, a);
@@ -371,9 +433,20 @@ void Core::tick() {
     it = held_.erase(it);
     if (j.state() == v1::QUEUED) sched_.enqueue(to_queue(j, j.plan().reserved_bytes()));
   }
-  if (!cfg_.paused) {
-    for (const auto& p : sched_.schedule(now())) start_worker(p);
+  std::vector<Starting> starting;
+  if (cfg_.paused) return starting;
+  for (const auto& p : sched_.schedule(now())) {
+    try {
+      if (auto st = prepare_start(p)) starting.push_back(std::move(*st));
+    } catch (...) {
+      // The store failed (a full disk): the jobs prepared before it still start; this one
+      // gives its place back and is queued again once its record reads as queued.
+      sched_.release(p.job_id);
+      held_[p.job_id] = now() + 1000;
+      if (!*error) *error = std::current_exception();
+    }
   }
+  return starting;
 }
 
 int64_t Core::device_sample(const DeviceInfo& d) {
@@ -479,14 +552,16 @@ sched::QueuedJob Core::to_queue(const v1::Job& j, int64_t reservation) {
   return {j.id(), j.owner(), j.priority(), ms_of(j.created_at()), reservation, compute_.compute(j.plan().compute_kind())};
 }
 
-void Core::start_worker(const sched::Placement& p) {
+std::optional<Core::Starting> Core::prepare_start(const sched::Placement& p) {
   v1::Job j = load(p.job_id);
   if (j.state() != v1::QUEUED) {
     // Cancelled (or ended) after it was queued: nothing to start.
     sched_.release(j.id());
-    return;
+    return std::nullopt;
   }
-  const int64_t queued_ms = now() - ms_of(j.created_at());
+  Starting s;
+  s.placement = p;
+  s.queued_ms = now() - ms_of(j.created_at());
   j.set_attempts(j.attempts() + 1);
   j.set_device(p.device);
   j.mutable_plan()->set_reserved_bytes(p.reservation_bytes);
@@ -513,50 +588,101 @@ void Core::start_worker(const sched::Placement& p) {
       const auto ids = run_ids(j.owner());
       ClaimOutput(out, j.id(), ids.first, ids.second);
     }
-    Active a;
-    a.proc = launcher_->start(launch_of(j, p, out));
-    a.device = p.device;
-    a.reservation = p.reservation_bytes;
-    a.compute_kind = j.plan().compute_kind();
-    store_.put_worker({j.id(), a.proc->pid(), p.device, p.reservation_bytes, a.proc->out_path(), a.proc->offset(),
-                       j.attempts()});
-    j.set_state(v1::RUNNING);
-    if (!j.has_started_at()) *j.mutable_started_at() = ts(now());
-    if (cfg_.executor == "slurm") {
-      record(j, "placed",
-             "submitted to Slurm as job " + std::to_string(a.proc->pid()) + " (partition " + cfg_.slurm.partition +
-                 ", shard:" + std::to_string(ShardsFor(p.reservation_bytes, cfg_.slurm)) + ") with " +
-                 size(p.reservation_bytes) + " reserved (attempt " + std::to_string(j.attempts()) + ")");
-    } else {
-      record(j, "placed",
-             "running on " + p.device + " with " + size(p.reservation_bytes) + " reserved (attempt " +
-                 std::to_string(j.attempts()) + ", worker " + std::to_string(a.proc->pid()) + ")");
-    }
-    active_.emplace(j.id(), std::move(a));
-    new_placements_.push_back(static_cast<double>(queued_ms) / 1000.0);
+    s.launch = launch_of(j, p, out);
   } catch (const std::exception& e) {
-    sched_.release(j.id());
-    // Slurm refused the submission: often a controller restarting or unreachable. The job
-    // goes back to the queue after a back-off (30 s, 60 s, ...) on its crash budget.
-    if (cfg_.executor == "slurm" && j.crash_retries() < cfg_.crash_retries) {
-      j.set_crash_retries(j.crash_retries() + 1);
-      j.set_state(v1::QUEUED);
-      j.set_device("");
-      const int64_t wait_ms = int64_t{30000} * j.crash_retries();
-      held_[j.id()] = now() + wait_ms;
-      record(j, "requeued",
-             std::string(e.what()) + "; trying again in " + std::to_string(wait_ms / 1000) + " s (retry " +
-                 std::to_string(j.crash_retries()) + " of " + std::to_string(cfg_.crash_retries) + ")");
-      return;
-    }
-    // memfitd could not start it (job folder, worker binary, cgroup): the system's fault.
-    j.set_state(v1::FAILED);
-    j.mutable_failure()->set_kind(v1::SYSTEM);
-    j.mutable_failure()->set_reason("internal");
-    j.mutable_failure()->set_message(std::string("memfitd could not start the worker: ") + e.what());
-    *j.mutable_finished_at() = ts(now());
-    record(j, "failed", j.failure().message());
+    start_failed(j, e.what());
+    return std::nullopt;
   }
+  s.job = std::move(j);
+  submitting_.insert(p.job_id);
+  return s;
+}
+
+void Core::commit_start(Starting& s, std::unique_ptr<Worker> proc, const std::string& error) {
+  const std::string id = s.placement.job_id;
+  submitting_.erase(id);
+  try {
+    commit_placed(s, proc, error);
+  } catch (...) {
+    // The store failed: nothing may run that memfitd does not track. What was started is
+    // stopped, the place given back, and the job queued again once its record reads as
+    // queued (a cancelled one stays cancelled).
+    if (proc) proc->kill();
+    sched_.release(id);
+    held_[id] = now() + 1000;
+    throw;
+  }
+}
+
+void Core::commit_placed(Starting& s, std::unique_ptr<Worker>& proc, const std::string& error) {
+  const sched::Placement& p = s.placement;
+  // What the attempt changes, applied to the record as it is now: a cancel may have come
+  // while the executor was asked (the Slurm executor asks without the lock).
+  v1::Job j = load(p.job_id);
+  if (j.state() != v1::QUEUED) {
+    sched_.release(j.id());
+    if (proc) {
+      proc->kill();
+      record(j, "executor",
+             "withdrew worker " + std::to_string(proc->pid()) + ", submitted while the job was cancelled");
+    } else if (!error.empty()) {
+      record(j, "executor", "the submission made while the job was cancelled failed: " + error);
+    }
+    proc.reset();
+    return;
+  }
+  j.set_attempts(s.job.attempts());
+  j.set_device(s.job.device());
+  j.mutable_plan()->set_reserved_bytes(s.job.plan().reserved_bytes());
+  if (!proc) {
+    start_failed(j, error);
+    return;
+  }
+  store_.put_worker({j.id(), proc->pid(), p.device, p.reservation_bytes, proc->out_path(), proc->offset(),
+                     j.attempts()});
+  j.set_state(v1::RUNNING);
+  if (!j.has_started_at()) *j.mutable_started_at() = ts(now());
+  if (cfg_.executor == "slurm") {
+    record(j, "placed",
+           "submitted to Slurm as job " + std::to_string(proc->pid()) + " (partition " + cfg_.slurm.partition +
+               ", shard:" + std::to_string(ShardsFor(p.reservation_bytes, cfg_.slurm)) + ") with " +
+               size(p.reservation_bytes) + " reserved (attempt " + std::to_string(j.attempts()) + ")");
+  } else {
+    record(j, "placed",
+           "running on " + p.device + " with " + size(p.reservation_bytes) + " reserved (attempt " +
+               std::to_string(j.attempts()) + ", worker " + std::to_string(proc->pid()) + ")");
+  }
+  Active a;
+  a.proc = std::move(proc);
+  a.device = p.device;
+  a.reservation = p.reservation_bytes;
+  a.compute_kind = j.plan().compute_kind();
+  active_.emplace(j.id(), std::move(a));
+  new_placements_.push_back(static_cast<double>(s.queued_ms) / 1000.0);
+}
+
+void Core::start_failed(v1::Job& j, const std::string& why) {
+  sched_.release(j.id());
+  // Slurm refused the submission: often a controller restarting or unreachable. The job
+  // goes back to the queue after a back-off (30 s, 60 s, ...) on its crash budget.
+  if (cfg_.executor == "slurm" && j.crash_retries() < cfg_.crash_retries) {
+    j.set_crash_retries(j.crash_retries() + 1);
+    j.set_state(v1::QUEUED);
+    j.set_device("");
+    const int64_t wait_ms = int64_t{30000} * j.crash_retries();
+    held_[j.id()] = now() + wait_ms;
+    record(j, "requeued",
+           why + "; trying again in " + std::to_string(wait_ms / 1000) + " s (retry " +
+               std::to_string(j.crash_retries()) + " of " + std::to_string(cfg_.crash_retries) + ")");
+    return;
+  }
+  // memfitd could not start it (job folder, worker binary, cgroup): the system's fault.
+  j.set_state(v1::FAILED);
+  j.mutable_failure()->set_kind(v1::SYSTEM);
+  j.mutable_failure()->set_reason("internal");
+  j.mutable_failure()->set_message("memfitd could not start the worker: " + why);
+  *j.mutable_finished_at() = ts(now());
+  record(j, "failed", j.failure().message());
 }
 
 void Core::poll(const std::string& id, Active& a) {

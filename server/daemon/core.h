@@ -19,9 +19,11 @@
 
 #include <atomic>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -122,7 +124,7 @@ class Core {
   Snapshot snapshot();
 
   // One pass of the loop (tests drive it directly). Throws what the store throws.
-  void tick();
+  void tick() ABSL_LOCKS_EXCLUDED(mu_);
   // Tests: called inside submit between the store's insert and the enqueue, where a
   // racing cancel can land.
   void set_submit_hook_for_test(std::function<void(const std::string& id)> hook) { submit_hook_ = std::move(hook); }
@@ -154,7 +156,36 @@ class Core {
   void check_access(const Caller& c, const v1::Job& j);
   v1::JobEvent event(const std::string& kind, v1::JobState st, const std::string& msg, const std::string& data = "");
   void record(v1::Job& j, const std::string& kind, const std::string& msg, const std::string& data = "");
-  void start_worker(const sched::Placement& p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Starting an attempt, in three parts: prepare_start under the lock (the job's folder,
+  // spec and output claimed, the launch built; nullopt when there is nothing to start or
+  // it failed), the launcher's start (without the lock for the Slurm executor: tick), then
+  // commit_start under the lock (recorded as running, or withdrawn when the job was
+  // cancelled meanwhile, or start_failed with the launcher's error).
+  struct Starting {
+    sched::Placement placement;
+    v1::Job job;  // as prepared: attempts, device and reservation of this attempt
+    WorkerLaunch launch;
+    int64_t queued_ms = 0;
+  };
+  // tick's part under the lock: workers polled and finished, waiting and held jobs
+  // released, and what the scheduler places now, prepared.
+  // A store error on one placement is kept in *error (the first) for the caller to throw
+  // once the others are started.
+  std::vector<Starting> tick_locked(std::exception_ptr* error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::optional<Starting> prepare_start(const sched::Placement& p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The launcher's start of each; a failure's message in (*errors)[i]. Takes no lock.
+  std::vector<std::unique_ptr<Worker>> launch_all(const std::vector<Starting>& starting,
+                                                  std::vector<std::string>* errors);
+  void commit_start(Starting& s, std::unique_ptr<Worker> proc, const std::string& error)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // commit_start's work; `proc` is moved into active_ only once the store has it all.
+  void commit_placed(Starting& s, std::unique_ptr<Worker>& proc, const std::string& error)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void commit_all(std::vector<Starting>& starting, std::vector<std::unique_ptr<Worker>>& procs,
+                  const std::vector<std::string>& errors) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The executor could not start it: Slurm's jobs back to the queue after a back-off on
+  // their crash budget, anything else failed as the system's fault.
+  void start_failed(v1::Job& j, const std::string& why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The scheduler's entry for a queued job: its reservation and learned compute share.
   sched::QueuedJob to_queue(const v1::Job& j, int64_t reservation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   WorkerLaunch launch_of(const v1::Job& j, const sched::Placement& p, const OutputPlace& out)
@@ -210,6 +241,8 @@ class Core {
   // Jobs whose submission to the executor failed (sbatch: a controller down) and that wait
   // out a back-off before they are queued again: id -> when (ms).
   std::map<std::string, int64_t> held_ ABSL_GUARDED_BY(mu_);
+  // Placed jobs whose executor is being asked to start them without the lock (tick).
+  std::set<std::string> submitting_ ABSL_GUARDED_BY(mu_);
   // Cancelled between their insert and their enqueue (a submit still in flight).
   std::set<std::string> cancelled_in_submit_ ABSL_GUARDED_BY(mu_);
   uint64_t seq_ ABSL_GUARDED_BY(mu_) = 0;

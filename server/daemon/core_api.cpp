@@ -205,7 +205,8 @@ v1::Job Core::cancel(const Caller& c, const std::string& id) {
   if (terminal(j.state()) || j.state() == v1::CANCELLING) return j;
   if (j.state() == v1::QUEUED) {
     // Not in the queue and not running: its submit is between the insert and the enqueue.
-    if (!sched_.remove_queued(id) && waiting_.erase(id) == 0 && held_.erase(id) == 0 && active_.count(id) == 0) {
+    if (!sched_.remove_queued(id) && waiting_.erase(id) == 0 && held_.erase(id) == 0 && active_.count(id) == 0 &&
+        submitting_.count(id) == 0) {
       cancelled_in_submit_.insert(id);
     }
     j.set_state(v1::CANCELLED);

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <future>
 #include <map>
 #include <set>
 
@@ -52,6 +54,7 @@ class FakeWorker : public Worker {
 class FakeLauncher : public WorkerLauncher {
  public:
   std::unique_ptr<Worker> start(const WorkerLaunch& l) override {
+    if (on_start) on_start(l);
     if (fail_next) {
       fail_next = false;
       throw std::runtime_error("no such binary");
@@ -87,6 +90,7 @@ class FakeLauncher : public WorkerLauncher {
   std::map<int64_t, std::shared_ptr<Script>> alive;
   std::vector<std::string> gone_lines;
   bool fail_next = false;
+  std::function<void(const WorkerLaunch&)> on_start;  // runs inside start() (the executor's wait)
 };
 
 class FakeDevices : public DeviceMonitor {
@@ -341,6 +345,73 @@ TEST_F(CoreTest, SlurmSubmissionFailuresBackOffThenRetry) {
   const v1::Job failed = Get(n.id());
   EXPECT_EQ(failed.state(), v1::FAILED);
   EXPECT_NE(failed.failure().message().find("no such binary"), std::string::npos) << failed.failure().message();
+}
+
+// sbatch waits on slurmctld, so the Slurm executor submits without memfitd's lock: while a
+// submission hangs, cancel and devices answer at once (from other threads). A cancel that
+// lands meanwhile wins: the submitted Slurm job is withdrawn, the reservation freed, and
+// the next job starts normally.
+TEST_F(CoreTest, SlurmSubmitsWithoutTheLockAndACancelMeanwhileWithdrawsIt) {
+  cfg_.executor = "slurm";
+  cfg_.slurm.partition = "p";
+  cfg_.slurm.shard_memory = 16 * MiB;
+  cfg_.slurm.shards_per_gpu = 16;
+  cfg_.slurm.gpus = 1;
+  Open();
+  const v1::Job j = Submit();
+  bool answered = false;
+  std::future<v1::Job> cancel;  // out here: a std::async future waits for its task when destroyed
+  std::future<v1::ListDevicesResponse> devices;
+  launcher_.on_start = [&](const WorkerLaunch&) {
+    cancel = std::async(std::launch::async, [&] { return core_->cancel(Caller{}, j.id()); });
+    devices = std::async(std::launch::async, [&] { return core_->devices(); });
+    // Under the lock these would wait for the tick (this thread) to return: they never
+    // would in time, and the test fails here rather than hangs.
+    answered = cancel.wait_for(std::chrono::seconds(20)) == std::future_status::ready &&
+               devices.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+    if (answered) EXPECT_EQ(devices.get().devices_size(), 1);
+  };
+  core_->tick();
+  launcher_.on_start = nullptr;
+  ASSERT_TRUE(answered);
+  EXPECT_EQ(cancel.get().state(), v1::CANCELLED);
+  const v1::Job got = Get(j.id());
+  EXPECT_EQ(got.state(), v1::CANCELLED);
+  ASSERT_EQ(launcher_.launches.size(), 1u);
+  EXPECT_EQ(launcher_.by_job.at(j.id())->killed, 1);  // the Slurm job is withdrawn
+  EXPECT_EQ(Kinds(j.id()).back(), "executor");
+  EXPECT_EQ(Reserved(), 0);
+  // Nothing of it is left behind: the next job is placed and runs.
+  const v1::Job k = Submit();
+  core_->tick();
+  EXPECT_EQ(Get(k.id()).state(), v1::RUNNING);
+  EXPECT_EQ(Reserved(), Get(k.id()).plan().reserved_bytes());
+  End(k.id(), kFinished);
+  // sbatch fails while the job is being cancelled: cancelled all the same, the failure in
+  // its events (sbatch may have queued something), nothing reserved, no retry.
+  const v1::Job m = Submit();
+  launcher_.fail_next = true;
+  launcher_.on_start = [&](const WorkerLaunch&) {
+    cancel = std::async(std::launch::async, [&] { return core_->cancel(Caller{}, m.id()); });
+    answered = cancel.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+  };
+  core_->tick();
+  launcher_.on_start = nullptr;
+  ASSERT_TRUE(answered);
+  EXPECT_EQ(Get(m.id()).state(), v1::CANCELLED);
+  const auto km = Kinds(m.id());
+  EXPECT_EQ(km.back(), "executor");
+  EXPECT_EQ(std::count(km.begin(), km.end(), "requeued"), 0);
+  EXPECT_EQ(Reserved(), 0);
+  now_ += 120'000;
+  core_->tick();
+  core_->tick();
+  EXPECT_EQ(launcher_.launches.size(), 2u);  // j and k only
+  // A restart asks Slurm about the cancelled jobs too: a submission that was under way
+  // when memfitd died must not run.
+  Open();
+  EXPECT_TRUE(launcher_.withdraw_asked.count(j.id()) && launcher_.withdraw_asked.count(m.id()));
+  EXPECT_FALSE(launcher_.withdraw_asked.count(k.id()));  // succeeded: its Slurm job ended
 }
 
 // A restart asks the executor, once for all queued jobs, to withdraw submissions memfitd
