@@ -209,6 +209,7 @@ void apply_settings(Config& c, const YAML::Node& root, const std::string& p) {
       }
     } else if (k == "executor") {
       c.executor = scalar(v, p + k);
+      c.executor_given = true;
       if (c.executor != "local" && c.executor != "slurm") {
         throw ConfigError(p + "executor: expected local or slurm, got '" + c.executor + "'");
       }
@@ -390,9 +391,11 @@ Config load_config(const std::vector<std::string>& args, const std::string& argv
     c.worker = (self.parent_path() / "memfit-worker").string();
   }
   if (c.tls_cert.empty() != c.tls_key.empty()) throw ConfigError("tls: give both a certificate and a key");
-  if (c.slurm.given && c.executor != "slurm") {
+  // A slurm section with no executor named is a forgotten line; one kept beside an
+  // explicit `executor: local` (switching back and forth) is the operator's choice.
+  if (c.slurm.given && !c.executor_given) {
     throw ConfigError("slurm: this section is read only with executor: slurm (memfitd would run every job on this "
-                      "machine); add 'executor: slurm' or remove the section");
+                      "machine); add 'executor: slurm', or 'executor: local' to keep the section unused");
   }
   if (c.executor == "slurm") {
     const SlurmConfig& s = c.slurm;

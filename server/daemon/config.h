@@ -102,6 +102,7 @@ struct Config {
   double metrics_finished_retention_seconds = 600;
   int64_t metrics_finished_max_jobs = 1000;
   std::string executor = "local";  // local | slurm
+  bool executor_given = false;     // the file names one (a slurm section without it is refused)
   SlurmConfig slurm;
 };
 

@@ -366,10 +366,20 @@ void Core::tick() {
   // commit_start, which withdraws the submission; a restart before commit_start withdraws
   // it too (the job is still queued and its submission unrecorded). Only this thread
   // places jobs, so nothing else starts these.
-  std::vector<std::string> errors;
-  auto procs = launch_all(starting, &errors);
-  absl::MutexLock lock(&mu_);
-  commit_all(starting, procs, errors);
+  // Each committed as soon as its sbatch answers: its Slurm id recorded, or a cancel
+  // meanwhile acted on, without waiting for the pass's other submissions.
+  for (auto& st : starting) {
+    std::vector<Starting> one;
+    one.push_back(std::move(st));
+    std::vector<std::string> errors;
+    auto procs = launch_all(one, &errors);
+    absl::MutexLock lock(&mu_);
+    try {
+      commit_start(one[0], std::move(procs[0]), errors[0]);
+    } catch (...) {
+      if (!error) error = std::current_exception();
+    }
+  }
   if (error) std::rethrow_exception(error);
 }
 

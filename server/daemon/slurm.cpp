@@ -11,7 +11,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
+#include <initializer_list>
 #include <iterator>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -81,12 +83,38 @@ std::vector<std::string> SbatchArgs(const WorkerLaunch& l, const SlurmConfig& s,
 
 namespace {
 
-struct SbatchRule {
-  const char* name;  // the long option, without "--"
-  char letter;       // its short form, or 0
-  const char* why;   // completes "'ARG' ..."
-  bool cpu_only;     // refused only for cpu workers
+// sbatch 22.05's options (sbatch(1), and the aliases its option table adds): the long
+// name, the short letter (0: none), and whether a value is needed (1), optional (2) or
+// not taken (0).
+struct SbatchOption {
+  const char* name;
+  char letter;
+  int has_arg;
 };
+constexpr SbatchOption kSbatchOptions[] = {
+    {"account", 'A', 1}, {"acctg-freq", 0, 1}, {"array", 'a', 1}, {"batch", 0, 1}, {"bb", 0, 1}, {"bbf", 0, 1},
+    {"begin", 'b', 1}, {"chdir", 'D', 1}, {"cluster", 0, 1}, {"cluster-constraint", 0, 1}, {"clusters", 'M', 1},
+    {"comment", 0, 1}, {"constraint", 'C', 1}, {"container", 0, 1}, {"context", 0, 1}, {"contiguous", 0, 0},
+    {"core-spec", 'S', 1}, {"cores-per-socket", 0, 1}, {"cpu-freq", 0, 1}, {"cpus-per-gpu", 0, 1},
+    {"cpus-per-task", 'c', 1}, {"deadline", 0, 1}, {"delay-boot", 0, 1}, {"dependency", 'd', 1},
+    {"distribution", 'm', 1}, {"error", 'e', 1}, {"exclude", 'x', 1}, {"exclusive", 0, 2}, {"export", 0, 1},
+    {"export-file", 0, 1}, {"extra-node-info", 'B', 1}, {"get-user-env", 0, 2}, {"gid", 0, 1}, {"gpu-bind", 0, 1},
+    {"gpu-freq", 0, 1}, {"gpus", 'G', 1}, {"gpus-per-node", 0, 1}, {"gpus-per-socket", 0, 1},
+    {"gpus-per-task", 0, 1}, {"gres", 0, 1}, {"gres-flags", 0, 1}, {"help", 'h', 0}, {"hint", 0, 1},
+    {"hold", 'H', 0}, {"ignore-pbs", 0, 0}, {"input", 'i', 1}, {"job-name", 'J', 1}, {"kill-on-invalid-dep", 0, 1},
+    {"licenses", 'L', 1}, {"mail-type", 0, 1}, {"mail-user", 0, 1}, {"mcs-label", 0, 1}, {"mem", 0, 1},
+    {"mem-bind", 0, 1}, {"mem-per-cpu", 0, 1}, {"mem-per-gpu", 0, 1}, {"mincpus", 0, 1}, {"network", 0, 1},
+    {"nice", 0, 2}, {"no-kill", 'k', 2}, {"no-requeue", 0, 0}, {"nodefile", 'F', 1}, {"nodelist", 'w', 1},
+    {"nodes", 'N', 1}, {"ntasks", 'n', 1}, {"ntasks-per-core", 0, 1}, {"ntasks-per-gpu", 0, 1},
+    {"ntasks-per-node", 0, 1}, {"ntasks-per-socket", 0, 1}, {"ntasks-per-tres", 0, 1}, {"open-mode", 0, 1},
+    {"output", 'o', 1}, {"overcommit", 'O', 0}, {"oversubscribe", 's', 0}, {"parsable", 0, 0},
+    {"partition", 'p', 1}, {"power", 0, 1}, {"prefer", 0, 1}, {"priority", 0, 1}, {"profile", 0, 1},
+    {"propagate", 0, 2}, {"qos", 'q', 1}, {"quiet", 'Q', 0}, {"reboot", 0, 0}, {"requeue", 0, 0},
+    {"reservation", 0, 1}, {"signal", 0, 1}, {"sockets-per-node", 0, 1}, {"spread-job", 0, 0}, {"switches", 0, 1},
+    {"tasks-per-node", 0, 1}, {"test-only", 0, 0}, {"thread-spec", 0, 1}, {"threads-per-core", 0, 1},
+    {"time", 't', 1}, {"time-min", 0, 1}, {"tmp", 0, 1}, {"uid", 0, 1}, {"usage", 0, 0}, {"use-min-nodes", 0, 0},
+    {"verbose", 'v', 0}, {"version", 'V', 0}, {"wait", 'W', 0}, {"wait-all-nodes", 0, 1}, {"wckey", 0, 1},
+    {"wrap", 0, 1}};
 
 constexpr const char* kOwn = "would replace what memfitd sets itself";
 constexpr const char* kShape =
@@ -94,38 +122,50 @@ constexpr const char* kShape =
 constexpr const char* kStart =
     "would delay, hold or repeat the job, or make sbatch wait (memfitd submits one job that starts when its shards are "
     "free)";
-constexpr const char* kPrint = "would make sbatch print and submit nothing";
 
-constexpr SbatchRule kSbatchRules[] = {
-    {"partition", 'p', kOwn, false},      {"gres", 0, kOwn, false},         {"uid", 0, kOwn, false},
-    {"gid", 0, kOwn, false},              {"output", 'o', kOwn, false},     {"error", 'e', kOwn, false},
-    {"chdir", 'D', kOwn, false},          {"export", 0, kOwn, false},       {"export-file", 0, kOwn, false},
-    {"wrap", 0, kOwn, false},             {"job-name", 'J', kOwn, false},   {"parsable", 0, kOwn, false},
-    {"open-mode", 0, kOwn, false},        {"requeue", 0, kOwn, false},      {"no-requeue", 0, kOwn, false},
-    {"ntasks", 'n', kOwn, false},         {"gpus", 'G', kShape, false},     {"gpus-per-node", 0, kShape, false},
-    {"gpus-per-task", 0, kShape, false},  {"gpus-per-socket", 0, kShape, false},
-    {"cpus-per-gpu", 0, kShape, false},   {"mem-per-gpu", 0, kShape, false}, {"ntasks-per-gpu", 0, kShape, false}, {"nodes", 'N', kShape, false},
-    {"nodefile", 'F', kShape, false},     {"exclusive", 0, kShape, false},  {"hold", 'H', kStart, false},
-    {"dependency", 'd', kStart, false},   {"array", 'a', kStart, false},    {"begin", 'b', kStart, false},
-    {"test-only", 0, kStart, false},      {"wait", 'W', kStart, false},     {"clusters", 'M', kStart, false},
-    {"help", 'h', kPrint, false},         {"usage", 0, kPrint, false},      {"version", 'V', kPrint, false},
-    {"mem", 0, "would replace the host memory memfitd sets from the reservation for cpu workers", true},
-    {"mem-per-cpu", 0, "would replace the host memory memfitd sets from the reservation for cpu workers", true},
-};
-// sbatch's short options that take a value: the rest of the item, which must not be empty
-// (sbatch would take the next argument, the batch script, as the value); -k's is optional.
-constexpr const char* kSbatchValued = "aAbBcCdDeFGiJLmMnNopqStwx";
-// sbatch's long options that need no value (22.05, sbatch(1)); every other one is written
-// --name=value, in one item.
-constexpr const char* kSbatchFlags[] = {"contiguous", "exclusive", "get-user-env", "help", "hold", "ignore-pbs",
-                                        "nice", "no-kill", "no-requeue", "overcommit", "oversubscribe", "parsable",
-                                        "propagate", "quiet", "reboot", "requeue", "spread-job", "test-only", "usage",
-                                        "use-min-nodes", "verbose", "version", "wait"};
+bool one_of(const std::string& v, std::initializer_list<const char*> options) {
+  for (const char* o : options) {
+    if (v == o) return true;
+  }
+  return false;
+}
 
-std::string nodelist_problem(const std::string& value) {
-  if (value.find_first_of(",[/") != std::string::npos) {
-    return "names more than one node (or a file of nodes): memfitd's jobs run on one node; pick nodes with a "
-           "partition or --constraint";
+// Why option `name` (resolved), with `value` (nullptr: none given), may not be added.
+std::string option_problem(const std::string& name, const std::string* value, const std::string& device) {
+  const std::string v = value != nullptr ? *value : "";
+  const std::string shown = " (--" + name + (value != nullptr ? "=" + v : "") + ")";
+  if (one_of(name, {"partition", "gres", "uid", "gid", "output", "error", "chdir", "export", "export-file", "wrap",
+                    "job-name", "parsable", "open-mode", "requeue", "no-requeue"}) ||
+      (name == "ntasks" && v != "1")) {
+    return kOwn + shown;
+  }
+  if (one_of(name, {"gpus", "gpus-per-node", "gpus-per-task", "gpus-per-socket", "cpus-per-gpu", "mem-per-gpu",
+                    "ntasks-per-gpu", "ntasks-per-tres", "nodefile"}) ||
+      (name == "nodes" && v != "1" && v != "1-1") || (name == "exclusive" && v != "user" && v != "mcs")) {
+    return kShape + shown;
+  }
+  if (name == "constraint" && v.find('*') != std::string::npos) {
+    return "asks for node counts (feature*N), which changes how many nodes the job gets" + shown;
+  }
+  if (name == "nodelist") {
+    // One host, maybe in bracket form (gpu[07]); a list, a range or a file names several.
+    bool several = v.empty() || v.find_first_of(", \t/") != std::string::npos;
+    const size_t lb = v.find('[');
+    if (lb != std::string::npos && v.find_first_of(",-", lb) != std::string::npos) several = true;
+    if (several) {
+      return "names more than one node (or a file of nodes): memfitd's jobs run on one node; pick nodes with a "
+             "partition or --constraint" + shown;
+    }
+    return "";
+  }
+  if (one_of(name, {"hold", "dependency", "array", "begin", "test-only", "wait", "clusters", "cluster"}) ||
+      (name == "priority" && v == "0")) {
+    return kStart + shown;
+  }
+  if (one_of(name, {"help", "usage", "version"})) return "would make sbatch print and submit nothing" + shown;
+  if (name == "quiet") return "would keep sbatch from printing the job id memfitd reads" + shown;
+  if (device == "cpu" && one_of(name, {"mem", "mem-per-cpu"})) {
+    return "would replace the host memory memfitd sets from the reservation for cpu workers" + shown;
   }
   return "";
 }
@@ -141,55 +181,61 @@ std::string SbatchArgProblem(const std::string& arg, const std::string& device) 
            "(--account=ml)";
   }
   if (arg == "-" || arg == "--") return "would end sbatch's options";
-  const auto applies = [&](const SbatchRule& r) { return !r.cpu_only || device == "cpu"; };
   if (arg[1] == '-') {
+    // A long option, resolved as getopt_long resolves it: the exact name, else the one
+    // option the name begins.
     const size_t eq = arg.find('=');
     const std::string name = arg.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
     if (name.find_first_of(" \t") != std::string::npos) {
       return "holds an option and its value apart: one item is one argument, write --option=value";
     }
-    bool exact = false;  // getopt_long takes an option's exact name over longer ones it begins
-    for (const auto& r : kSbatchRules) {
-      if (name != r.name) continue;
-      if (applies(r)) return std::string(r.why) + " (--" + r.name + ")";
-      exact = true;
-    }
-    for (const auto& r : kSbatchRules) {
-      if (!exact && applies(r) && std::string(r.name).rfind(name, 0) == 0) {
-        return "may be read by sbatch as --" + std::string(r.name) + ", which " + r.why +
-               "; write options in full";
+    const SbatchOption* found = nullptr;
+    int prefixed = 0;
+    std::string candidates;
+    for (const auto& o : kSbatchOptions) {
+      if (name == o.name) {
+        found = &o;
+        prefixed = 1;
+        break;
+      }
+      if (!name.empty() && std::string(o.name).rfind(name, 0) == 0) {
+        found = &o;
+        ++prefixed;
+        candidates += std::string(candidates.empty() ? "" : ", ") + "--" + o.name;
       }
     }
-    if (eq != std::string::npos && std::string("nodelist").rfind(name, 0) == 0) {
-      return nodelist_problem(arg.substr(eq + 1));
-    }
-    // A flag may be abbreviated as sbatch allows (a prefix that also begins an option
-    // with a value is ambiguous, and sbatch refuses it itself).
-    if (eq == std::string::npos && std::none_of(std::begin(kSbatchFlags), std::end(kSbatchFlags), [&](const char* f) {
-          return std::string(f).rfind(name, 0) == 0;
-        })) {
+    if (prefixed == 0) return "is not an sbatch option (sbatch 22.05's options are known; misspelt?)";
+    if (prefixed > 1) return "is ambiguous: sbatch could read it as " + candidates + "; write the option in full";
+    const std::string value = eq == std::string::npos ? "" : arg.substr(eq + 1);
+    if (found->has_arg == 1 && eq == std::string::npos) {
       return "has no '=value': sbatch would take the next argument, the batch script, as its value; write "
-             "--option=value in one item (or a flag's full name)";
+             "--" + std::string(found->name) + "=value in one item";
     }
-    return "";
+    if (found->has_arg == 0 && eq != std::string::npos) return "gives a value to --" + std::string(found->name) + ", which takes none";
+    return option_problem(found->name, eq == std::string::npos ? nullptr : &value, device);
   }
+  // Short options, bundled as getopt reads them: flags until one that takes a value, which
+  // takes the rest of the item.
   for (size_t i = 1; i < arg.size(); ++i) {
     const char c = arg[i];
-    if (c == ' ') return "holds an option and its value apart: one item is one argument, write -Xvalue or --option=value";
-    for (const auto& r : kSbatchRules) {
-      if (r.letter == c && applies(r)) return std::string(r.why) + " (-" + c + ", --" + r.name + ")";
+    const SbatchOption* found = nullptr;
+    for (const auto& o : kSbatchOptions) {
+      if (o.letter == c) found = &o;
     }
-    if (c == 'k') return "";  // --no-kill[=off]: the rest is its optional value
-    if (std::strchr(kSbatchValued, c) != nullptr && i + 1 < arg.size() && arg[i + 1] == ' ') {
+    if (found == nullptr) return std::string("has -") + c + ", which is not an sbatch option";
+    if (found->has_arg == 0) {
+      if (const std::string why = option_problem(found->name, nullptr, device); !why.empty()) return why;
+      continue;
+    }
+    const std::string rest = arg.substr(i + 1);
+    if (found->has_arg == 1 && rest.empty()) {
+      return std::string("needs its value in the same item (-") + c +
+             "value): sbatch would take the next argument, the batch script, as the value";
+    }
+    if (!rest.empty() && (rest[0] == ' ' || rest[0] == '\t')) {
       return "holds an option and its value apart: one item is one argument, write -Xvalue or --option=value";
     }
-    if (std::strchr(kSbatchValued, c) != nullptr) {
-      if (i + 1 == arg.size()) {
-        return std::string("needs its value in the same item (-") + c +
-               "value): sbatch would take the next argument, the batch script, as the value";
-      }
-      return c == 'w' ? nodelist_problem(arg.substr(i + 1)) : "";
-    }
+    return option_problem(found->name, rest.empty() ? nullptr : &rest, device);
   }
   return "";
 }
@@ -802,7 +848,14 @@ std::unique_ptr<Worker> SlurmLauncher::adopt(int64_t pid, const std::string& out
 std::map<std::string, std::string> SlurmLauncher::withdraw(const std::set<std::string>& job_ids) {
   bool checked = false;
   if (job_ids.empty()) return {};
-  return shared_->withdraw(job_ids, &checked);
+  auto out = shared_->withdraw(job_ids, &checked);
+  if (!checked) {
+    std::fprintf(stderr,
+                 "memfitd: squeue failed, so Slurm could not be asked whether a submission of a queued or cancelled "
+                 "job was left from before this start; look for unfinished jobs named memfit-<job id> of jobs "
+                 "memfit does not show running\n");
+  }
+  return out;
 }
 
 std::unique_ptr<Worker> SlurmLauncher::gone(const std::string& out_path, int64_t offset) {

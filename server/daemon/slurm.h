@@ -55,12 +55,14 @@ std::vector<std::string> SbatchArgs(const WorkerLaunch& l, const SlurmConfig& s,
 // Why one item of slurm.sbatch_args cannot go into memfitd's sbatch command ("" when it
 // can), for a worker running on `device` (cuda | cpu). memfitd puts the items, one
 // argument each, after its own options and before the script, so each item must be one
-// whole option (`--name=value` or `-Xvalue`; a bare word would become the batch script),
-// and none may replace what memfitd sets, change how many nodes or GPUs a job gets, delay
-// or hold its start, make sbatch wait or print instead of submitting, or (cpu workers) set
-// host memory, which memfitd sets from the reservation. Abbreviations sbatch would take
-// for those (getopt_long accepts unique prefixes: --gre, --depend) and short options
-// bundled after others (-vH) are read as sbatch reads them. Tested against glibc's own
+// whole option of sbatch 22.05 (`--name=value` or `-Xvalue`; a bare word would become the
+// batch script, a value in the next item would swallow it), read as sbatch's getopt_long
+// reads it (unique prefixes such as --depend, bundles such as -vH; unknown and ambiguous
+// names are refused, as sbatch would refuse them at every submission). None may replace
+// what memfitd sets, change how many nodes or GPUs a job gets, delay or hold its start,
+// make sbatch wait, print instead of submitting or hide the job id, or (cpu workers) set
+// host memory, which memfitd sets from the reservation. Values that ask for what memfitd
+// asks anyway pass (--nodes=1, --ntasks=1, --exclusive=user). Tested against glibc's own
 // getopt_long in tests/daemon/test_slurm.cpp.
 std::string SbatchArgProblem(const std::string& arg, const std::string& device);
 

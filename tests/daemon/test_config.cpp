@@ -76,13 +76,15 @@ TEST_F(ConfigYaml, CarelessSlurmSettingsAreNamed) {
   const std::string head = "executor: slurm\nslurm:\n  partition: gpu\n  shards_per_gpu: 8\n  gpus: 4\n";
   const std::string good = head + "  shard_memory: 10GiB\n";
   EXPECT_EQ(load(good + "  sbatch_args: [--account=ml, -t120, --mem=64G]\n"), "");
+  // Kept beside an explicit executor: local (switching back and forth): unused, accepted.
+  EXPECT_EQ(load("executor: local\nslurm: {partition: gpu}\n"), "");
   const struct {
     std::string yaml;
     const char* needle;
   } cases[] = {
       {"slurm: {partition: gpu, shard_memory: 10GiB, shards_per_gpu: 8, gpus: 4}\n",
        "slurm: this section is read only with executor: slurm"},
-      {"executor: local\nslurm: {partition: gpu}\n", "slurm: this section is read only with executor: slurm"},
+
       {head + "  shard_memory: 10\n", "slurm.shard_memory: 10 bytes is under 1 MiB; give a unit"},
       {head + "  shard_memory: 10TiB\n", "over 16 TiB; check the unit of shard_memory"},
       {"executor: slurm\nslurm: {partition: 'gpu,debug', shard_memory: 1GiB, shards_per_gpu: 8, gpus: 1}\n",
@@ -95,8 +97,8 @@ TEST_F(ConfigYaml, CarelessSlurmSettingsAreNamed) {
       {good + "  sbatch_args: [\"--account ml\"]\n", "slurm.sbatch_args: '--account ml' holds an option and its value"},
       {good + "  sbatch_args: [--account, ml]\n", "slurm.sbatch_args: '--account' has no '=value'"},
       {good + "  sbatch_args: [--gpus=1]\n", "slurm.sbatch_args: '--gpus=1' would change how many nodes or GPUs"},
-      {good + "  sbatch_args: [--depend=afterok:7]\n", "may be read by sbatch as --dependency"},
-      {good + "  sbatch_args: [-vH]\n", "(-H, --hold)"},
+      {good + "  sbatch_args: [--depend=afterok:7]\n", "(--dependency=afterok:7)"},
+      {good + "  sbatch_args: [-vH]\n", "(--hold)"},
       {good + "  sbatch_args: [--mem=4G]\n  device: cpu\n", "slurm.sbatch_args: '--mem=4G' would replace the host memory"},
   };
   for (const auto& c : cases) {
