@@ -347,68 +347,43 @@ void Core::admit_released() {
 void Core::tick() {
   admit_released();
   std::vector<Starting> starting;
-  std::exception_ptr error;
+  std::exception_ptr error;  // the first store error, thrown once every placement is committed
   {
     absl::MutexLock lock(&mu_);
     starting = tick_locked(&error);
     // fork + exec is quick: local workers start under the lock.
-    if (cfg_.executor != "slurm" || starting.empty()) {
-      std::vector<std::string> errors;
-      auto procs = launch_all(starting, &errors);
-      commit_all(starting, procs, errors);
-      if (error) std::rethrow_exception(error);
-      return;
+    if (cfg_.executor != "slurm") {
+      for (auto& st : starting) {
+        std::string why;
+        auto proc = launch(st, &why);
+        commit_start(st, std::move(proc), why, &error);
+      }
+      starting.clear();
     }
   }
   // sbatch waits on slurmctld (up to its 30 s limit), so the Slurm executor submits
   // without the lock: submit, cancel, watch, devices and /metrics go on meanwhile. The
-  // placements stay reserved in the scheduler; a cancel that comes meanwhile is seen by
-  // commit_start, which withdraws the submission; a restart before commit_start withdraws
-  // it too (the job is still queued and its submission unrecorded). Only this thread
-  // places jobs, so nothing else starts these.
-  // Each committed as soon as its sbatch answers: its Slurm id recorded, or a cancel
-  // meanwhile acted on, without waiting for the pass's other submissions.
+  // placements stay reserved in the scheduler; each is committed as soon as its sbatch
+  // answers (its Slurm id recorded, or a cancel meanwhile acted on: commit_start
+  // withdraws the submission); a restart before that withdraws it too (the job is still
+  // queued and its submission unrecorded). Only this thread places jobs, so nothing else
+  // starts these.
   for (auto& st : starting) {
-    std::vector<Starting> one;
-    one.push_back(std::move(st));
-    std::vector<std::string> errors;
-    auto procs = launch_all(one, &errors);
+    std::string why;
+    auto proc = launch(st, &why);
     absl::MutexLock lock(&mu_);
-    try {
-      commit_start(one[0], std::move(procs[0]), errors[0]);
-    } catch (...) {
-      if (!error) error = std::current_exception();
-    }
+    commit_start(st, std::move(proc), why, &error);
   }
   if (error) std::rethrow_exception(error);
 }
 
-void Core::commit_all(std::vector<Starting>& starting, std::vector<std::unique_ptr<Worker>>& procs,
-                      const std::vector<std::string>& errors) {
-  // Each on its own: a store error on one must not leave the others' workers untracked.
-  std::exception_ptr first;
-  for (size_t i = 0; i < starting.size(); ++i) {
-    try {
-      commit_start(starting[i], std::move(procs[i]), errors[i]);
-    } catch (...) {
-      if (!first) first = std::current_exception();
-    }
+std::unique_ptr<Worker> Core::launch(const Starting& st, std::string* error) {
+  try {
+    return launcher_->start(st.launch);
+  } catch (const std::exception& e) {
+    *error = e.what();
+    return nullptr;
   }
-  if (first) std::rethrow_exception(first);
-}
-
-std::vector<std::unique_ptr<Worker>> Core::launch_all(const std::vector<Starting>& starting,
-                                                      std::vector<std::string>* errors) {
-  std::vector<std::unique_ptr<Worker>> procs(starting.size());
-  errors->assign(starting.size(), "");
-  for (size_t i = 0; i < starting.size(); ++i) {
-    try {
-      procs[i] = launcher_->start(starting[i].launch);
-    } catch (const std::exception& e) {
-      (*errors)[i] = e.what();
-    }
-  }
-  return procs;
 }
 
 std::vector<Core::Starting> Core::tick_locked(std::exception_ptr* error) {
@@ -576,7 +551,6 @@ std::optional<Core::Starting> Core::prepare_start(const sched::Placement& p) {
   j.set_device(p.device);
   j.mutable_plan()->set_reserved_bytes(p.reservation_bytes);
   try {
-    const std::string dir = rules_.jobs_dir + "/" + j.id();
     fsx::Dir jobs = fsx::Dir::open_below(rules_.jobs_dir, rules_.jobs_dir, true);
     jobs.mkdirs(j.id());
     ::fchmodat(jobs.fd(), j.id().c_str(), 0711, 0);
@@ -608,7 +582,8 @@ std::optional<Core::Starting> Core::prepare_start(const sched::Placement& p) {
   return s;
 }
 
-void Core::commit_start(Starting& s, std::unique_ptr<Worker> proc, const std::string& error) {
+void Core::commit_start(Starting& s, std::unique_ptr<Worker> proc, const std::string& error,
+                        std::exception_ptr* store_error) {
   const std::string id = s.placement.job_id;
   submitting_.erase(id);
   try {
@@ -620,7 +595,7 @@ void Core::commit_start(Starting& s, std::unique_ptr<Worker> proc, const std::st
     if (proc) proc->kill();
     sched_.release(id);
     held_[id] = now() + 1000;
-    throw;
+    if (!*store_error) *store_error = std::current_exception();
   }
 }
 

@@ -173,16 +173,16 @@ class Core {
   // once the others are started.
   std::vector<Starting> tick_locked(std::exception_ptr* error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::optional<Starting> prepare_start(const sched::Placement& p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The launcher's start of each; a failure's message in (*errors)[i]. Takes no lock.
-  std::vector<std::unique_ptr<Worker>> launch_all(const std::vector<Starting>& starting,
-                                                  std::vector<std::string>* errors);
-  void commit_start(Starting& s, std::unique_ptr<Worker> proc, const std::string& error)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The launcher's start of one placement; nullptr with the message in *error when it
+  // fails. Takes no lock (tick calls it with or without mu_).
+  std::unique_ptr<Worker> launch(const Starting& st, std::string* error);
+  // A store error stops what was started, gives the place back and queues the job again
+  // (held_); the first is kept in *store_error for tick to throw.
+  void commit_start(Starting& s, std::unique_ptr<Worker> proc, const std::string& error,
+                    std::exception_ptr* store_error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // commit_start's work; `proc` is moved into active_ only once the store has it all.
   void commit_placed(Starting& s, std::unique_ptr<Worker>& proc, const std::string& error)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void commit_all(std::vector<Starting>& starting, std::vector<std::unique_ptr<Worker>>& procs,
-                  const std::vector<std::string>& errors) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The executor could not start it: Slurm's jobs back to the queue after a back-off on
   // their crash budget, anything else failed as the system's fault.
   void start_failed(v1::Job& j, const std::string& why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -140,6 +140,14 @@ class CoreTest : public ::testing::Test {
     core_ = std::make_unique<Core>(cfg_, *store_, devices_, [this] { return now_; }, &launcher_);
     core_->start(/*run_loop=*/false);
   }
+  // The Slurm executor on one partition of one GPU in 16 shards of 16 MiB (Open() applies it).
+  void UseSlurm() {
+    cfg_.executor = "slurm";
+    cfg_.slurm.partition = "p";
+    cfg_.slurm.shard_memory = 16 * MiB;
+    cfg_.slurm.shards_per_gpu = 16;
+    cfg_.slurm.gpus = 1;
+  }
   v1::SubmitJobRequest Request(const std::string& out = "") {
     v1::SubmitJobRequest r;
     v1::JobSpec& s = *r.mutable_spec();
@@ -293,11 +301,7 @@ TEST_F(CoreTest, SpreadsOverIdleDevicesAndLearnsComputeSharing) {
 // With the Slurm executor a failed submission (a controller restarting) is not the job's
 // end: it waits out a back-off and is queued again, on its crash budget; cancel reaches it.
 TEST_F(CoreTest, SlurmSubmissionFailuresBackOffThenRetry) {
-  cfg_.executor = "slurm";
-  cfg_.slurm.partition = "p";
-  cfg_.slurm.shard_memory = 16 * MiB;
-  cfg_.slurm.shards_per_gpu = 16;
-  cfg_.slurm.gpus = 1;
+  UseSlurm();
   cfg_.crash_retries = 1;
   Open();
   const v1::Job j = Submit();
@@ -352,11 +356,7 @@ TEST_F(CoreTest, SlurmSubmissionFailuresBackOffThenRetry) {
 // lands meanwhile wins: the submitted Slurm job is withdrawn, the reservation freed, and
 // the next job starts normally.
 TEST_F(CoreTest, SlurmSubmitsWithoutTheLockAndACancelMeanwhileWithdrawsIt) {
-  cfg_.executor = "slurm";
-  cfg_.slurm.partition = "p";
-  cfg_.slurm.shard_memory = 16 * MiB;
-  cfg_.slurm.shards_per_gpu = 16;
-  cfg_.slurm.gpus = 1;
+  UseSlurm();
   Open();
   const v1::Job j = Submit();
   bool answered = false;
@@ -369,7 +369,9 @@ TEST_F(CoreTest, SlurmSubmitsWithoutTheLockAndACancelMeanwhileWithdrawsIt) {
     // would in time, and the test fails here rather than hangs.
     answered = cancel.wait_for(std::chrono::seconds(20)) == std::future_status::ready &&
                devices.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
-    if (answered) EXPECT_EQ(devices.get().devices_size(), 1);
+    if (answered) {
+      EXPECT_EQ(devices.get().devices_size(), 1);
+    }
   };
   core_->tick();
   launcher_.on_start = nullptr;

@@ -31,6 +31,18 @@ namespace fs = std::filesystem;
 using namespace memfit::daemon;
 constexpr int64_t MiB = int64_t{1} << 20;
 
+// A folder of the test's own, removed with everything in it when the test ends.
+struct TmpDir {
+  TmpDir() {
+    char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
+    path = mkdtemp(tmpl);
+  }
+  ~TmpDir() { fs::remove_all(path); }
+  TmpDir(const TmpDir&) = delete;
+  TmpDir& operator=(const TmpDir&) = delete;
+  std::string path;
+};
+
 SlurmConfig Cfg() {
   SlurmConfig s;
   s.partition = "gpu-shared";
@@ -68,8 +80,8 @@ TEST(Slurm, ScriptQuotesEveryWord) {
                    "'/data/o'\\''brien; rm -rf ~'\n"),
             std::string::npos);
   // The script as sh runs it: every argument arrives as one word, nothing is expanded.
-  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
+  const TmpDir tmp;  // removed at the end, also when an assertion stops the test
+  const std::string& dir = tmp.path;
   WorkerLaunch echo = l;
   echo.binary = "/usr/bin/printf";
   echo.args = {"[%s]", "a b", "o'brien; rm -rf ~", "$(id)", "`id`"};
@@ -79,7 +91,6 @@ TEST(Slurm, ScriptQuotesEveryWord) {
   std::stringstream got;
   got << std::ifstream(dir + "/out").rdbuf();
   EXPECT_EQ(got.str(), "[a b][o'brien; rm -rf ~][$(id)][`id`]");
-  fs::remove_all(dir);
 }
 
 TEST(Slurm, SbatchArguments) {
@@ -434,8 +445,8 @@ struct FakeSlurm {
 };
 
 TEST(Slurm, LauncherSubmitsFollowsAndCancels) {
-  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
+  const TmpDir tmp;  // removed at the end, also when an assertion stops the test
+  const std::string& dir = tmp.path;
   FakeSlurm slurm;
   int64_t now = 1000;
   SlurmConfig cfg = Cfg();
@@ -505,7 +516,6 @@ TEST(Slurm, LauncherSubmitsFollowsAndCancels) {
   } catch (const std::runtime_error& e) {
     EXPECT_NE(std::string(e.what()).find("Invalid partition name"), std::string::npos) << e.what();
   }
-  fs::remove_all(dir);
 }
 
 // After a restart: a queued job's submission that memfitd never recorded is withdrawn,
@@ -543,8 +553,8 @@ WorkerLaunch TinyLaunch(const std::string& dir) {
 }
 
 TEST(Slurm, SqueueFailingNeverEndsAJob) {
-  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
+  const TmpDir tmp;  // removed at the end, also when an assertion stops the test
+  const std::string& dir = tmp.path;
   FakeSlurm slurm;
   bool down = false;
   int64_t now = 1000;
@@ -565,12 +575,11 @@ TEST(Slurm, SqueueFailingNeverEndsAJob) {
     now += 1000;
     EXPECT_FALSE(w->exited());
   }
-  fs::remove_all(dir);
 }
 
 TEST(Slurm, SqueueDownIsAskedOncePerPollInterval) {
-  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
+  const TmpDir tmp;  // removed at the end, also when an assertion stops the test
+  const std::string& dir = tmp.path;
   FakeSlurm slurm;
   bool down = false;
   int squeues = 0;
@@ -598,12 +607,11 @@ TEST(Slurm, SqueueDownIsAskedOncePerPollInterval) {
   down = false;
   for (auto& w : ws) EXPECT_FALSE(w->exited());
   EXPECT_EQ(squeues, 2);
-  fs::remove_all(dir);
 }
 
 TEST(Slurm, SbatchKilledAfterQueueingLeavesNoJobBehind) {
-  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
+  const TmpDir tmp;  // removed at the end, also when an assertion stops the test
+  const std::string& dir = tmp.path;
   FakeSlurm slurm;
   int64_t now = 1000;
   SlurmLauncher L(Cfg(), [&](const std::vector<std::string>& a) { return slurm(a); }, [&] { return now; });
@@ -613,7 +621,6 @@ TEST(Slurm, SbatchKilledAfterQueueingLeavesNoJobBehind) {
   EXPECT_THROW(L.start(l), std::runtime_error);
   // The controller queued it as 40: withdrawn, since memfitd fails (or retries) the attempt.
   EXPECT_EQ(slurm.calls.back(), (std::vector<std::string>{"scancel", "40"}));
-  fs::remove_all(dir);
 }
 
 // memfitd's mode: squeue, sacct and scancel run in the launcher's thread. A controller
@@ -621,8 +628,8 @@ TEST(Slurm, SbatchKilledAfterQueueingLeavesNoJobBehind) {
 // exited(), status_change() and terminate() return while squeue hangs, and the answers
 // arrive once it comes back.
 TEST(Slurm, BackgroundModeNeverWaitsForAHungController) {
-  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
+  const TmpDir tmp;  // removed at the end, also when an assertion stops the test
+  const std::string& dir = tmp.path;
   FakeSlurm slurm;
   std::mutex m;  // the fake is called from two threads
   absl::Notification in_squeue, release;
@@ -681,15 +688,14 @@ TEST(Slurm, BackgroundModeNeverWaitsForAHungController) {
   int cancels = 0;
   for (const auto& c : slurm.calls) cancels += c[0] == "scancel" && c.back() == "40";
   EXPECT_EQ(cancels, 1);
-  fs::remove_all(dir);
 }
 
 // A squeue begun while sbatch was still submitting does not list the new job: the job must
 // not be taken for one that ended (sacct, which knows finished jobs only, would not know it
 // either, and the attempt would count as lost while it runs on Slurm).
 TEST(Slurm, BackgroundSqueueBegunBeforeTheSubmissionNeverEndsIt) {
-  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
+  const TmpDir tmp;  // removed at the end, also when an assertion stops the test
+  const std::string& dir = tmp.path;
   FakeSlurm slurm;
   std::mutex m;
   std::atomic<int> squeues{0};
@@ -740,14 +746,13 @@ TEST(Slurm, BackgroundSqueueBegunBeforeTheSubmissionNeverEndsIt) {
   L.reset();
   std::lock_guard<std::mutex> g(m);
   for (const auto& c : slurm.calls) EXPECT_NE(c[0], "sacct");  // never looked for as ended
-  fs::remove_all(dir);
 }
 
 // memfitd repeats kill() every tick while it waits for a job to end: with a slow
 // controller the queued cancels stay one per job, not one per call.
 TEST(Slurm, BackgroundCancelsAreOnePerJob) {
-  char tmpl[] = "/tmp/memfit-slurm-XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
+  const TmpDir tmp;  // removed at the end, also when an assertion stops the test
+  const std::string& dir = tmp.path;
   FakeSlurm slurm;
   std::mutex m;
   absl::Notification release;
@@ -775,7 +780,6 @@ TEST(Slurm, BackgroundCancelsAreOnePerJob) {
   ASSERT_GE(cancels.size(), 1u);
   ASSERT_LE(cancels.size(), 2u);
   EXPECT_EQ(cancels.back(), (std::vector<std::string>{"scancel", "40"}));
-  fs::remove_all(dir);
 }
 
 TEST(Slurm, RunCommandCapturesAndTimesOut) {
