@@ -83,10 +83,17 @@ std::string placement_of(const std::string& v, const std::string& key) {
   throw ConfigError(key + ": expected spread or best_fit, got '" + v + "'");
 }
 
-// YAML lets a mapping name a key twice and keeps one silently: refused, naming it.
-void no_repeats(const YAML::Node& n, const std::string& where) {
+// YAML lets a mapping name a key twice and keeps one silently: refused, naming it. An
+// alias can make a node its own child (`a: &x [*x]`) or repeat a part exponentially
+// (`b: &y [*x, *x]`, ...): the walk stops, naming where, past kMaxDepth levels or kMaxNodes
+// values; no real configuration comes near either.
+constexpr int kMaxDepth = 32;
+constexpr int64_t kMaxNodes = 100000;
+void no_repeats(const YAML::Node& n, const std::string& where, int depth, int64_t* nodes) {
+  if (depth > kMaxDepth) throw ConfigError(where + ": nested deeper than " + std::to_string(kMaxDepth) + " levels (an alias that contains itself?)");
+  if (++*nodes > kMaxNodes) throw ConfigError(where + ": the file holds more than " + std::to_string(kMaxNodes) + " values (aliases repeating a part?)");
   if (n.IsSequence()) {
-    for (size_t i = 0; i < n.size(); ++i) no_repeats(n[i], where + "[" + std::to_string(i) + "]");
+    for (size_t i = 0; i < n.size(); ++i) no_repeats(n[i], where + "[" + std::to_string(i) + "]", depth + 1, nodes);
   } else if (n.IsMap()) {
     std::set<std::string> seen;
     const std::string dot = where.empty() || where.back() == ' ' ? "" : ".";
@@ -94,7 +101,7 @@ void no_repeats(const YAML::Node& n, const std::string& where) {
       if (!kv.first.IsScalar()) continue;  // refused by key_of where it is read
       const std::string k = kv.first.as<std::string>();
       if (!seen.insert(k).second) throw ConfigError(where + dot + k + ": given twice (" + line_of(kv.first) + ")");
-      no_repeats(kv.second, where + dot + k);
+      no_repeats(kv.second, where + dot + k, depth + 1, nodes);
     }
   }
 }
@@ -104,7 +111,10 @@ void apply_settings(Config& c, const YAML::Node& root, const std::string& p);
 void apply_yaml(Config& c, const std::string& path) {
   YAML::Node root;
   try {
-    root = YAML::LoadFile(path);
+    const std::vector<YAML::Node> docs = YAML::LoadAllFromFile(path);
+    // A second document (after ---) would be ignored: refused rather than half read.
+    if (docs.size() > 1) throw ConfigError(path + ": holds " + std::to_string(docs.size()) + " YAML documents; memfitd reads one");
+    if (!docs.empty()) root = docs[0];
   } catch (const YAML::Exception& e) {
     throw ConfigError(path + ": " + e.what());
   }
@@ -120,7 +130,8 @@ void apply_yaml(Config& c, const std::string& path) {
 }
 
 void apply_settings(Config& c, const YAML::Node& root, const std::string& p) {
-  no_repeats(root, p);
+  int64_t nodes = 0;
+  no_repeats(root, p, 0, &nodes);
   for (const auto& kv : root) {
     const std::string k = key_of(kv.first, p + "(top level)");
     const YAML::Node& v = kv.second;
@@ -441,7 +452,12 @@ Config load_config(const std::vector<std::string>& args, const std::string& argv
     }
     for (const auto& a : s.sbatch_args) {
       const std::string why = SbatchArgProblem(a, s.device);
-      if (!why.empty()) throw ConfigError("slurm.sbatch_args: '" + a + "' " + why);
+      if (!why.empty()) {
+        std::string shown;  // control characters (a NUL, an escape) never reach the terminal raw
+        for (char ch : a.substr(0, 200)) shown += static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f ? '?' : ch;
+        if (a.size() > 200) shown += "...";
+        throw ConfigError("slurm.sbatch_args: '" + shown + "' " + why);
+      }
     }
     if (!s.bin_dir.empty() && s.bin_dir.front() != '/') throw ConfigError("slurm.bin_dir: must be absolute, got '" + s.bin_dir + "'");
   }

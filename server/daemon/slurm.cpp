@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -133,7 +134,16 @@ bool one_of(const std::string& v, std::initializer_list<const char*> options) {
 // Why option `name` (resolved), with `value` (nullptr: none given), may not be added.
 std::string option_problem(const std::string& name, const std::string* value, const std::string& device) {
   const std::string v = value != nullptr ? *value : "";
+  std::string lower = v;
+  for (char& ch : lower) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   const std::string shown = " (--" + name + (value != nullptr ? "=" + v : "") + ")";
+  // Several options list their choices for a value of "help" (--hint=help,
+  // --mem-bind=verbose,help) and exit without submitting.
+  for (size_t b = 0; b <= lower.size();) {
+    const size_t e = std::min(lower.find(',', b), lower.size());
+    if (lower.substr(b, e - b) == "help") return "would make sbatch print and submit nothing" + shown;
+    b = e + 1;
+  }
   if (one_of(name, {"partition", "gres", "uid", "gid", "output", "error", "chdir", "export", "export-file", "wrap",
                     "job-name", "parsable", "open-mode", "requeue", "no-requeue"}) ||
       (name == "ntasks" && v != "1")) {
@@ -141,7 +151,8 @@ std::string option_problem(const std::string& name, const std::string* value, co
   }
   if (one_of(name, {"gpus", "gpus-per-node", "gpus-per-task", "gpus-per-socket", "cpus-per-gpu", "mem-per-gpu",
                     "ntasks-per-gpu", "ntasks-per-tres", "nodefile"}) ||
-      (name == "nodes" && v != "1" && v != "1-1") || (name == "exclusive" && v != "user" && v != "mcs")) {
+      (name == "nodes" && v != "1" && v != "1-1") ||
+      (name == "exclusive" && lower != "user" && lower != "mcs")) {
     return kShape + shown;
   }
   if (name == "constraint" && v.find('*') != std::string::npos) {
@@ -158,10 +169,20 @@ std::string option_problem(const std::string& name, const std::string* value, co
     }
     return "";
   }
+  // A priority is a positive whole number or TOP; sbatch reads anything else (00, +0,
+  // abc) as 0, which holds the job.
+  const bool positive = !v.empty() && v.find_first_not_of("0123456789") == std::string::npos &&
+                        v.find_first_not_of('0') != std::string::npos;
   if (one_of(name, {"hold", "dependency", "array", "begin", "test-only", "wait", "clusters", "cluster"}) ||
-      (name == "priority" && v == "0")) {
+      (name == "priority" && !positive && lower != "top")) {
     return kStart + shown;
   }
+  const std::string digits = v.substr(0, v.find_first_not_of("0123456789"));
+  if (name == "mem" && !digits.empty() && digits.find_first_not_of('0') == std::string::npos) {
+    return "asks for all of a node's memory, so no other job could share the node" + shown;
+  }
+  if (name == "reboot") return "would reboot the shared node before each job" + shown;
+  if (name == "no-kill" && value != nullptr && lower != "off") return "takes no value but off" + shown;
   if (one_of(name, {"help", "usage", "version"})) return "would make sbatch print and submit nothing" + shown;
   if (name == "quiet") return "would keep sbatch from printing the job id memfitd reads" + shown;
   if (device == "cpu" && one_of(name, {"mem", "mem-per-cpu"})) {
@@ -181,6 +202,8 @@ std::string SbatchArgProblem(const std::string& arg, const std::string& device) 
            "(--account=ml)";
   }
   if (arg == "-" || arg == "--") return "would end sbatch's options";
+  // The kernel limits one argument to 128 KiB; nothing memfitd's jobs need comes near 4 KiB.
+  if (arg.size() > 4096) return "is over 4096 bytes";
   if (arg[1] == '-') {
     // A long option, resolved as getopt_long resolves it: the exact name, else the one
     // option the name begins.

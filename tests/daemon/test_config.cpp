@@ -105,6 +105,26 @@ TEST_F(ConfigYaml, CarelessSlurmSettingsAreNamed) {
     const std::string got = load(c.yaml);
     EXPECT_NE(got.find(c.needle), std::string::npos) << c.yaml << " -> " << got;
   }
+  // A control character in a refused item never reaches the terminal raw, and the reason
+  // is not cut short at a NUL.
+  const std::string nul = load(good + "  sbatch_args: [\"--account=ml\\0x\"]\n");
+  EXPECT_NE(nul.find("'--account=ml?x' holds a control character"), std::string::npos) << nul;
+}
+
+// Aliases that make a node its own child, or repeat a part exponentially, and a second
+// document: refused by name, never a crash, a hang or a setting silently dropped.
+TEST_F(ConfigYaml, AliasBombsAndSecondDocumentsAreRefused) {
+  EXPECT_NE(load("junk: &a [*a]\n").find("nested deeper than 32 levels"), std::string::npos);
+  std::string bomb = "a0: &a0 {k: x}\n";
+  for (int i = 1; i <= 40; ++i) {
+    bomb += "a" + std::to_string(i) + ": &a" + std::to_string(i) + " [*a" + std::to_string(i - 1) + ", *a" +
+            std::to_string(i - 1) + "]\n";
+  }
+  const std::string got = load(bomb);
+  EXPECT_TRUE(got.find("more than 100000 values") != std::string::npos ||
+              got.find("nested deeper") != std::string::npos)
+      << got;
+  EXPECT_NE(load("executor: local\n---\nexecutor: slurm\n").find("holds 2 YAML documents"), std::string::npos);
 }
 
 // Random documents: every setting memfitd knows (and some it does not), each given a value

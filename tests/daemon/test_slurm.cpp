@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -121,7 +122,7 @@ TEST(Slurm, SbatchArguments) {
 // for it pass; the rest are refused with the reason.
 TEST(Slurm, SbatchArgProblems) {
   const struct {
-    const char* arg;
+    std::string arg;
     const char* device;
     const char* want;  // "" = accepted, else a piece of the reason
   } cases[] = {
@@ -137,7 +138,7 @@ TEST(Slurm, SbatchArgProblems) {
       {"--mem=64G", "cpu", "host memory memfitd sets"},
       {"--mem-per", "cpu", "ambiguous"},
       {"--mem-per-c=1G", "cpu", "host memory"},
-      {"--rebo", "cuda", ""},  // --reboot, abbreviated as sbatch allows
+      {"--contig", "cuda", ""},  // --contiguous, abbreviated as sbatch allows
       {"--gres-flags=enforce-binding", "cuda", ""},
       {"--gpu-bind=closest", "cuda", ""},
       {"--nodelist=node3", "cuda", ""},
@@ -148,7 +149,18 @@ TEST(Slurm, SbatchArgProblems) {
       {"--nodelist", "cuda", "has no '=value'"},
       {"--verbose", "cuda", ""},
       {"-vO", "cuda", ""},
-      {"-kH", "cuda", ""},  // -k's optional value is "H", not --hold
+      {"-kH", "cuda", "takes no value but off"},  // -k's optional value is "H", not --hold
+      {"-koff", "cuda", ""},
+      {"--hint=help", "cuda", "print and submit nothing"},
+      {"--mem-bind=verbose,help", "cuda", "print and submit nothing"},
+      {"--hint=compute_bound", "cuda", ""},
+      {"--mem=0", "cuda", "all of a node's memory"},
+      {"--mem=0G", "cuda", "all of a node's memory"},
+      {"--reboot", "cuda", "reboot the shared node"},
+      {"--exclusive=USER", "cuda", ""},
+      {"--priority=00", "cuda", "delay, hold"},
+      {"--priority=abc", "cuda", "delay, hold"},
+      {"--priority=TOP", "cuda", ""},
       {"--uid=0", "cuda", "would replace what memfitd sets itself (--uid=0)"},
       {"-pother", "cuda", "(--partition=other)"},
       {"--part=other", "cuda", "(--partition=other)"},
@@ -196,6 +208,7 @@ TEST(Slurm, SbatchArgProblems) {
       {"", "cuda", "is not an option"},
       {"--", "cuda", "end sbatch's options"},
       {"--comment=a\nb", "cuda", "control character"},
+      {"--comment=" + std::string(5000, 'x'), "cuda", "over 4096 bytes"},
   };
   for (const auto& c : cases) {
     const std::string got = SbatchArgProblem(c.arg, c.device);
@@ -253,12 +266,25 @@ TEST(Slurm, SbatchArgProblemsAgreeWithGetopt) {
       "begin", "test-only", "wait", "clusters", "cluster", "help", "usage", "version", "quiet"};
   auto refused = [&](const std::string& name, const char* value, const std::string& device) {
     const std::string v = value != nullptr ? value : "";
-    if (never.count(name)) return true;
+    std::string lower = v;
+    for (char& ch : lower) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    std::stringstream parts(lower);
+    for (std::string part; std::getline(parts, part, ',');) {
+      if (part == "help") return true;  // sbatch lists the choices and submits nothing
+    }
+    if (never.count(name) || name == "reboot") return true;
+    if (name == "no-kill") return value != nullptr && lower != "off";
+    if (name == "mem" && !v.empty() && v[0] == '0' && std::stoll("0" + v.substr(0, v.find_first_not_of("0123456789"))) == 0) {
+      return true;  // 0: all of a node's memory
+    }
     if (device == "cpu" && (name == "mem" || name == "mem-per-cpu")) return true;
     if (name == "ntasks") return v != "1";
     if (name == "nodes") return v != "1" && v != "1-1";
-    if (name == "exclusive") return v != "user" && v != "mcs";
-    if (name == "priority") return v == "0";
+    if (name == "exclusive") return lower != "user" && lower != "mcs";
+    if (name == "priority") {  // sbatch reads anything but a positive number (or TOP) as 0
+      return lower != "top" && (v.empty() || v.find_first_not_of("0123456789") != std::string::npos ||
+                                std::stoll(v.substr(0, 18)) == 0);
+    }
     if (name == "constraint") return v.find('*') != std::string::npos;
     if (name == "nodelist") {  // several hosts: a list, a bracket range or list, a file
       const size_t lb = v.find('[');
@@ -281,7 +307,7 @@ TEST(Slurm, SbatchArgProblemsAgreeWithGetopt) {
   auto pick = [&](size_t n) { return static_cast<size_t>(rng() % n); };
   const std::vector<std::string> values = {"1",    "ml", "node1", "node1,node2", "node[1-3]", "a b",     "0-9",
                                            "gpu:1", "afterok:5", "", "off", "H", "1-1", "user", "f*2", "0",
-                                           "n1 n2", "gpu[07]", "2"};
+                                           "n1 n2", "gpu[07]", "2", "help", "verbose,help", "USER", "00", "TOP", "0G"};
   int refused_n = 0, rejected = 0, accepted = 0, either = 0;
   for (int n = 0; n < 20000; ++n) {
     const Opt& o = table[pick(table.size())];
