@@ -7,7 +7,13 @@
 //     marker with O_EXCL (ClaimOutput), against a plain mkdir + file;
 //   - inputs: opening an input beneath its root with openat2, against a plain open.
 //
+// With --slurm-burst N, instead: one scheduling pass of memfitd's core placing N queued
+// jobs on the Slurm executor, whose sbatch (a script here) takes --sbatch-seconds to
+// answer, as a slow controller would: the pass with slurm.parallel_submissions 1 (one
+// sbatch after another) against 4 and 8, alternately, medians of --reps passes.
+//
 //   memfit-bench-launch [--reps N] [--program /bin/true]
+//   memfit-bench-launch --slurm-burst 16 [--sbatch-seconds 0.25] [--reps 3]
 #include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -23,6 +29,8 @@
 #include <vector>
 
 #include "confined.h"
+#include "core.h"
+#include "devices.h"
 #include "paths.h"
 #include "runner.h"
 
@@ -55,15 +63,113 @@ void wait_exit(memfit::daemon::Worker& w) {
   while (!w.exited()) ::usleep(50);
 }
 
+// Seconds for one tick that places `jobs` queued jobs through the Slurm executor, sbatch
+// answering after `delay` seconds, `parallel` sbatch at once.
+double slurm_pass(const std::string& dir, int jobs, int parallel) {
+  namespace d = memfit::daemon;
+  const std::string state = dir + "/state-" + std::to_string(parallel);
+  fs::remove_all(state);
+  d::Config cfg;
+  cfg.state_dir = state;
+  cfg.read_roots = {dir + "/in"};
+  cfg.write_roots = {dir + "/out"};
+  cfg.worker = dir + "/memfit-worker";
+  cfg.gpus = false;
+  cfg.executor = "slurm";
+  cfg.slurm.partition = "bench";
+  cfg.slurm.shard_memory = int64_t{1} << 30;
+  cfg.slurm.shards_per_gpu = 8;
+  cfg.slurm.gpus = 64;
+  cfg.slurm.device = "cpu";
+  cfg.slurm.bin_dir = dir + "/bin";
+  cfg.slurm.parallel_submissions = parallel;
+  cfg.max_queued_per_user = std::max(cfg.max_queued_per_user, static_cast<int64_t>(jobs));
+  std::string log;
+  auto devices = d::DeviceMonitor::create(cfg, &log);
+  auto store = memfit::store::Store::open(state);
+  double seconds = 0;
+  {
+    d::Core core(cfg, *store, *devices);
+    core.start(/*run_loop=*/false);
+    memfit::v1::SubmitJobRequest r;
+    memfit::v1::JobSpec& s = *r.mutable_spec();
+    s.set_name("burst");
+    s.mutable_model()->set_architecture("gpt2");
+    s.mutable_model()->set_config_path(dir + "/in/config.json");
+    s.mutable_data()->set_train_path(dir + "/in/train.txt");
+    s.mutable_data()->set_format("text");
+    s.mutable_data()->set_tokenizer_path(dir + "/in/tok");
+    s.mutable_method()->set_kind("lora");
+    s.mutable_training()->set_steps(10);
+    s.mutable_training()->set_micro_batch(2);
+    s.mutable_training()->set_sequence_length(16);
+    for (int i = 0; i < jobs; ++i) core.submit(d::Caller{}, r);
+    const auto t0 = Clock::now();
+    core.tick();
+    seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    const auto list = core.list(d::Caller{}, memfit::v1::ListJobsRequest{});
+    int running = 0;
+    for (const auto& j : list.jobs()) running += j.state() == memfit::v1::RUNNING;
+    if (running != jobs) {
+      std::fprintf(stderr, "memfit-bench-launch: %d of %d jobs running after the pass\n", running, jobs);
+      std::exit(1);
+    }
+    core.stop(/*graceful=*/false);
+  }
+  return seconds;
+}
+
+int slurm_burst(int jobs, double delay, int reps) {
+  char tmpl[] = "/tmp/memfit-burst-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  fs::create_directories(dir + "/in/tok");
+  fs::create_directories(dir + "/out");
+  fs::create_directories(dir + "/bin");
+  std::ofstream(dir + "/in/config.json")
+      << R"({"model_type":"gpt2","vocab_size":1000,"n_embd":32,"n_layer":1,"n_head":2,"n_positions":64})";
+  std::ofstream(dir + "/in/train.txt") << "some text";
+  std::ofstream(dir + "/memfit-worker") << "";
+  // A controller that answers each sbatch after `delay` s; squeue lists nothing, scancel
+  // and sacct succeed.
+  auto script = [&](const std::string& name, const std::string& body) {
+    const std::string p = dir + "/bin/" + name;
+    std::ofstream(p) << "#!/bin/sh\n" << body << "\n";
+    fs::permissions(p, fs::perms::owner_all);
+  };
+  script("sbatch", "sleep " + std::to_string(delay) + "\necho $$");
+  script("squeue", "echo '{\"jobs\": []}'");
+  script("scancel", "exit 0");
+  script("sacct", "exit 0");
+  std::vector<double> t1, t4, t8;
+  for (int i = 0; i < reps; ++i) {
+    t1.push_back(slurm_pass(dir, jobs, 1));
+    t4.push_back(slurm_pass(dir, jobs, 4));
+    t8.push_back(slurm_pass(dir, jobs, 8));
+  }
+  std::printf("memfit-bench-launch: one pass placing %d jobs on the Slurm executor, sbatch answering after %.2f s, "
+              "medians of %d\n",
+              jobs, delay, reps);
+  std::printf("parallel_submissions 1: %6.2f s   4: %6.2f s (%.2fx faster)   8: %6.2f s (%.2fx faster)\n", median(t1),
+              median(t4), median(t1) / median(t4), median(t8), median(t1) / median(t8));
+  fs::remove_all(dir);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int reps = 200;
+  int burst = 0;
+  double sbatch_seconds = 0.25;
   std::string program = "/bin/true";
+  bool reps_given = false;
   for (int i = 1; i + 1 < argc; i += 2) {
-    if (std::strcmp(argv[i], "--reps") == 0) reps = std::atoi(argv[i + 1]);
+    if (std::strcmp(argv[i], "--reps") == 0) reps = std::atoi(argv[i + 1]), reps_given = true;
     if (std::strcmp(argv[i], "--program") == 0) program = argv[i + 1];
+    if (std::strcmp(argv[i], "--slurm-burst") == 0) burst = std::atoi(argv[i + 1]);
+    if (std::strcmp(argv[i], "--sbatch-seconds") == 0) sbatch_seconds = std::atof(argv[i + 1]);
   }
+  if (burst > 0) return slurm_burst(burst, sbatch_seconds, reps_given ? std::max(1, reps) : 3);
   char tmpl[] = "/tmp/memfit-launch-XXXXXX";
   const std::string dir = mkdtemp(tmpl);
   fs::create_directories(dir + "/jobs");

@@ -244,6 +244,7 @@ void apply_settings(Config& c, const YAML::Node& root, const std::string& p) {
         else if (sk == "run_as") sc.run_as = sv;
         else if (sk == "bin_dir") sc.bin_dir = sv;
         else if (sk == "poll_seconds") sc.poll_seconds = number(sv, f, 0.05, 3600);
+        else if (sk == "parallel_submissions") sc.parallel_submissions = whole(sv, f, 1, 64);
         else throw ConfigError(f + ": unknown setting");
       }
     } else if (k == "metrics") {
@@ -329,8 +330,9 @@ std::string describe(const Config& c) {
     const SlurmConfig& s = c.slurm;
     std::string args;
     for (const auto& a : s.sbatch_args) args += (args.empty() ? "" : ", ") + q(a);
-    std::snprintf(buf, sizeof buf, "shard_memory: %lld, shards_per_gpu: %d, gpus: %d, poll_seconds: %g",
-                  static_cast<long long>(s.shard_memory), s.shards_per_gpu, s.gpus, s.poll_seconds);
+    std::snprintf(buf, sizeof buf, "shard_memory: %lld, shards_per_gpu: %d, gpus: %d, poll_seconds: %g, parallel_submissions: %d",
+                  static_cast<long long>(s.shard_memory), s.shards_per_gpu, s.gpus, s.poll_seconds,
+                  s.parallel_submissions);
     o += "slurm: {partition: " + q(s.partition) + ", " + buf + ", device: " + s.device + ", run_as: " + s.run_as +
          ", bin_dir: " + q(s.bin_dir) + ", sbatch_args: [" + args + "]}\n";
   }

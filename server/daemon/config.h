@@ -24,7 +24,8 @@
 //   metrics: {finished_retention_seconds: 600, finished_max_jobs: 1000}
 //   executor: local                   # local (worker processes here) | slurm (docs/SLURM.md)
 //   slurm: {partition: gpu-shared, shard_memory: 10GiB, shards_per_gpu: 8, gpus: 16,
-//           device: cuda, run_as: service, bin_dir: "", sbatch_args: [], poll_seconds: 2}
+//           device: cuda, run_as: service, bin_dir: "", sbatch_args: [], poll_seconds: 2,
+//           parallel_submissions: 4}
 #pragma once
 
 #include <cstdint>
@@ -57,6 +58,7 @@ struct SlurmConfig {
   std::string bin_dir;               // folder of sbatch, squeue, scancel, sacct ("" = PATH)
   std::vector<std::string> sbatch_args;  // extra arguments (an account, a QoS), after memfitd's
   double poll_seconds = 2;           // squeue at most this often
+  int parallel_submissions = 4;      // sbatch runs at once when one pass places several jobs
   bool given = false;                // the file has a slurm: section (refused without executor: slurm)
 };
 

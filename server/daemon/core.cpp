@@ -8,11 +8,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <exception>
 #include <filesystem>
 #include <random>
+#include <system_error>
 #include <thread>
 
 #include "confined.h"
@@ -366,15 +368,38 @@ void Core::tick() {
   // placements stay reserved in the scheduler; each is committed as soon as its sbatch
   // answers (its Slurm id recorded, or a cancel meanwhile acted on: commit_start
   // withdraws the submission); a restart before that withdraws it too (the job is still
-  // queued and its submission unrecorded). Only this thread places jobs, so nothing else
-  // starts these.
-  for (auto& st : starting) {
-    std::string why;
-    auto proc = launch(st, &why);
-    absl::MutexLock lock(&mu_);
-    commit_start(st, std::move(proc), why, &error);
-  }
+  // queued and its submission unrecorded). Up to slurm.parallel_submissions sbatch run at
+  // once, so a burst of placements waits on the controller once, not once per job. The
+  // helper threads end before tick returns: only tick places jobs, so nothing else starts
+  // these.
+  if (!starting.empty()) submit_all(starting, &error);
   if (error) std::rethrow_exception(error);
+}
+
+void Core::submit_all(std::vector<Starting>& starting, std::exception_ptr* error) {
+  std::atomic<size_t> next{0};
+  auto submit = [&] {
+    for (size_t i = next++; i < starting.size(); i = next++) {
+      std::string why;
+      auto proc = launch(starting[i], &why);
+      absl::MutexLock lock(&mu_);
+      commit_start(starting[i], std::move(proc), why, error);  // *error only under mu_
+    }
+  };
+  const size_t threads =
+      std::min(starting.size(), static_cast<size_t>(std::max(1, cfg_.slurm.parallel_submissions)));
+  std::vector<std::thread> helpers;
+  for (size_t t = 1; t < threads; ++t) {
+    try {
+      helpers.emplace_back(submit);
+    } catch (const std::system_error& e) {
+      // No thread to be had (a process limit): fewer submissions at once, none lost.
+      std::fprintf(stderr, "memfitd: fewer sbatch at once than slurm.parallel_submissions (no thread: %s)\n", e.what());
+      break;
+    }
+  }
+  submit();
+  for (auto& t : helpers) t.join();
 }
 
 std::unique_ptr<Worker> Core::launch(const Starting& st, std::string* error) {

@@ -176,6 +176,10 @@ class Core {
   // The launcher's start of one placement; nullptr with the message in *error when it
   // fails. Takes no lock (tick calls it with or without mu_).
   std::unique_ptr<Worker> launch(const Starting& st, std::string* error);
+  // The Slurm executor's part of tick without the lock: each placement launched (up to
+  // slurm.parallel_submissions at once, in threads that end before it returns) and
+  // committed under mu_ as soon as its launcher answers.
+  void submit_all(std::vector<Starting>& starting, std::exception_ptr* error) ABSL_LOCKS_EXCLUDED(mu_);
   // A store error stops what was started, gives the place back and queues the job again
   // (held_); the first is kept in *store_error for tick to throw.
   void commit_start(Starting& s, std::unique_ptr<Worker> proc, const std::string& error,

@@ -75,7 +75,7 @@ TEST_F(ConfigYaml, ShapesYamlAllowsButMemfitdDoesNotAreNamed) {
 TEST_F(ConfigYaml, CarelessSlurmSettingsAreNamed) {
   const std::string head = "executor: slurm\nslurm:\n  partition: gpu\n  shards_per_gpu: 8\n  gpus: 4\n";
   const std::string good = head + "  shard_memory: 10GiB\n";
-  EXPECT_EQ(load(good + "  sbatch_args: [--account=ml, -t120, --mem=64G]\n"), "");
+  EXPECT_EQ(load(good + "  sbatch_args: [--account=ml, -t120, --mem=64G]\n  parallel_submissions: 64\n"), "");
   // Kept beside an explicit executor: local (switching back and forth): unused, accepted.
   EXPECT_EQ(load("executor: local\nslurm: {partition: gpu}\n"), "");
   const struct {
@@ -94,6 +94,9 @@ TEST_F(ConfigYaml, CarelessSlurmSettingsAreNamed) {
       {"executor: slurm\nslurm: {partition: gpu shared, shard_memory: 1GiB, shards_per_gpu: 8, gpus: 1}\n",
        "is not one partition's name"},
       {good + "  run_as: submitter\n", "slurm.run_as: submitter needs tokens_file"},
+      {good + "  parallel_submissions: 0\n", "slurm.parallel_submissions"},
+      {good + "  parallel_submissions: 65\n", "slurm.parallel_submissions"},
+      {good + "  parallel_submissions: 2.5\n", "slurm.parallel_submissions"},
       {good + "  sbatch_args: [\"--account ml\"]\n", "slurm.sbatch_args: '--account ml' holds an option and its value"},
       {good + "  sbatch_args: [--account, ml]\n", "slurm.sbatch_args: '--account' has no '=value'"},
       {good + "  sbatch_args: [--gpus=1]\n", "slurm.sbatch_args: '--gpus=1' would change how many nodes or GPUs"},

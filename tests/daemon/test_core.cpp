@@ -10,6 +10,8 @@
 #include <functional>
 #include <future>
 #include <map>
+#include <mutex>
+#include <condition_variable>
 #include <set>
 
 #include "core.h"
@@ -55,6 +57,7 @@ class FakeLauncher : public WorkerLauncher {
  public:
   std::unique_ptr<Worker> start(const WorkerLaunch& l) override {
     if (on_start) on_start(l);
+    std::lock_guard<std::mutex> lock(mu);  // the Slurm executor starts several at once
     if (fail_next) {
       fail_next = false;
       throw std::runtime_error("no such binary");
@@ -90,6 +93,7 @@ class FakeLauncher : public WorkerLauncher {
   std::map<int64_t, std::shared_ptr<Script>> alive;
   std::vector<std::string> gone_lines;
   bool fail_next = false;
+  std::mutex mu;
   std::function<void(const WorkerLaunch&)> on_start;  // runs inside start() (the executor's wait)
 };
 
@@ -414,6 +418,109 @@ TEST_F(CoreTest, SlurmSubmitsWithoutTheLockAndACancelMeanwhileWithdrawsIt) {
   Open();
   EXPECT_TRUE(launcher_.withdraw_asked.count(j.id()) && launcher_.withdraw_asked.count(m.id()));
   EXPECT_FALSE(launcher_.withdraw_asked.count(k.id()));  // succeeded: its Slurm job ended
+}
+
+// The store fails (a full disk) while one of two jobs placed in the same tick is being
+// recorded as running: nothing runs that memfitd does not track. That job's worker is
+// stopped and its place given back; the other job runs; once the store works again the
+// job is placed anew, and a restart meanwhile finds it queued, not adopted. Both
+// executors (local starts under the lock, Slurm without it). The failure is a trigger in
+// memfit.db, made through a second connection, that refuses exactly that write.
+TEST_F(CoreTest, StoreFailingAtOneStartStopsThatWorkerAndTheOthersRun) {
+  for (const bool slurm : {false, true}) {
+    SCOPED_TRACE(slurm ? "slurm" : "local");
+    if (slurm) {
+      core_.reset();
+      store_.reset();
+      fs::remove_all(cfg_.state_dir);
+      launcher_.launches.clear();
+      launcher_.by_job.clear();
+      UseSlurm();
+    }
+    Open();
+    const v1::Job a = Submit(), b = Submit();
+    auto sql = [&](const std::string& text) {
+      sqlite3* db = nullptr;
+      ASSERT_EQ(sqlite3_open((cfg_.state_dir + "/memfit.db").c_str(), &db), SQLITE_OK);
+      EXPECT_EQ(sqlite3_exec(db, text.c_str(), nullptr, nullptr, nullptr), SQLITE_OK) << sqlite3_errmsg(db);
+      sqlite3_close(db);
+    };
+    sql("CREATE TRIGGER full_disk BEFORE UPDATE ON jobs WHEN NEW.id = '" + a.id() +
+        "' AND NEW.state = 2 BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;");
+    EXPECT_THROW(core_->tick(), std::exception);
+    ASSERT_EQ(launcher_.launches.size(), 2u);
+    EXPECT_EQ(W(a.id()).killed, 1);  // started, then stopped: its record could not say so
+    EXPECT_EQ(W(b.id()).killed, 0);
+    EXPECT_EQ(Get(a.id()).state(), v1::QUEUED);
+    EXPECT_EQ(Get(b.id()).state(), v1::RUNNING);
+    EXPECT_EQ(Reserved(), Get(b.id()).plan().reserved_bytes());  // a's place is free again
+    // While the store still fails, a is held back, not retried at every tick.
+    core_->tick();
+    EXPECT_EQ(launcher_.launches.size(), 2u);
+    // A restart now: a is queued (its worker row, written before the failure, adopts
+    // nothing), b is adopted.
+    launcher_.alive[1002] = launcher_.by_job.at(b.id());
+    Open();
+    EXPECT_EQ(Get(a.id()).state(), v1::QUEUED);
+    EXPECT_EQ(Get(b.id()).state(), v1::RUNNING);
+    EXPECT_EQ(Reserved(), Get(b.id()).plan().reserved_bytes());
+    // The disk has room again: a is placed and runs.
+    sql("DROP TRIGGER full_disk;");
+    now_ += 1000;
+    core_->tick();
+    core_->tick();
+    ASSERT_EQ(launcher_.launches.size(), 3u);
+    EXPECT_EQ(launcher_.launches.back().job_id, a.id());
+    EXPECT_EQ(Get(a.id()).state(), v1::RUNNING);
+    EXPECT_EQ(Reserved(), Get(a.id()).plan().reserved_bytes() + Get(b.id()).plan().reserved_bytes());
+    End(a.id(), kFinished);
+    End(b.id(), kFinished);
+    EXPECT_EQ(Get(a.id()).state(), v1::SUCCEEDED);
+    EXPECT_EQ(Get(b.id()).state(), v1::SUCCEEDED);
+    EXPECT_EQ(Reserved(), 0);
+  }
+}
+
+// A burst of placements waits on the Slurm controller once, not once per job: up to
+// slurm.parallel_submissions sbatch run at once. Each scripted sbatch here returns only
+// once as many as the setting allows are under way together (or after 10 s): one at a
+// time, the first would give up waiting and the count would stay at 1.
+TEST_F(CoreTest, SlurmRunsSeveralSbatchAtOnceUpToTheSetting) {
+  UseSlurm();
+  for (const int parallel : {4, 1}) {
+    SCOPED_TRACE("parallel_submissions " + std::to_string(parallel));
+    cfg_.slurm.parallel_submissions = parallel;
+    Open();
+    launcher_.launches.clear();
+    std::vector<v1::Job> jobs;
+    for (int i = 0; i < 6; ++i) jobs.push_back(Submit());
+    std::mutex mu;
+    std::condition_variable cv;
+    int in_flight = 0, most = 0, entered = 0;
+    launcher_.on_start = [&](const WorkerLaunch&) {
+      std::unique_lock<std::mutex> l(mu);
+      ++entered;
+      most = std::max(most, ++in_flight);
+      cv.notify_all();
+      // The first `parallel` submissions wait for one another; later ones go at once.
+      if (entered <= parallel) cv.wait_for(l, std::chrono::seconds(10), [&] { return entered >= parallel; });
+      --in_flight;
+    };
+    core_->tick();
+    launcher_.on_start = nullptr;
+    EXPECT_EQ(most, parallel);
+    ASSERT_EQ(launcher_.launches.size(), 6u);
+    int64_t reserved = 0;
+    for (const auto& j : jobs) {
+      const v1::Job got = Get(j.id());
+      EXPECT_EQ(got.state(), v1::RUNNING) << j.id();
+      reserved += got.plan().reserved_bytes();
+      EXPECT_EQ(Kinds(j.id()).back(), "placed");
+    }
+    EXPECT_EQ(Reserved(), reserved);
+    for (const auto& j : jobs) End(j.id(), kFinished);
+    EXPECT_EQ(Reserved(), 0);
+  }
 }
 
 // A restart asks the executor, once for all queued jobs, to withdraw submissions memfitd
