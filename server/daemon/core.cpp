@@ -369,7 +369,7 @@ void Core::tick() {
   // answers (its Slurm id recorded, or a cancel meanwhile acted on: commit_start
   // withdraws the submission); a restart before that withdraws it too (the job is still
   // queued and its submission unrecorded). Up to slurm.parallel_submissions sbatch run at
-  // once, so a burst of placements waits on the controller once, not once per job. The
+  // once, so a burst of placements waits on the controller once per that many jobs. The
   // helper threads end before tick returns: only tick places jobs, so nothing else starts
   // these.
   if (!starting.empty()) submit_all(starting, &error);
@@ -377,18 +377,28 @@ void Core::tick() {
 }
 
 void Core::submit_all(std::vector<Starting>& starting, std::exception_ptr* error) {
+  // Placements are taken in the scheduler's order (each sbatch begins in that order; they
+  // may answer in another).
   std::atomic<size_t> next{0};
   auto submit = [&] {
     for (size_t i = next++; i < starting.size(); i = next++) {
-      std::string why;
-      auto proc = launch(starting[i], &why);
-      absl::MutexLock lock(&mu_);
-      commit_start(starting[i], std::move(proc), why, error);  // *error only under mu_
+      try {
+        std::string why;
+        auto proc = launch(starting[i], &why);
+        absl::MutexLock lock(&mu_);
+        commit_start(starting[i], std::move(proc), why, error);  // *error only under mu_
+      } catch (...) {
+        // Out of memory (launch and commit_start catch the rest): kept for tick to throw,
+        // never out of a thread (that would end memfitd).
+        absl::MutexLock lock(&mu_);
+        if (!*error) *error = std::current_exception();
+      }
     }
   };
   const size_t threads =
       std::min(starting.size(), static_cast<size_t>(std::max(1, cfg_.slurm.parallel_submissions)));
   std::vector<std::thread> helpers;
+  helpers.reserve(threads);
   for (size_t t = 1; t < threads; ++t) {
     try {
       helpers.emplace_back(submit);
@@ -398,7 +408,7 @@ void Core::submit_all(std::vector<Starting>& starting, std::exception_ptr* error
       break;
     }
   }
-  submit();
+  submit();  // catches everything: the helpers are always joined
   for (auto& t : helpers) t.join();
 }
 

@@ -7,9 +7,10 @@
 // decide.* (how an attempt's end moves the job), worker_events.* (worker lines ->
 // progress) and paths.* (where files may be).
 //
-// Threading: gRPC handler threads call the API; one loop thread runs tick(). `mu_` guards
-// the scheduler, the running attempts and the counters; the store has its own lock and is
-// may be called under mu_ (it never calls back). Waits on
+// Threading: gRPC handler threads call the API; one loop thread runs tick() (with the
+// Slurm executor, tick's sbatch run in helper threads that end before it returns). `mu_`
+// guards the scheduler, the running attempts and the counters; the store has its own lock
+// and may be called under mu_ (it never calls back). Waits on
 // `mu_` use absl::CondVar. Built with clang -Wthread-safety in the tests
 // (tests/daemon/thread_safety_check.py), so a member touched without its lock fails.
 #pragma once

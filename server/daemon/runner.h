@@ -78,7 +78,9 @@ class Worker {
 class WorkerLauncher {
  public:
   virtual ~WorkerLauncher() = default;
-  // Throws std::runtime_error naming the cause if the process cannot be started.
+  // Throws std::runtime_error naming the cause if the process cannot be started. Called
+  // from one thread at a time under the core's lock, except the Slurm executor's: several
+  // at once, without it (slurm.parallel_submissions).
   virtual std::unique_ptr<Worker> start(const WorkerLaunch& l) = 0;
   // A worker of an earlier daemon: nullptr when `pid` is not a live memfit-worker.
   virtual std::unique_ptr<Worker> adopt(int64_t pid, const std::string& out_path, int64_t offset) = 0;

@@ -65,7 +65,8 @@ class FakeLauncher : public WorkerLauncher {
     launches.push_back(l);
     auto s = std::make_shared<Script>();
     by_job[l.job_id] = s;
-    return std::make_unique<FakeWorker>(s, 1000 + static_cast<int64_t>(launches.size()));
+    pid_of[l.job_id] = 1000 + static_cast<int64_t>(launches.size());
+    return std::make_unique<FakeWorker>(s, pid_of[l.job_id]);
   }
   std::unique_ptr<Worker> adopt(int64_t pid, const std::string&, int64_t) override {
     const auto it = alive.find(pid);
@@ -90,6 +91,7 @@ class FakeLauncher : public WorkerLauncher {
   std::set<std::string> withdraw_asked;
   std::vector<WorkerLaunch> launches;
   std::map<std::string, std::shared_ptr<Script>> by_job;
+  std::map<std::string, int64_t> pid_of;  // the latest attempt's
   std::map<int64_t, std::shared_ptr<Script>> alive;
   std::vector<std::string> gone_lines;
   bool fail_next = false;
@@ -459,7 +461,7 @@ TEST_F(CoreTest, StoreFailingAtOneStartStopsThatWorkerAndTheOthersRun) {
     EXPECT_EQ(launcher_.launches.size(), 2u);
     // A restart now: a is queued (its worker row, written before the failure, adopts
     // nothing), b is adopted.
-    launcher_.alive[1002] = launcher_.by_job.at(b.id());
+    launcher_.alive[launcher_.pid_of.at(b.id())] = launcher_.by_job.at(b.id());
     Open();
     EXPECT_EQ(Get(a.id()).state(), v1::QUEUED);
     EXPECT_EQ(Get(b.id()).state(), v1::RUNNING);
