@@ -123,6 +123,10 @@ Core::Admission Core::admit(const Caller& c, const v1::JobSpec& spec_in, const s
   }
   a.plan.set_activation_bytes(a.estimate.activation_bytes);
   a.key = estimator::Calibration::key_of(in);
+  // With slurm.run_as: submitter the worker runs as the job's owner, who can write what it
+  // reports (worker.out is theirs, and so is the process): its measured peaks, and its
+  // out-of-memory failures, calibrate only that owner's later jobs, never another user's.
+  if (cfg_.executor == "slurm" && cfg_.slurm.run_as == "submitter") a.key += "|owner:" + c.user;
   int64_t calibrated = 0;
   {
     absl::MutexLock lock(&mu_);

@@ -525,6 +525,33 @@ TEST_F(CoreTest, SlurmRunsSeveralSbatchAtOnceUpToTheSetting) {
   }
 }
 
+// With slurm.run_as: submitter each worker runs as its job's owner, who can write the
+// peaks it reports: what one owner's jobs measured (three finished jobs at twice the
+// estimate here) raises that owner's later reservations only, never another user's.
+TEST_F(CoreTest, SubmitterRunJobsCalibrateOnlyTheirOwnersJobs) {
+  UseSlurm();
+  cfg_.slurm.run_as = "submitter";
+  cfg_.paused = true;
+  Open();
+  const v1::Job a = Submit(Caller{"alice", false}), b = Submit(Caller{"bob", false});
+  const std::string ka = a.plan().calibration_key(), kb = b.plan().calibration_key();
+  EXPECT_EQ(ka.substr(ka.size() - 12), "|owner:alice");
+  EXPECT_EQ(kb.substr(kb.size() - 10), "|owner:bob");
+  EXPECT_EQ(a.plan().calibrated_peak_bytes(), a.plan().estimated_peak_bytes());
+  const int64_t est = a.plan().estimated_peak_bytes();
+  for (int i = 0; i < 3; ++i) store_->add_calibration({ka, est, 2 * est, now_});
+  Open();  // learned from the store at start, as after alice's jobs finished
+  const v1::Job a2 = Submit(Caller{"alice", false}), b2 = Submit(Caller{"bob", false});
+  EXPECT_EQ(a2.plan().calibrated_peak_bytes(), 2 * est);  // twice: the most calibration grows
+  EXPECT_EQ(b2.plan().calibrated_peak_bytes(), est);
+  EXPECT_EQ(b2.plan().reserved_bytes(), b.plan().reserved_bytes());
+  // With the service user running every job, what jobs measure is shared by all.
+  cfg_.slurm.run_as = "service";
+  Open();
+  const v1::Job c = Submit(Caller{"carol", false});
+  EXPECT_EQ(c.plan().calibration_key(), ka.substr(0, ka.size() - 12));
+}
+
 // A restart asks the executor, once for all queued jobs, to withdraw submissions memfitd
 // never recorded, and says so in the job's events.
 TEST_F(CoreTest, RestartWithdrawsUnrecordedSubmissionsOfQueuedJobs) {
