@@ -746,6 +746,12 @@ void Core::finish(const std::string& id, Active& a) {
                             static_cast<int>(sched::ComputeModel::kMaxKinds));
   }
   v1::Job j = load(id);
+  if (j.failure().reason() == store::kCorruptRecord) {
+    // Its record stopped parsing while it ran: a stub without spec, plan or submit time
+    // must not be queued again (it would look starved at once and drain a device).
+    fail_corrupt(j);
+    return;
+  }
   const std::string key = j.plan().calibration_key();
   const int64_t est = j.plan().estimated_peak_bytes();
   Outcome o;

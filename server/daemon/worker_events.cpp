@@ -26,9 +26,16 @@ int64_t size_of(const json& e, const char* key, int64_t fallback = 0) {
   return std::max<int64_t>(0, get<int64_t>(e, key, fallback));
 }
 
+// At most 4096 bytes, cut between characters: the parser let only valid UTF-8 through,
+// and half a character would make the job's record unreadable (protobuf refuses to parse
+// a string field that is not UTF-8).
 std::string text(const json& e, const char* key, const std::string& fallback = "") {
   std::string s = get<std::string>(e, key, fallback);
-  if (s.size() > 4096) s.resize(4096);
+  if (s.size() > 4096) {
+    size_t n = 4096;
+    while (n > 0 && (static_cast<unsigned char>(s[n]) & 0xC0) == 0x80) --n;  // s[n] begins a character
+    s.resize(n);
+  }
   return s;
 }
 

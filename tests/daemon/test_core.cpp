@@ -772,6 +772,33 @@ TEST_F(CoreTest, CorruptRecordFailsThatJobAndTheDaemonStarts) {
   EXPECT_EQ(core_->list(Caller{}, all).jobs_size(), 2);
 }
 
+// A worker's text fields are cut at 4096 bytes between characters: half a character
+// would leave the job's record unreadable. And a record that did become unreadable while
+// its job ran fails that job at the attempt's end, never queues a stub again.
+TEST_F(CoreTest, WorkerTextIsCutBetweenCharactersAndACorruptRunningRecordIsNotRequeued) {
+  const v1::Job j = Submit();
+  core_->tick();
+  W(j.id()).lines.push_back(R"({"event":"checkpoint","path":")" + std::string(4095, 'a') + "\xc3\xa9\"}");
+  core_->tick();
+  const v1::Job got = Get(j.id());
+  EXPECT_EQ(got.failure().reason(), "");
+  EXPECT_EQ(got.progress().last_checkpoint(), std::string(4095, 'a'));
+  EXPECT_EQ(got.spec().model().architecture(), "gpt2");
+  // The record is made unreadable behind memfitd's back; the worker then reports OOM.
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((cfg_.state_dir + "/memfit.db").c_str(), &db), SQLITE_OK);
+  const std::string sql = "UPDATE jobs SET job = x'deadbeef00ff' WHERE id = '" + j.id() + "'";
+  ASSERT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(db);
+  End(j.id(), kOom);
+  core_->tick();
+  const v1::Job k = Get(j.id());
+  EXPECT_EQ(k.state(), v1::FAILED);
+  EXPECT_EQ(k.failure().reason(), store::kCorruptRecord);
+  EXPECT_EQ(launcher_.launches.size(), 1u);
+  EXPECT_EQ(Reserved(), 0);
+}
+
 TEST_F(CoreTest, AdmissionLimits) {
   v1::SubmitJobRequest r = Request();
   r.mutable_spec()->set_name(std::string(300, 'x'));
