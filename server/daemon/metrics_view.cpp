@@ -52,6 +52,22 @@ std::string LabelValue(std::string_view v, size_t max_bytes) {
   return out;
 }
 
+std::string ValidUtf8(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  for (size_t i = 0; i < s.size();) {
+    const size_t n = utf8_length(s, i);
+    if (n == 0) {
+      out.append("\xEF\xBF\xBD");
+      ++i;
+    } else {
+      out.append(s.substr(i, n));
+      i += n;
+    }
+  }
+  return out;
+}
+
 std::string StateLabel(v1::JobState s) {
   std::string n = v1::JobState_Name(s);
   if (n.empty()) return "unknown";

@@ -26,6 +26,11 @@ inline constexpr size_t kMaxLabelBytes = 128;
 // escapes them).
 std::string LabelValue(std::string_view v, size_t max_bytes = kMaxLabelBytes);
 
+// `s` with every byte that does not begin a valid UTF-8 sequence replaced by U+FFFD (the
+// rest unchanged): what a strict parser (JSON, protobuf) then accepts. Used on squeue's
+// output, where any cluster user's job name or folder may hold such bytes.
+std::string ValidUtf8(std::string_view s);
+
 // One exported job: the per-job gauges' values and the labels of them and of
 // memfit_job_info. Every string is already a safe label value.
 struct JobSeries {

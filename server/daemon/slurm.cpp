@@ -22,6 +22,7 @@
 
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "metrics_view.h"
 
 extern char** environ;
 
@@ -277,7 +278,9 @@ int64_t int_of(const json& v) {
 std::map<int64_t, SlurmJob> ParseSqueueJson(const std::string& text) {
   json doc;
   try {
-    doc = json::parse(text);
+    // Every job of the cluster comes back, any user's: one name or folder with a byte
+    // that is not UTF-8 must not make the whole answer unreadable (no job would end).
+    doc = json::parse(ValidUtf8(text));
   } catch (const json::exception& e) {
     throw std::runtime_error(std::string("squeue --json: not JSON (") + e.what() + ")");
   }
@@ -480,6 +483,8 @@ struct SlurmLauncher::Shared {
   std::set<int64_t> ask_sacct ABSL_GUARDED_BY(mu);
   std::map<int64_t, bool> cancels ABSL_GUARDED_BY(mu);  // Slurm id -> TERM to the batch step (else kill)
   bool stop ABSL_GUARDED_BY(mu) = false;
+  bool failing ABSL_GUARDED_BY(mu) = false;  // the last squeue failed (logged once)
+  int64_t adoption_run ABSL_GUARDED_BY(mu) = 0;  // the failed squeue adoptions rely on
 
   std::string bin(const char* name) const { return cfg.bin_dir.empty() ? name : cfg.bin_dir + "/" + name; }
 
@@ -505,14 +510,27 @@ struct SlurmLauncher::Shared {
     }
     // 22.05 ignores -j and -u with --json (docs/SLURM.md): every job comes back; filtered here.
     const CommandResult r = run({bin("squeue"), "--json", "--states=all"});
-    if (r.status != 0) return seq;
     std::map<int64_t, SlurmJob> got;
-    try {
-      got = ParseSqueueJson(r.out);
-    } catch (const std::exception&) {
-      return seq;
+    std::string failure;
+    if (r.status != 0) {
+      failure = "exit " + std::to_string(r.status) + ": " + r.err.substr(0, 500);
+    } else {
+      try {
+        got = ParseSqueueJson(r.out);
+      } catch (const std::exception& e) {
+        failure = e.what();
+      }
     }
     absl::MutexLock l(&mu);
+    // Said once when squeue starts failing and once when it answers again: while it fails
+    // no Slurm job of memfitd's can be seen to end.
+    if (!failure.empty()) {
+      if (!failing) std::fprintf(stderr, "memfitd: squeue failed (no Slurm job can be seen to end until it answers): %s\n", failure.c_str());
+      failing = true;
+      return seq;
+    }
+    if (failing) std::fprintf(stderr, "memfitd: squeue answers again\n");
+    failing = false;
     if (seq > answered) {  // adopt() may run one beside the thread's
       jobs = std::move(got);
       answered = seq;
@@ -521,13 +539,22 @@ struct SlurmLauncher::Shared {
   }
 
   // Adoption happens at memfitd's start, in its thread: the first squeue that answers
-  // serves every job adopted then (one run, not one per job). Returns its number.
-  int64_t answer_for_adoption() ABSL_LOCKS_EXCLUDED(mu) {
+  // serves every job adopted then (one run, not one per job). Returns its number, with
+  // *ok false when it failed: then it is not run again for each job (a controller that
+  // hangs would cost 30 s per job), and the jobs are adopted unverified.
+  int64_t answer_for_adoption(bool* ok) ABSL_LOCKS_EXCLUDED(mu) {
     {
       absl::MutexLock l(&mu);
+      *ok = answered > 0;
       if (answered > 0) return answered;
+      if (adoption_run > 0) return adoption_run;
     }
-    return squeue();
+    const int64_t run = squeue();
+    absl::MutexLock l(&mu);
+    *ok = answered > 0;
+    if (answered > 0) return answered;
+    adoption_run = run;
+    return run;
   }
 
   int64_t runs_started() ABSL_LOCKS_EXCLUDED(mu) {
@@ -700,9 +727,16 @@ class SlurmWorker : public Worker {
  public:
   // `since`: the number of the last squeue run begun before the job existed (submitted) or
   // of the run that listed it (adopted); only later runs tell whether it is still there.
+  // `unverified_name`: adopted while squeue did not answer: the name the job must have
+  // when squeue first lists it (another name: not memfitd's job, let go, never cancelled).
   SlurmWorker(std::shared_ptr<SlurmLauncher::Shared> s, int64_t id, std::string out, int64_t offset, int64_t since,
-              bool gone)
-      : s_(std::move(s)), id_(id), tail_(std::move(out), offset), since_(since), gone_(gone) {}
+              bool gone, std::string unverified_name = "")
+      : s_(std::move(s)),
+        id_(id),
+        tail_(std::move(out), offset),
+        since_(since),
+        gone_(gone),
+        unverified_(std::move(unverified_name)) {}
   int64_t pid() const override { return id_; }
   const std::string& out_path() const override { return tail_.path(); }
   int64_t offset() const override { return tail_.offset(); }
@@ -715,6 +749,7 @@ class SlurmWorker : public Worker {
       gone_ = true;  // neither squeue nor sacct knows it: ended, how unknown
       return true;
     }
+    if (j && !unverified_.empty() && !verified(*j)) return true;
     if (!j || !SlurmStateFinal(j->state)) return false;
     end(*j);
     return true;
@@ -725,15 +760,22 @@ class SlurmWorker : public Worker {
     if (gone_) return;
     // A pending job has no process to checkpoint: it is simply withdrawn.
     const auto j = s_->cached(id_);
+    if (!unverified_.empty() && (!j || !verified(*j))) return;  // not known to be memfitd's yet
     s_->scancel(id_, !(j && j->state == "PENDING"));
   }
   void kill() override {
-    if (!gone_) s_->scancel(id_, false);
+    if (gone_) return;
+    // Unverified: not until squeue lists it as memfitd's (memfitd repeats kill() each tick).
+    if (!unverified_.empty()) {
+      const auto j = s_->cached(id_);
+      if (!j || !verified(*j)) return;
+    }
+    s_->scancel(id_, false);
   }
   std::string status_change() override {
     if (gone_) return "";
     const auto cached = s_->cached(id_);
-    if (!cached) return "";
+    if (!cached || (!unverified_.empty() && !verified(*cached))) return "";
     const SlurmJob& j = *cached;
     std::string now;
     if (j.state == "PENDING") {
@@ -750,6 +792,16 @@ class SlurmWorker : public Worker {
 
  private:
   std::string last_note_;
+  // Whether a job squeue lists under this id has the name it must have; false: it is
+  // another job (the id given out again), and this attempt is over, its end unknown.
+  bool verified(const SlurmJob& j) {
+    if (j.name != unverified_) {
+      gone_ = true;
+      return false;
+    }
+    unverified_.clear();
+    return true;
+  }
   void end(const SlurmJob& j) {
     gone_ = true;
     exit_code_ = j.exit_code;
@@ -762,6 +814,7 @@ class SlurmWorker : public Worker {
   LineTail tail_;
   int64_t since_;
   bool gone_;
+  std::string unverified_;
   int exit_code_ = -1;
   int signal_ = 0;
 };
@@ -855,16 +908,23 @@ std::unique_ptr<Worker> SlurmLauncher::start(const WorkerLaunch& l) {
 
 std::unique_ptr<Worker> SlurmLauncher::adopt(int64_t pid, const std::string& out_path, int64_t offset) {
   if (pid <= 0) return nullptr;
-  const int64_t run = shared_->answer_for_adoption();
-  const auto job = shared_->cached(pid);
-  if (!job || SlurmStateFinal(job->state)) return nullptr;
+  bool ok = false;
+  const int64_t run = shared_->answer_for_adoption(&ok);
   // Slurm ids are not reused while a job is listed, but the job must still be this one:
   // memfit-<job id>, the id being the name of the job's folder (out_path's parent). A
   // stored id that is not this job's Slurm job (a pid from the local executor, another
   // memfitd's job, an id Slurm gave out again) is never adopted, cancelled or waited on.
   const std::string folder = out_path.substr(0, out_path.find_last_of('/') == std::string::npos ? 0 : out_path.find_last_of('/'));
   const std::string job_id = folder.substr(folder.find_last_of('/') == std::string::npos ? 0 : folder.find_last_of('/') + 1);
-  if (job_id.empty() || job->name != "memfit-" + job_id) return nullptr;
+  if (job_id.empty()) return nullptr;
+  if (!ok) {
+    // squeue did not answer (the controller down or slow at memfitd's start): the job may
+    // well run on, so it is not declared gone for that (its next attempt would run beside
+    // it). Adopted unverified: the first squeue that answers checks its name.
+    return std::make_unique<SlurmWorker>(shared_, pid, out_path, offset, run, false, "memfit-" + job_id);
+  }
+  const auto job = shared_->cached(pid);
+  if (!job || SlurmStateFinal(job->state) || job->name != "memfit-" + job_id) return nullptr;
   return std::make_unique<SlurmWorker>(shared_, pid, out_path, offset, run, false);
 }
 

@@ -105,7 +105,9 @@ class SlurmLauncher : public WorkerLauncher {
   // Writes slurm.sh in the launch folder and submits it; throws naming sbatch's message.
   std::unique_ptr<Worker> start(const WorkerLaunch& l) override;
   // `pid` is the Slurm job id: nullptr unless squeue shows it pending or running under the
-  // name memfit-<job id>, the job id being the name of out_path's folder.
+  // name memfit-<job id>, the job id being the name of out_path's folder. When squeue does
+  // not answer (asked once for all adoptions), a worker that waits for its first answer to
+  // check that name: a job is never declared gone because squeue failed.
   std::unique_ptr<Worker> adopt(int64_t pid, const std::string& out_path, int64_t offset) override;
   std::unique_ptr<Worker> gone(const std::string& out_path, int64_t offset) override;
   // scancel of every unfinished Slurm job named memfit-<id> for those ids (one squeue).

@@ -439,9 +439,11 @@ struct FakeSlurm {
   int64_t next_id = 40;
   bool sbatch_fails = false;
   bool sbatch_times_out = false;  // queued, but sbatch killed before it answered
+  bool squeue_fails = false;
   CommandResult operator()(const std::vector<std::string>& argv) {
     calls.push_back(argv);
     const std::string cmd = fs::path(argv[0]).filename();
+    if (cmd == "squeue" && squeue_fails) return {1, "", "slurm_load_jobs error: Unable to contact slurm controller\n"};
     if (cmd == "sbatch") {
       if (sbatch_fails) return {1, "", "sbatch: error: Batch job submission failed: Invalid partition name specified\n"};
       for (const auto& a : argv) {
@@ -542,6 +544,60 @@ TEST(Slurm, LauncherSubmitsFollowsAndCancels) {
   } catch (const std::runtime_error& e) {
     EXPECT_NE(std::string(e.what()).find("Invalid partition name"), std::string::npos) << e.what();
   }
+}
+
+// A restart while squeue does not answer: the jobs on record are adopted unverified, not
+// declared gone (a next attempt would run beside them), with one squeue for all of them;
+// nothing is cancelled until squeue lists the job as memfitd's. The first answer checks
+// each name: memfitd's job runs on and ends as Slurm says; a job listed under another
+// name is let go, never cancelled.
+TEST(Slurm, AdoptionWhileSqueueFailsWaitsForAnAnswer) {
+  FakeSlurm slurm;
+  slurm.states = {{7, "RUNNING"}, {8, "RUNNING"}};
+  slurm.names = {{7, "memfit-a"}, {8, "someone-else"}};
+  slurm.squeue_fails = true;
+  int64_t now = 0;
+  SlurmLauncher L(Cfg(), [&](const std::vector<std::string>& a) { return slurm(a); }, [&] { return now; });
+  auto a = L.adopt(7, "/state/jobs/a/worker.out", 0);
+  auto b = L.adopt(8, "/state/jobs/b/worker.out", 0);
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  auto count = [&](const std::string& cmd) {
+    return std::count_if(slurm.calls.begin(), slurm.calls.end(),
+                         [&](const auto& c) { return fs::path(c[0]).filename() == cmd; });
+  };
+  EXPECT_EQ(count("squeue"), 1);
+  now += 10000;
+  EXPECT_FALSE(a->exited());
+  EXPECT_FALSE(b->exited());
+  a->terminate();
+  b->kill();
+  EXPECT_EQ(count("scancel"), 0);
+  EXPECT_EQ(a->status_change(), "");
+  slurm.squeue_fails = false;
+  now += 10000;
+  EXPECT_FALSE(a->exited());
+  EXPECT_EQ(a->status_change(), "Slurm job 7 is running");
+  EXPECT_TRUE(b->exited());
+  EXPECT_EQ(b->exit_code(), -1);
+  b->kill();
+  EXPECT_EQ(count("scancel"), 0);
+  a->kill();
+  EXPECT_EQ(slurm.calls.back(), (std::vector<std::string>{"scancel", "7"}));
+  slurm.states[7] = "COMPLETED";
+  now += 10000;
+  EXPECT_TRUE(a->exited());
+  EXPECT_EQ(a->exit_code(), 0);
+}
+
+// squeue lists every job of the cluster, any user's: a byte that is not UTF-8 in one
+// name must not make the whole answer unreadable (no job of memfitd's would end).
+TEST(Slurm, SqueueAnswerWithBytesThatAreNotUtf8IsRead) {
+  const auto got = ParseSqueueJson(R"({"jobs": [{"job_id": 5, "name": "x)" "\xff\xc3" R"(", "job_state": "RUNNING"},)"
+                                   R"( {"job_id": 6, "name": "memfit-a", "job_state": "COMPLETED"}]})");
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got.at(6).state, "COMPLETED");
+  EXPECT_EQ(got.at(5).name, "x\xEF\xBF\xBD\xEF\xBF\xBD");
 }
 
 // After a restart: a queued job's submission that memfitd never recorded is withdrawn,
