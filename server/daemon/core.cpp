@@ -430,7 +430,7 @@ std::vector<Core::Starting> Core::tick_locked(std::exception_ptr* error) {
       a.cancel_deadline_ms = 0;
     }
     if (a.proc->exited()) {
-      poll(id, a);  // lines written just before the exit
+      drain(id, a);  // lines written just before the exit
       ended.push_back(id);
     } else if (const std::string note = a.proc->status_change(); !note.empty()) {
       v1::Job j = load(id);
@@ -705,14 +705,31 @@ void Core::start_failed(v1::Job& j, const std::string& why) {
   record(j, "failed", j.failure().message());
 }
 
-void Core::poll(const std::string& id, Active& a) {
+void Core::drain(const std::string& id, Active& a) {
+  for (int k = 0; k < 16 && poll(id, a) > 0; ++k) {
+  }
+}
+
+size_t Core::poll(const std::string& id, Active& a) {
   const auto lines = a.proc->read_lines();
-  if (lines.empty()) return;
+  if (lines.empty()) return 0;
   v1::Job j = load(id);
+  bool unsaved = false;  // progress from events not stored
   for (const auto& line : lines) {
     const int64_t steps_before = a.report.steps;
     const auto r = ApplyWorkerLine(line, j, a.report);
-    if (r) record(j, r->kind, r->message, line.size() <= 65536 ? line : std::string());
+    if (r && TakeEvent(a.events, r->kind, now())) {
+      record(j, r->kind, r->message, line.size() <= EventBudget::kMaxEventData ? line : std::string());
+      unsaved = false;
+    } else if (r) {
+      unsaved = true;
+      if (a.events.dropped == 1) {
+        record(j, "events", "the worker reports events faster than memfitd stores them: from now on " +
+                                std::to_string(static_cast<int>(EventBudget::kPerSecond)) +
+                                " a second are kept (progress follows every one)");
+        unsaved = false;
+      }
+    }
     // A step's throughput, alone or beside others on its device, teaches the compute model
     // (the attempt's first step, with its warm-up, does not count).
     // Not with the Slurm executor: its one device is the whole partition, so every job
@@ -724,7 +741,9 @@ void Core::poll(const std::string& id, Active& a) {
       sched_.set_compute(id, compute_.compute(a.compute_kind));
     }
   }
+  if (unsaved) store_.update_job(j);
   store_.set_worker_offset(id, a.proc->offset());
+  return lines.size();
 }
 
 void Core::requeue(v1::Job& j, int64_t reservation, const std::string& kind, const std::string& why) {
@@ -844,7 +863,7 @@ void Core::stop(bool graceful) {
       poll(id, a);
       if (now() >= deadline) a.proc->kill();
       if (a.proc->exited()) {
-        poll(id, a);
+        drain(id, a);
         ended.push_back(id);
       }
     }

@@ -138,6 +138,7 @@ class Core {
     int64_t cancel_deadline_ms = 0;  // SIGKILL after it (0 = none)
     bool stopping = false;           // memfitd asked it to stop (graceful shutdown)
     AttemptReport report;
+    EventBudget events;        // which of its events are stored
     std::string compute_kind;  // MemoryPlan.compute_kind ("" for jobs admitted before it existed)
   };
   struct Admission {
@@ -195,7 +196,11 @@ class Core {
   sched::QueuedJob to_queue(const v1::Job& j, int64_t reservation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   WorkerLaunch launch_of(const v1::Job& j, const sched::Placement& p, const OutputPlace& out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void poll(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The worker's new lines applied; returns how many there were.
+  size_t poll(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // After the process is gone: its remaining lines, a bounded number of reads (the last
+  // one, the terminal event, is usually among the first).
+  void drain(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The attempt is over (the process is gone): decide, apply, free the reservation.
   void finish(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void requeue(v1::Job& j, int64_t reservation, const std::string& kind, const std::string& why)

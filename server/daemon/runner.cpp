@@ -107,28 +107,40 @@ void close_from(int lo, int except) {
 
 std::vector<std::string> LineTail::read() {
   std::vector<std::string> out;
-  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-  if (fd < 0) return out;
-  if (::lseek(fd, static_cast<off_t>(offset_ + static_cast<int64_t>(partial_.size())), SEEK_SET) < 0) {
+  // A worker that floods its output (or, under Slurm's run_as: submitter, a job's owner
+  // writing to it) cannot stall the loop or grow memfitd: at most 16 MiB is held, read
+  // only as it is used up, and at most kMaxLines lines are handed out per call.
+  constexpr size_t kMaxHeld = size_t{16} << 20;
+  if (partial_.size() < kMaxHeld) {
+    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+    if (fd < 0) return out;
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
+        ::lseek(fd, static_cast<off_t>(offset_ + static_cast<int64_t>(partial_.size())), SEEK_SET) < 0) {
+      ::close(fd);
+      return out;
+    }
+    char buf[65536];
+    while (partial_.size() < kMaxHeld) {
+      const ssize_t n = ::read(fd, buf, sizeof buf);
+      if (n <= 0) break;
+      partial_.append(buf, static_cast<size_t>(n));
+    }
     ::close(fd);
-    return out;
   }
-  char buf[65536];
-  // At most 16 MiB per call: a worker that floods its stdout cannot stall the loop.
-  for (size_t total = 0; total < (size_t{16} << 20);) {
-    const ssize_t n = ::read(fd, buf, sizeof buf);
-    if (n <= 0) break;
-    partial_.append(buf, static_cast<size_t>(n));
-    total += static_cast<size_t>(n);
-  }
-  ::close(fd);
   size_t start = 0;
+  bool more = false;  // complete lines left for the next call
   for (size_t nl = partial_.find('\n'); nl != std::string::npos; nl = partial_.find('\n', start)) {
-    out.push_back(partial_.substr(start, nl - start));
+    if (out.size() >= kMaxLines) {
+      more = true;
+      break;
+    }
+    // Only a line that begins with '{' can be an event; others are dropped here, cheaply.
+    if (nl > start && partial_[start] == '{') out.push_back(partial_.substr(start, nl - start));
     start = nl + 1;
   }
   // An event line is small; a longer unterminated one is not an event: drop it.
-  if (partial_.size() - start > (size_t{1} << 20)) start = partial_.size();
+  if (!more && partial_.size() - start > (size_t{1} << 20)) start = partial_.size();
   offset_ += static_cast<int64_t>(start);
   partial_.erase(0, start);
   return out;

@@ -41,6 +41,21 @@ std::string text(const json& e, const char* key, const std::string& fallback = "
 
 }  // namespace
 
+bool TakeEvent(EventBudget& b, const std::string& kind, int64_t now_ms) {
+  if (b.last_ms >= 0 && now_ms > b.last_ms) {
+    b.tokens = std::min(EventBudget::kBurst,
+                        b.tokens + EventBudget::kPerSecond * static_cast<double>(now_ms - b.last_ms) / 1000.0);
+  }
+  if (b.last_ms < 0 || now_ms > b.last_ms) b.last_ms = now_ms;  // a clock that steps back adds nothing
+  if (kind == "finished" || kind == "failed" || kind == "stopped") return true;
+  if (b.tokens >= 1.0) {
+    b.tokens -= 1.0;
+    return true;
+  }
+  ++b.dropped;
+  return false;
+}
+
 std::optional<EventRecord> ApplyWorkerLine(const std::string& line, v1::Job& j, AttemptReport& a) {
   json e;
   try {

@@ -26,6 +26,23 @@ struct EventRecord {
   std::string message;  // one line for people
 };
 
+// How many of an attempt's events are stored (and reach `memfit watch`): a burst of
+// kBurst, then kPerSecond a second; terminal events (finished, failed, stopped) always.
+// A worker that reports faster (a tiny model's steps, or a job's owner writing to
+// worker.out with slurm.run_as: submitter) still moves the job's progress, but cannot
+// grow memfit.db or hold memfitd's lock without bound. Each stored event keeps at most
+// kMaxEventData bytes of the worker's line.
+struct EventBudget {
+  static constexpr double kBurst = 100;
+  static constexpr double kPerSecond = 2;
+  static constexpr size_t kMaxEventData = 16 * 1024;
+  double tokens = kBurst;
+  int64_t last_ms = -1;
+  int64_t dropped = 0;  // events not stored in this attempt
+};
+// Whether an event of `kind` at `now_ms` is stored; takes its token (counts a drop).
+bool TakeEvent(EventBudget& budget, const std::string& kind, int64_t now_ms);
+
 // Applies one line to the job (progress, result) and the attempt. nullopt for a line that
 // is not an event (or an event memfitd does not record). Bounded: messages are cut to
 // 4 KiB, numbers clamped to be non-negative where they are sizes or counts.

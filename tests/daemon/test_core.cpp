@@ -799,6 +799,32 @@ TEST_F(CoreTest, WorkerTextIsCutBetweenCharactersAndACorruptRunningRecordIsNotRe
   EXPECT_EQ(Reserved(), 0);
 }
 
+// A worker that reports thousands of events at once (a tiny model, or a job's owner
+// writing to worker.out under Slurm's run_as: submitter): a burst is stored, then two a
+// second, with one event saying so; the job's progress still follows every line, and the
+// terminal event is always stored.
+TEST_F(CoreTest, AFloodOfWorkerEventsIsThinnedButProgressFollows) {
+  const v1::Job j = Submit();
+  core_->tick();
+  for (int i = 1; i <= 5000; ++i) W(j.id()).lines.push_back(StepAt(i, 1000));
+  core_->tick();
+  auto count = [&](const std::string& kind) {
+    const auto k = Kinds(j.id());
+    return std::count(k.begin(), k.end(), kind);
+  };
+  EXPECT_EQ(count("step"), 100);
+  EXPECT_EQ(count("events"), 1);
+  EXPECT_EQ(Get(j.id()).progress().step(), 5000);
+  now_ += 10'000;
+  for (int i = 5001; i <= 5100; ++i) W(j.id()).lines.push_back(StepAt(i, 1000));
+  core_->tick();
+  EXPECT_EQ(count("step"), 120);
+  EXPECT_EQ(Get(j.id()).progress().step(), 5100);
+  End(j.id(), kFinished);
+  EXPECT_EQ(Get(j.id()).state(), v1::SUCCEEDED);
+  EXPECT_EQ(count("finished"), 1);  // the worker's terminal event, stored
+}
+
 TEST_F(CoreTest, AdmissionLimits) {
   v1::SubmitJobRequest r = Request();
   r.mutable_spec()->set_name(std::string(300, 'x'));

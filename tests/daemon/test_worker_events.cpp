@@ -2,9 +2,70 @@
 #include "worker_events.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "runner.h"
 
 namespace memfit::daemon {
 namespace {
+
+// A burst of 100 stored events, then 2 a second; terminal events always; a clock that
+// steps back adds nothing.
+TEST(WorkerEvents, EventBudget) {
+  EventBudget b;
+  int stored = 0;
+  for (int i = 0; i < 1000; ++i) stored += TakeEvent(b, "step", 5000);
+  EXPECT_EQ(stored, 100);
+  EXPECT_EQ(b.dropped, 900);
+  EXPECT_TRUE(TakeEvent(b, "finished", 5000));
+  EXPECT_TRUE(TakeEvent(b, "failed", 5000));
+  EXPECT_TRUE(TakeEvent(b, "stopped", 5000));
+  EXPECT_FALSE(TakeEvent(b, "checkpoint", 5000));
+  // 10 s later: 20 more.
+  stored = 0;
+  for (int i = 0; i < 100; ++i) stored += TakeEvent(b, "step", 15000);
+  EXPECT_EQ(stored, 20);
+  // Back in time, then forward to where it was: nothing gained.
+  EXPECT_FALSE(TakeEvent(b, "step", 1000));
+  EXPECT_FALSE(TakeEvent(b, "step", 15000));
+  // An hour idle refills only to the burst.
+  stored = 0;
+  for (int i = 0; i < 1000; ++i) stored += TakeEvent(b, "step", 15000 + 3600 * 1000);
+  EXPECT_EQ(stored, 100);
+}
+
+// The worker's output read as events: only lines that begin with '{', at most kMaxLines
+// a read, at most 16 MiB held, however much is written (a flood from the job's owner).
+TEST(WorkerEvents, LineTailIsBoundedUnderAFlood) {
+  char tmpl[] = "/tmp/memfit-tail-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  const std::string path = dir + "/worker.out";
+  {
+    std::ofstream o(path);
+    for (int i = 0; i < 25000; ++i) o << R"({"event":"step","step":)" << i << "}\n";
+    o << std::string(3 << 20, '\n');  // three million empty lines
+    o << "not an event\n" << R"({"event":"finished"})" << "\n" << "partial";
+  }
+  LineTail t(path, 0);
+  std::vector<size_t> sizes;
+  std::string last;
+  for (int k = 0; k < 10; ++k) {
+    const auto lines = t.read();
+    sizes.push_back(lines.size());
+    if (!lines.empty()) last = lines.back();
+  }
+  EXPECT_EQ(sizes[0], LineTail::kMaxLines);
+  EXPECT_EQ(sizes[1], LineTail::kMaxLines);
+  EXPECT_EQ(sizes[2], 5001u);  // the rest of the steps and the finished line
+  EXPECT_EQ(sizes[3], 0u);
+  EXPECT_EQ(last, R"({"event":"finished"})");
+  // Every complete line is consumed; the partial one waits.
+  EXPECT_EQ(t.offset(), static_cast<int64_t>(std::filesystem::file_size(path)) - 7);
+  std::filesystem::remove_all(dir);
+}
 
 TEST(WorkerEvents, StepUpdatesProgress) {
   v1::Job j;
