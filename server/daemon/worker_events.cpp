@@ -22,8 +22,16 @@ T get(const json& e, const char* key, T fallback) {
   }
 }
 
+// A size or count from the worker, in [0, 2^48] (256 TiB, far above any device): memfitd
+// adds the reports of many workers (a partition's used bytes), which must not overflow.
 int64_t size_of(const json& e, const char* key, int64_t fallback = 0) {
-  return std::max<int64_t>(0, get<int64_t>(e, key, fallback));
+  constexpr int64_t kMax = int64_t{1} << 48;
+  const auto it = e.find(key);
+  if (it != e.end() && it->is_number_float()) {  // 1e300 would not fit the cast
+    const double d = it->get<double>();
+    return !(d > 0) ? 0 : d >= static_cast<double>(kMax) ? kMax : static_cast<int64_t>(d);
+  }
+  return std::clamp<int64_t>(get<int64_t>(e, key, fallback), 0, kMax);
 }
 
 // At most 4096 bytes, cut between characters: the parser let only valid UTF-8 through,

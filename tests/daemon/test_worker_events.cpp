@@ -118,6 +118,13 @@ TEST(WorkerEvents, HostileLinesAreBoundedOrIgnored) {
   const std::string big(100000, 'x');
   ASSERT_TRUE(ApplyWorkerLine(R"({"event":"failed","reason":"internal","message":")" + big + "\"}", j, a));
   EXPECT_EQ(a.fail_message.size(), 4096u);
+  // Sizes at most 2^48: the reports of many workers are added up.
+  ASSERT_TRUE(ApplyWorkerLine(R"({"event":"step","step":1,"memory_bytes":9223372036854775807,"peak_memory_bytes":1e300})", j, a));
+  EXPECT_EQ(j.progress().memory_bytes(), int64_t{1} << 48);
+  EXPECT_EQ(a.reported_peak, int64_t{1} << 48);
+  ASSERT_TRUE(ApplyWorkerLine(R"({"event":"step","step":2,"memory_bytes":-1e300,"activation_bytes":12.7})", j, a));
+  EXPECT_EQ(j.progress().memory_bytes(), 0);
+  EXPECT_EQ(j.progress().activation_bytes(), 12);
   ASSERT_TRUE(ApplyWorkerLine(R"({"event":"finished","output":"not an object","eval":7})", j, a));
   EXPECT_EQ(a.terminal, "finished");
 }
