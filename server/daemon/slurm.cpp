@@ -847,7 +847,8 @@ std::unique_ptr<Worker> SlurmLauncher::start(const WorkerLaunch& l) {
                              c.partition + " has " + std::to_string(c.shards_per_gpu));
   }
   // The script and the two output files, in the job's folder (shared with the nodes). The
-  // output files belong to the user the job runs as: slurmd opens them as that user.
+  // output files belong to the user the job runs as: slurmd opens them as that user (who
+  // may hold a lease on them: O_NONBLOCK fails the open rather than waiting on it).
   const std::string script = l.dir + "/slurm.sh";
   const std::string text = SlurmBatchScript(l);
   {
@@ -861,7 +862,7 @@ std::unique_ptr<Worker> SlurmLauncher::start(const WorkerLaunch& l) {
   int64_t out_size = 0;
   for (const char* name : {"/worker.out", "/worker.err"}) {
     const std::string p = l.dir + name;
-    const int fd = ::open(p.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0640);
+    const int fd = ::open(p.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK, 0640);
     if (fd < 0) throw std::runtime_error("creating " + p + ": " + std::strerror(errno));
     if (l.confine.uid >= 0 && ::fchown(fd, static_cast<uid_t>(l.confine.uid), static_cast<gid_t>(l.confine.gid)) != 0) {
       const int e = errno;
