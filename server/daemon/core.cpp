@@ -706,13 +706,21 @@ void Core::start_failed(v1::Job& j, const std::string& why) {
 }
 
 void Core::drain(const std::string& id, Active& a) {
-  for (int k = 0; k < 16 && poll(id, a) > 0; ++k) {
+  // Until a read consumes nothing (one may consume only lines that are not events).
+  for (int k = 0; k < 32; ++k) {
+    const int64_t before = a.proc->offset();
+    poll(id, a);
+    if (a.proc->offset() == before) break;
   }
 }
 
 size_t Core::poll(const std::string& id, Active& a) {
+  const int64_t before = a.proc->offset();
   const auto lines = a.proc->read_lines();
-  if (lines.empty()) return 0;
+  if (lines.empty()) {
+    if (a.proc->offset() != before) store_.set_worker_offset(id, a.proc->offset());
+    return 0;
+  }
   v1::Job j = load(id);
   bool unsaved = false;  // progress from events not stored
   for (const auto& line : lines) {

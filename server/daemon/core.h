@@ -198,8 +198,8 @@ class Core {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The worker's new lines applied; returns how many there were.
   size_t poll(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // After the process is gone: its remaining lines, a bounded number of reads (the last
-  // one, the terminal event, is usually among the first).
+  // After the process is gone: its remaining lines, until a read consumes nothing, at most
+  // 32 reads (320000 event lines; the terminal event is the last).
   void drain(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The attempt is over (the process is gone): decide, apply, free the reservation.
   void finish(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

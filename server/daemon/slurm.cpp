@@ -709,7 +709,7 @@ struct SlurmLauncher::Shared {
     return a;
   }
   // Inline: now. Background: queued for the thread, one per job, a kill winning over TERM
-  // (memfitd repeats kill() every tick while it waits for a job to end).
+  // (memfitd's stop repeats kill() while it waits for its jobs to end).
   void scancel(int64_t id, bool term) ABSL_LOCKS_EXCLUDED(mu) {
     if (!background) {
       run(scancel_argv(id, term));
@@ -728,7 +728,8 @@ class SlurmWorker : public Worker {
   // `since`: the number of the last squeue run begun before the job existed (submitted) or
   // of the run that listed it (adopted); only later runs tell whether it is still there.
   // `unverified_name`: adopted while squeue did not answer: the name the job must have
-  // when squeue first lists it (another name: not memfitd's job, let go, never cancelled).
+  // when squeue first lists it (another name: not memfitd's job, let go, never cancelled;
+  // a cancel asked for before that waits for it).
   SlurmWorker(std::shared_ptr<SlurmLauncher::Shared> s, int64_t id, std::string out, int64_t offset, int64_t since,
               bool gone, std::string unverified_name = "")
       : s_(std::move(s)),
@@ -760,15 +761,20 @@ class SlurmWorker : public Worker {
     if (gone_) return;
     // A pending job has no process to checkpoint: it is simply withdrawn.
     const auto j = s_->cached(id_);
-    if (!unverified_.empty() && (!j || !verified(*j))) return;  // not known to be memfitd's yet
+    if (!unverified_.empty() && (!j || !verified(*j))) {
+      pending_ = std::max(pending_, 1);  // sent once squeue lists it as memfitd's
+      return;
+    }
     s_->scancel(id_, !(j && j->state == "PENDING"));
   }
   void kill() override {
     if (gone_) return;
-    // Unverified: not until squeue lists it as memfitd's (memfitd repeats kill() each tick).
     if (!unverified_.empty()) {
       const auto j = s_->cached(id_);
-      if (!j || !verified(*j)) return;
+      if (!j || !verified(*j)) {
+        pending_ = 2;  // sent once squeue lists it as memfitd's
+        return;
+      }
     }
     s_->scancel(id_, false);
   }
@@ -794,12 +800,16 @@ class SlurmWorker : public Worker {
   std::string last_note_;
   // Whether a job squeue lists under this id has the name it must have; false: it is
   // another job (the id given out again), and this attempt is over, its end unknown.
+  // A cancel asked for meanwhile is sent then. (sacct's answers carry no name: a job only
+  // sacct knows has ended, so it is taken as is.)
   bool verified(const SlurmJob& j) {
-    if (j.name != unverified_) {
+    if (!j.name.empty() && j.name != unverified_) {
       gone_ = true;
       return false;
     }
     unverified_.clear();
+    if (pending_ > 0 && !SlurmStateFinal(j.state)) s_->scancel(id_, pending_ == 1 && j.state != "PENDING");
+    pending_ = 0;
     return true;
   }
   void end(const SlurmJob& j) {
@@ -815,6 +825,7 @@ class SlurmWorker : public Worker {
   int64_t since_;
   bool gone_;
   std::string unverified_;
+  int pending_ = 0;  // a cancel asked for while unverified: 1 TERM, 2 kill
   int exit_code_ = -1;
   int signal_ = 0;
 };

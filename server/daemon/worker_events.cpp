@@ -55,7 +55,10 @@ bool TakeEvent(EventBudget& b, const std::string& kind, int64_t now_ms) {
                         b.tokens + EventBudget::kPerSecond * static_cast<double>(now_ms - b.last_ms) / 1000.0);
   }
   if (b.last_ms < 0 || now_ms > b.last_ms) b.last_ms = now_ms;  // a clock that steps back adds nothing
-  if (kind == "finished" || kind == "failed" || kind == "stopped") return true;
+  if ((kind == "finished" || kind == "failed" || kind == "stopped") && !b.terminal_stored) {
+    b.terminal_stored = true;
+    return true;
+  }
   if (b.tokens >= 1.0) {
     b.tokens -= 1.0;
     return true;

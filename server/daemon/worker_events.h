@@ -27,7 +27,8 @@ struct EventRecord {
 };
 
 // How many of an attempt's events are stored (and reach `memfit watch`): a burst of
-// kBurst, then kPerSecond a second; terminal events (finished, failed, stopped) always.
+// kBurst, then kPerSecond a second; the attempt's first terminal event (finished, failed,
+// stopped) always, later ones (a worker runs on after one) like any other.
 // A worker that reports faster (a tiny model's steps, or a job's owner writing to
 // worker.out with slurm.run_as: submitter) still moves the job's progress, but cannot
 // grow memfit.db or hold memfitd's lock without bound. Each stored event keeps at most
@@ -39,6 +40,7 @@ struct EventBudget {
   double tokens = kBurst;
   int64_t last_ms = -1;
   int64_t dropped = 0;  // events not stored in this attempt
+  bool terminal_stored = false;
 };
 // Whether an event of `kind` at `now_ms` is stored; takes its token (counts a drop).
 bool TakeEvent(EventBudget& budget, const std::string& kind, int64_t now_ms);

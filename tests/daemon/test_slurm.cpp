@@ -577,11 +577,14 @@ TEST(Slurm, AdoptionWhileSqueueFailsWaitsForAnAnswer) {
   slurm.squeue_fails = false;
   now += 10000;
   EXPECT_FALSE(a->exited());
+  // The TERM asked for before the answer is sent now, to memfitd's job only.
+  EXPECT_EQ(count("scancel"), 1);
+  EXPECT_EQ(slurm.calls.back(), (std::vector<std::string>{"scancel", "--batch", "--signal=TERM", "7"}));
   EXPECT_EQ(a->status_change(), "Slurm job 7 is running");
   EXPECT_TRUE(b->exited());
   EXPECT_EQ(b->exit_code(), -1);
   b->kill();
-  EXPECT_EQ(count("scancel"), 0);
+  EXPECT_EQ(count("scancel"), 1);
   a->kill();
   EXPECT_EQ(slurm.calls.back(), (std::vector<std::string>{"scancel", "7"}));
   slurm.states[7] = "COMPLETED";
