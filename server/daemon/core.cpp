@@ -714,12 +714,12 @@ void Core::drain(const std::string& id, Active& a) {
   }
 }
 
-size_t Core::poll(const std::string& id, Active& a) {
+void Core::poll(const std::string& id, Active& a) {
   const int64_t before = a.proc->offset();
   const auto lines = a.proc->read_lines();
   if (lines.empty()) {
     if (a.proc->offset() != before) store_.set_worker_offset(id, a.proc->offset());
-    return 0;
+    return;
   }
   v1::Job j = load(id);
   bool unsaved = false;  // progress from events not stored
@@ -751,7 +751,6 @@ size_t Core::poll(const std::string& id, Active& a) {
   }
   if (unsaved) store_.update_job(j);
   store_.set_worker_offset(id, a.proc->offset());
-  return lines.size();
 }
 
 void Core::requeue(v1::Job& j, int64_t reservation, const std::string& kind, const std::string& why) {

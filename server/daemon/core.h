@@ -196,8 +196,8 @@ class Core {
   sched::QueuedJob to_queue(const v1::Job& j, int64_t reservation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   WorkerLaunch launch_of(const v1::Job& j, const sched::Placement& p, const OutputPlace& out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The worker's new lines applied; returns how many there were.
-  size_t poll(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The worker's new lines applied.
+  void poll(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // After the process is gone: its remaining lines, until a read consumes nothing, at most
   // 32 reads (320000 event lines; the terminal event is the last).
   void drain(const std::string& id, Active& a) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
