@@ -135,8 +135,12 @@ std::vector<std::string> LineTail::read() {
       more = true;
       break;
     }
-    // Only a line that begins with '{' can be an event; others are dropped here, cheaply.
-    if (nl > start && partial_[start] == '{') out.push_back(partial_.substr(start, nl - start));
+    // Only a line that begins with '{' (after blanks or a UTF-8 BOM, which the JSON parser
+    // skips too) can be an event; others are dropped here, cheaply.
+    size_t first = start;
+    if (partial_.compare(first, 3, "\xEF\xBB\xBF") == 0 && first + 3 <= nl) first += 3;
+    while (first < nl && (partial_[first] == ' ' || partial_[first] == '\t')) ++first;
+    if (first < nl && partial_[first] == '{') out.push_back(partial_.substr(start, nl - start));
     start = nl + 1;
   }
   // An event line is small; a longer unterminated one is not an event: drop it.

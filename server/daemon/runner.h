@@ -46,7 +46,8 @@ class LineTail {
  public:
   static constexpr size_t kMaxLines = 10000;  // handed out per read(); the rest stays for the next
   LineTail(std::string path, int64_t offset) : path_(std::move(path)), offset_(offset) {}
-  // Complete lines that begin with '{' (the only ones that can be events), at most
+  // Complete lines that begin with '{' after any blanks or BOM (the only ones that can be
+  // events), at most
   // kMaxLines; `offset()` advances past what was handed out or dropped.
   std::vector<std::string> read();
   const std::string& path() const { return path_; }

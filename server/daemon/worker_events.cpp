@@ -50,11 +50,13 @@ std::string text(const json& e, const char* key, const std::string& fallback = "
 }  // namespace
 
 bool TakeEvent(EventBudget& b, const std::string& kind, int64_t now_ms) {
-  if (b.last_ms >= 0 && now_ms > b.last_ms) {
+  // A clock that steps back adds nothing, and refills from where it now is (a step back
+  // of an hour must not silence a job for an hour); a step forward adds at most kBurst.
+  if (b.last_ms && now_ms > *b.last_ms) {
     b.tokens = std::min(EventBudget::kBurst,
-                        b.tokens + EventBudget::kPerSecond * static_cast<double>(now_ms - b.last_ms) / 1000.0);
+                        b.tokens + EventBudget::kPerSecond * static_cast<double>(now_ms - *b.last_ms) / 1000.0);
   }
-  if (b.last_ms < 0 || now_ms > b.last_ms) b.last_ms = now_ms;  // a clock that steps back adds nothing
+  b.last_ms = now_ms;
   if ((kind == "finished" || kind == "failed" || kind == "stopped") && !b.terminal_stored) {
     b.terminal_stored = true;
     return true;

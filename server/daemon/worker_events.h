@@ -38,7 +38,7 @@ struct EventBudget {
   static constexpr double kPerSecond = 2;
   static constexpr size_t kMaxEventData = 16 * 1024;
   double tokens = kBurst;
-  int64_t last_ms = -1;
+  std::optional<int64_t> last_ms;  // the last event's time (none yet)
   int64_t dropped = 0;  // events not stored in this attempt
   bool terminal_stored = false;
 };

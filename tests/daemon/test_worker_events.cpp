@@ -28,9 +28,16 @@ TEST(WorkerEvents, EventBudget) {
   stored = 0;
   for (int i = 0; i < 100; ++i) stored += TakeEvent(b, "step", 15000);
   EXPECT_EQ(stored, 20);
-  // Back in time, then forward to where it was: nothing gained.
+  // A step back in time adds nothing; time then refills from there (an hour back does
+  // not silence the job for an hour).
   EXPECT_FALSE(TakeEvent(b, "step", 1000));
-  EXPECT_FALSE(TakeEvent(b, "step", 15000));
+  EXPECT_TRUE(TakeEvent(b, "step", 2000));
+  EXPECT_TRUE(TakeEvent(b, "step", 2000));
+  EXPECT_FALSE(TakeEvent(b, "step", 2000));
+  b.tokens = 0;
+  // Before 1970 on the clock: still refills.
+  EXPECT_FALSE(TakeEvent(b, "step", -60000));
+  EXPECT_TRUE(TakeEvent(b, "step", -59000));
   // An hour idle refills only to the burst.
   stored = 0;
   for (int i = 0; i < 1000; ++i) stored += TakeEvent(b, "step", 15000 + 3600 * 1000);
@@ -79,6 +86,11 @@ TEST(WorkerEvents, LineTailIsBoundedUnderAFlood) {
   std::vector<std::string> rest;
   for (int k = 0; k < 3 && rest.empty(); ++k) rest = u.read();
   EXPECT_EQ(rest, std::vector<std::string>{R"({"event":"finished"})"});
+  // Blanks or a UTF-8 BOM before the '{' (the JSON parser skips both) keep a line.
+  const std::string padded = dir + "/padded.out";
+  std::ofstream(padded) << "  \t{\"a\":1}\n\xEF\xBB\xBF{\"b\":2}\n  x{\n\xEF\xBB\xBF\n";
+  LineTail p(padded, 0);
+  EXPECT_EQ(p.read(), (std::vector<std::string>{"  \t{\"a\":1}", "\xEF\xBB\xBF{\"b\":2}"}));
   std::filesystem::remove_all(dir);
 }
 
